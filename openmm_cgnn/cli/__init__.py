@@ -1,0 +1,51 @@
+"""``openmm-cgnn`` command line: one sub-command per pipeline stage.
+
+Each stage lives in ``openmm_cgnn/cli/<stage>.py`` and defines ``add_arguments(parser)`` and
+``run(args) -> int``. Stages are imported only when chosen so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "aa": ("aa", "all-atom ground truth: build, equilibrate (NPT) and run NVT production, saving forces"),
+    "map": ("map", "learn the CG mapping (auto-encoder) from all-atom frames"),
+    "train": ("train", "train the Hybridgraph CG force field by force matching"),
+    "export": ("export", "export a trained model as a self-contained OpenMM force-field directory"),
+    "simulate": ("simulate", "run CG molecular dynamics in OpenMM with CGNNForce"),
+    "evaluate": ("evaluate", "compare CG and AA structure and dynamics: RDFs, diffusion, Arrhenius"),
+}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openmm-cgnn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(f"{__name__}.{module}").add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(f"{__name__}.{SUBCOMMANDS[args.command][0]}")
+    try:
+        return int(module.run(args) or 0)
+    except CLIError as exc:
+        print(f"openmm-cgnn {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,428 @@
+"""What a CG mapping is, its file (``mapping.json``), and how it turns runs into CG frames.
+
+A mapping assigns every atom of each residue (molecule) type to exactly one bead. Bead positions are
+centres of mass, bead forces are sums of atomic forces, bead masses sums of atomic masses: the
+choices under which mapped instantaneous forces are the right target for force matching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ..frames import Frames, FramesError, read_frames
+
+FORMAT = "openmm_cgnn.mapping/1"
+
+
+class MappingError(ValueError):
+    """A mapping is malformed or does not fit the data it is applied to."""
+
+
+@dataclass
+class Bead:
+    name: str
+    atoms: list[str]
+    mass: float = 0.0
+
+
+@dataclass
+class ResidueMapping:
+    """The beads of one residue type; ``atoms`` is the residue template's atom order."""
+
+    atoms: list[str]
+    beads: list[Bead]
+    bead_bonds: list[tuple[int, int]] = field(default_factory=list)
+
+    def validate(self, residue: str, source: str = "mapping") -> None:
+        where = f"{source}: residue '{residue}'"
+        if len(set(self.atoms)) != len(self.atoms):
+            raise MappingError(f"{where}: duplicate atom names in 'atoms'")
+        if not self.beads:
+            raise MappingError(f"{where}: has no beads")
+        names = [b.name for b in self.beads]
+        if len(set(names)) != len(names):
+            raise MappingError(f"{where}: duplicate bead names {names}")
+        seen: dict[str, str] = {}
+        for bead in self.beads:
+            if not bead.atoms:
+                raise MappingError(f"{where}: bead '{bead.name}' has no atoms")
+            for atom in bead.atoms:
+                if atom not in self.atoms:
+                    raise MappingError(f"{where}: bead '{bead.name}' names unknown atom '{atom}'")
+                if atom in seen:
+                    raise MappingError(f"{where}: atom '{atom}' is in beads '{seen[atom]}' and '{bead.name}'")
+                seen[atom] = bead.name
+        missing = [a for a in self.atoms if a not in seen]
+        if missing:
+            raise MappingError(f"{where}: atoms {missing} are in no bead")
+        for i, j in self.bead_bonds:
+            if not (0 <= i < len(self.beads) and 0 <= j < len(self.beads)) or i == j:
+                raise MappingError(f"{where}: 'bead_bonds' entry {[i, j]} is not a pair of bead indices")
+
+    def atom_to_bead(self) -> dict[str, int]:
+        return {atom: k for k, bead in enumerate(self.beads) for atom in bead.atoms}
+
+    @classmethod
+    def from_assignment(
+        cls,
+        atoms: Sequence[str],
+        assignment: Sequence[int],
+        masses: Sequence[float],
+        bonds: Iterable[tuple[int, int]] = (),
+        bead_names: Sequence[str] | None = None,
+    ) -> "ResidueMapping":
+        """Build from a bead index per atom; ``bonds`` (atom index pairs) give the bead bonds."""
+        assignment = np.asarray(assignment, dtype=int)
+        n_beads = int(assignment.max()) + 1
+        names = list(bead_names) if bead_names is not None else [f"B{k}" for k in range(n_beads)]
+        beads = [
+            Bead(
+                name=names[k],
+                atoms=[atoms[i] for i in np.flatnonzero(assignment == k)],
+                mass=float(np.sum(np.asarray(masses)[assignment == k])),
+            )
+            for k in range(n_beads)
+        ]
+        bead_bonds = sorted(
+            {tuple(sorted((int(assignment[i]), int(assignment[j])))) for i, j in bonds if assignment[i] != assignment[j]}
+        )
+        return cls(atoms=list(atoms), beads=beads, bead_bonds=[tuple(b) for b in bead_bonds])
+
+
+@dataclass
+class Mapping:
+    residues: "OrderedDict[str, ResidueMapping]"
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.residues = OrderedDict(self.residues)
+        for name, residue in self.residues.items():
+            residue.validate(name)
+
+    @property
+    def bead_type_names(self) -> list[str]:
+        return [f"{res}:{bead.name}" for res, rm in self.residues.items() for bead in rm.beads]
+
+    def bead_type_index(self, residue: str, bead: int) -> int:
+        offset = 0
+        for name, rm in self.residues.items():
+            if name == residue:
+                return offset + bead
+            offset += len(rm.beads)
+        raise MappingError(f"mapping has no residue '{residue}' (it has {list(self.residues)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "residues": {
+                name: {
+                    "atoms": list(rm.atoms),
+                    "beads": [{"name": b.name, "atoms": list(b.atoms), "mass": round(float(b.mass), 6)} for b in rm.beads],
+                    "bead_bonds": [list(map(int, b)) for b in rm.bead_bonds],
+                }
+                for name, rm in self.residues.items()
+            },
+            "training": self.training,
+        }
+
+    def sha256(self) -> str:
+        """Hash of what defines the CG system (residues, atoms, beads), not of training notes."""
+        canonical = json.dumps(self.to_dict()["residues"], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "mapping") -> "Mapping":
+        if data.get("format") != FORMAT:
+            raise MappingError(f"{source}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
+        if not isinstance(data.get("residues"), dict) or not data["residues"]:
+            raise MappingError(f"{source}: field 'residues' must be a non-empty object")
+        residues = OrderedDict()
+        for name, rd in data["residues"].items():
+            try:
+                beads = [Bead(name=str(b["name"]), atoms=list(b["atoms"]), mass=float(b.get("mass", 0.0))) for b in rd["beads"]]
+                rm = ResidueMapping(
+                    atoms=list(rd["atoms"]), beads=beads, bead_bonds=[tuple(map(int, b)) for b in rd.get("bead_bonds", [])]
+                )
+            except (KeyError, TypeError) as exc:
+                raise MappingError(f"{source}: residue '{name}' is missing or has a bad field {exc}") from exc
+            rm.validate(name, source)
+            residues[name] = rm
+        return cls(residues=residues, training=dict(data.get("training", {})))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Mapping":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "mapping.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise MappingError(f"{path}: mapping file not found") from exc
+        except json.JSONDecodeError as exc:
+            raise MappingError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data, source=str(path))
+
+
+@dataclass
+class CGFrames:
+    """CG positions and forces of a run, in CG topology order (docs/contracts.md section 2)."""
+
+    positions: np.ndarray  # (F, M, 3) float32 nm, molecules whole
+    forces: np.ndarray | None  # (F, M, 3) float32 kJ/mol/nm
+    box: np.ndarray  # (F, 3, 3) nm
+    time: np.ndarray  # (F,) ps
+    temperature_K: np.ndarray  # (F,) K
+    bead_type: np.ndarray  # (M,) int64
+    bead_type_names: list[str]
+    bead_name: list[str]
+    molecule_index: np.ndarray  # (M,) int64
+    residue_name: list[str]  # (M,)
+    masses: np.ndarray  # (M,) amu
+    bonds: np.ndarray  # (K, 2) int64
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def n_beads(self) -> int:
+        return int(self.positions.shape[1])
+
+    def same_topology(self, other: "CGFrames") -> bool:
+        return (
+            self.bead_type_names == other.bead_type_names
+            and np.array_equal(self.bead_type, other.bead_type)
+            and np.array_equal(self.molecule_index, other.molecule_index)
+        )
+
+    def select(self, index: np.ndarray | slice) -> "CGFrames":
+        """A subset of frames with the same topology."""
+        return CGFrames(
+            positions=self.positions[index],
+            forces=None if self.forces is None else self.forces[index],
+            box=self.box[index],
+            time=self.time[index],
+            temperature_K=self.temperature_K[index],
+            bead_type=self.bead_type,
+            bead_type_names=self.bead_type_names,
+            bead_name=self.bead_name,
+            molecule_index=self.molecule_index,
+            residue_name=self.residue_name,
+            masses=self.masses,
+            bonds=self.bonds,
+        )
+
+    @staticmethod
+    def concatenate(parts: Sequence["CGFrames"]) -> "CGFrames":
+        if not parts:
+            raise MappingError("no CG frames to concatenate")
+        first = parts[0]
+        for k, part in enumerate(parts[1:], start=1):
+            if not first.same_topology(part):
+                raise MappingError(f"CG frames part {k} has a different CG topology from part 0 (bead types or molecules differ)")
+        has_forces = all(p.forces is not None for p in parts)
+        return CGFrames(
+            positions=np.concatenate([p.positions for p in parts]),
+            forces=np.concatenate([p.forces for p in parts]) if has_forces else None,
+            box=np.concatenate([p.box for p in parts]),
+            time=np.concatenate([p.time for p in parts]),
+            temperature_K=np.concatenate([p.temperature_K for p in parts]),
+            bead_type=first.bead_type,
+            bead_type_names=first.bead_type_names,
+            bead_name=first.bead_name,
+            molecule_index=first.molecule_index,
+            residue_name=first.residue_name,
+            masses=first.masses,
+            bonds=first.bonds,
+        )
+
+
+def minimum_image(delta: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Shortest periodic image of displacement vectors.
+
+    ``delta`` is (F, ..., 3) and ``box`` (F, 3, 3) with rows a, b, c in OpenMM's reduced form
+    (a along x, b in the xy plane), so subtracting c, then b, then a is exact for orthorhombic boxes
+    and OpenMM's own convention for triclinic ones.
+    """
+    d = np.array(delta, dtype=np.float64, copy=True)
+    b = np.asarray(box, dtype=np.float64).reshape((box.shape[0],) + (1,) * (d.ndim - 2) + (3, 3))
+    for axis in (2, 1, 0):
+        vec = b[..., axis, :]
+        shift = np.round(d[..., axis] / vec[..., axis])
+        d -= shift[..., None] * vec
+    return d
+
+
+def make_molecules_whole(positions: np.ndarray, box: np.ndarray, residue_index: np.ndarray, bonds: np.ndarray) -> np.ndarray:
+    """Rebuild each molecule from its first atom outward along bonds, each bond by minimum image.
+
+    Walking bonds (not distances to one reference atom) keeps molecules longer than half the box
+    whole; atoms with no bond path fall back to the minimum image of their residue's first atom.
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    n = positions.shape[1]
+    neighbours: list[list[int]] = [[] for _ in range(n)]
+    for i, j in np.asarray(bonds, dtype=np.int64).reshape(-1, 2):
+        if residue_index[i] == residue_index[j]:
+            neighbours[i].append(int(j))
+            neighbours[j].append(int(i))
+    parent = np.full(n, -1)
+    depth = np.full(n, -1)
+    _, roots = np.unique(residue_index, return_index=True)
+    for root in roots:
+        depth[root] = 0
+        frontier = [int(root)]
+        while frontier:
+            nxt = []
+            for i in frontier:
+                for j in neighbours[i]:
+                    if depth[j] < 0:
+                        depth[j], parent[j] = depth[i] + 1, i
+                        nxt.append(j)
+            frontier = nxt
+    orphans = np.flatnonzero(depth < 0)
+    if orphans.size:
+        depth[orphans] = 1
+        parent[orphans] = roots[np.searchsorted(np.unique(residue_index), residue_index[orphans])]
+    whole = positions.copy()
+    for level in range(1, int(depth.max(initial=0)) + 1):
+        atoms = np.flatnonzero(depth == level)
+        anchor = whole[:, parent[atoms]]
+        whole[:, atoms] = anchor + minimum_image(positions[:, atoms] - anchor, box)
+    return whole
+
+
+def _bead_matrices(mapping: Mapping, frames: Frames) -> tuple[Any, Any, list[int], list[int], list[str], list[str], np.ndarray]:
+    """Sparse (M, N) matrices for centre of mass and force sum, plus per-bead bookkeeping."""
+    from scipy import sparse
+
+    top = frames.topology
+    rows, cols, weights = [], [], []
+    bead_type, molecule, bead_name, residue_name, bonds = [], [], [], [], []
+    masses = top.mass
+    n_beads = 0
+    for res in range(top.n_residues):
+        atoms = top.residue_atoms(res)
+        if atoms.size == 0:
+            continue
+        name = top.residue_name[atoms[0]]
+        if name not in mapping.residues:
+            raise MappingError(f"{frames.path}: residue '{name}' (index {res}) is not in the mapping (it has {list(mapping.residues)})")
+        rm = mapping.residues[name]
+        names = [top.atom_name[i] for i in atoms]
+        if sorted(names) != sorted(rm.atoms):
+            raise MappingError(
+                f"{frames.path}: residue '{name}' (index {res}) has atoms {sorted(names)}, the mapping expects {sorted(rm.atoms)}"
+            )
+        index_of = dict(zip(names, atoms))
+        first_bead = n_beads
+        for k, bead in enumerate(rm.beads):
+            idx = np.array([index_of[a] for a in bead.atoms])
+            rows += [n_beads] * len(idx)
+            cols += list(idx)
+            weights += list(masses[idx])
+            bead_type.append(mapping.bead_type_index(name, k))
+            molecule.append(res)
+            bead_name.append(bead.name)
+            residue_name.append(name)
+            n_beads += 1
+        bonds += [(first_bead + i, first_bead + j) for i, j in rm.bead_bonds]
+    n = top.n_particles
+    member = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_beads, n))
+    mass_w = sparse.csr_matrix((weights, (rows, cols)), shape=(n_beads, n))
+    bead_mass = np.asarray(mass_w.sum(axis=1)).ravel()
+    if np.any(bead_mass <= 0):
+        raise MappingError(f"{frames.path}: a bead has zero total mass (atom masses missing from the topology?)")
+    com = sparse.diags(1.0 / bead_mass) @ mass_w
+    molecule_index = np.unique(np.array(molecule), return_inverse=True)[1]
+    return com, member, bead_type, list(molecule_index), bead_name, residue_name, np.array(bonds, dtype=np.int64).reshape(-1, 2)
+
+
+def apply_mapping(mapping: Mapping, frames: Frames) -> CGFrames:
+    """Map all-atom frames to beads: centre-of-mass positions, summed forces, summed masses."""
+    com, member, bead_type, molecule_index, bead_name, residue_name, bonds = _bead_matrices(mapping, frames)
+    top = frames.topology
+    whole = make_molecules_whole(frames.positions, frames.box, top.residue_index, top.bonds)
+    positions = _sparse_apply(com, whole)
+    forces = None
+    if frames.forces is not None:
+        forces = _sparse_apply(member, frames.forces.astype(np.float64)).astype(np.float32)
+    return CGFrames(
+        positions=positions.astype(np.float32),
+        forces=forces,
+        box=frames.box.astype(np.float64),
+        time=frames.time,
+        temperature_K=np.full(frames.n_frames, frames.temperature_K),
+        bead_type=np.array(bead_type, dtype=np.int64),
+        bead_type_names=mapping.bead_type_names,
+        bead_name=bead_name,
+        molecule_index=np.array(molecule_index, dtype=np.int64),
+        residue_name=residue_name,
+        masses=np.asarray(member @ top.mass).ravel(),
+        bonds=bonds,
+    )
+
+
+def _sparse_apply(matrix: Any, values: np.ndarray) -> np.ndarray:
+    f, n, d = values.shape
+    flat = values.transpose(1, 0, 2).reshape(n, f * d)
+    return np.asarray(matrix @ flat).reshape(-1, f, d).transpose(1, 0, 2)
+
+
+def cg_frames_from_cg_run(mapping: Mapping, frames: Frames) -> CGFrames:
+    """Read a CG run (particles are beads) into CGFrames, checking it against the mapping."""
+    top = frames.topology
+    bead_type, bead_name, residue_name, bonds = [], [], [], []
+    for res in range(top.n_residues):
+        beads = top.residue_atoms(res)
+        name = top.residue_name[beads[0]]
+        if name not in mapping.residues:
+            raise MappingError(f"{frames.path}: residue '{name}' (index {res}) is not in the mapping (it has {list(mapping.residues)})")
+        expected = [b.name for b in mapping.residues[name].beads]
+        names = [top.atom_name[i] for i in beads]
+        if names != expected:
+            raise MappingError(f"{frames.path}: residue '{name}' (index {res}) has beads {names}, the mapping expects {expected}")
+        offset = int(beads[0])
+        bonds += [(offset + i, offset + j) for i, j in mapping.residues[name].bead_bonds]
+        bead_type += [mapping.bead_type_index(name, k) for k in range(len(names))]
+        bead_name += names
+        residue_name += [name] * len(names)
+    return CGFrames(
+        positions=frames.positions.astype(np.float32),
+        forces=None if frames.forces is None else frames.forces.astype(np.float32),
+        box=frames.box.astype(np.float64),
+        time=frames.time,
+        temperature_K=np.full(frames.n_frames, frames.temperature_K),
+        bead_type=np.array(bead_type, dtype=np.int64),
+        bead_type_names=mapping.bead_type_names,
+        bead_name=bead_name,
+        molecule_index=top.residue_index.copy(),
+        residue_name=residue_name,
+        masses=top.mass.copy(),
+        bonds=np.array(bonds, dtype=np.int64).reshape(-1, 2),
+    )
+
+
+def load_cg_frames(path_or_dir: str | Path, mapping: Mapping, **read_kw: Any) -> CGFrames:
+    """CG frames of any run: AA runs are mapped, CG runs (metadata ``kind == "cg"``) read as beads."""
+    frames = read_frames(path_or_dir, **read_kw)
+    if frames.kind == "cg":
+        return cg_frames_from_cg_run(mapping, frames)
+    if frames.kind != "aa":
+        raise FramesError(f"{frames.path}: metadata 'kind' is {frames.kind!r}, expected 'aa' or 'cg'")
+    return apply_mapping(mapping, frames)
