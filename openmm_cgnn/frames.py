@@ -269,6 +269,15 @@ def read_topology(path_or_dir: str | Path) -> TopologyInfo:
         return _read_topology(f, path)
 
 
+def count_frames(path_or_dir: str | Path) -> int:
+    """Number of frames in a frames file, without reading them (for reading a long run in chunks)."""
+    path = resolve_frames_path(path_or_dir)
+    with _h5py().File(path, "r") as f:
+        if "positions" not in f:
+            raise FramesError(f"{path}: missing dataset 'positions'")
+        return int(f["positions"].shape[0])
+
+
 def read_frames(
     path_or_dir: str | Path,
     start: int = 0,
