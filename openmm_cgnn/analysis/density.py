@@ -1,0 +1,125 @@
+"""Mass density of runs, and the experimental density of the same liquid from a data table.
+
+The experimental tables live in ``data/experimental_density.json``; a liquid is recognised by the
+element formulae of its molecule types (Hill order) and their ratio, so residue names do not matter.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from math import gcd
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .periodic import orthorhombic_lengths
+
+AMU_PER_NM3_TO_KG_PER_M3 = 1.66053906660  # 1 amu/nm^3 = 1.6605 kg/m^3
+DATA_FILE = Path(__file__).with_name("data") / "experimental_density.json"
+
+
+def hill_formula(elements: Sequence[str]) -> str:
+    """Element formula in Hill order (C, H, then alphabetical; alphabetical without carbon)."""
+    counts: dict[str, int] = {}
+    for element in elements:
+        if not element:
+            raise ValueError("hill_formula: a particle has no element (a CG bead?)")
+        counts[element] = counts.get(element, 0) + 1
+    order = sorted(counts)
+    if "C" in counts:
+        order = ["C"] + (["H"] if "H" in counts else []) + [e for e in order if e not in ("C", "H")]
+    return "".join(e + (str(counts[e]) if counts[e] > 1 else "") for e in order)
+
+
+def composition(elements: Sequence[str], residue_index: np.ndarray) -> dict[str, int]:
+    """Number of molecules of each formula in an all-atom topology."""
+    elements = list(elements)
+    residue_index = np.asarray(residue_index)
+    counts: dict[str, int] = {}
+    for residue in np.unique(residue_index):
+        formula = hill_formula([elements[i] for i in np.flatnonzero(residue_index == residue)])
+        counts[formula] = counts.get(formula, 0) + 1
+    return counts
+
+
+def _reduced(counts: dict[str, int]) -> dict[str, int]:
+    divisor = 0
+    for n in counts.values():
+        divisor = gcd(divisor, int(n))
+    return {k: int(n) // divisor for k, n in counts.items()}
+
+
+@lru_cache(maxsize=1)
+def _load_table(path: str) -> list[dict]:
+    data = json.loads(Path(path).read_text())
+    return data["liquids"]
+
+
+@dataclass
+class ExperimentalDensity:
+    name: str
+    source: str
+    temperature_K: np.ndarray
+    density_kg_m3: np.ndarray
+    intercept: float
+    slope: float
+
+    def at(self, temperature_K: float) -> tuple[float, bool]:
+        """Density (kg/m^3) at T and whether it is extrapolated beyond the measured range.
+
+        Inside the table: linear interpolation between measurements; outside: the linear fit.
+        """
+        t_min, t_max = float(self.temperature_K.min()), float(self.temperature_K.max())
+        if t_min <= temperature_K <= t_max:
+            return float(np.interp(temperature_K, self.temperature_K, self.density_kg_m3)), False
+        return float(self.intercept + self.slope * temperature_K), True
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "source": self.source,
+                "measured_range_K": [float(self.temperature_K.min()), float(self.temperature_K.max())]}
+
+
+def find_experimental_density(
+    molecule_counts: dict[str, int], data_file: str | Path = DATA_FILE
+) -> ExperimentalDensity | None:
+    """The table entry whose components match ``molecule_counts`` (formula -> count) in ratio, if any."""
+    wanted = _reduced(molecule_counts)
+    for entry in _load_table(str(data_file)):
+        if _reduced(entry["components"]) == wanted:
+            return ExperimentalDensity(
+                name=entry["name"],
+                source=entry["source"],
+                temperature_K=np.asarray(entry["temperature_K"], dtype=np.float64),
+                density_kg_m3=np.asarray(entry["density_kg_m3"], dtype=np.float64),
+                intercept=float(entry["linear_fit"]["intercept_kg_m3"]),
+                slope=float(entry["linear_fit"]["slope_kg_m3_K"]),
+            )
+    return None
+
+
+@dataclass
+class DensityResult:
+    density_kg_m3: float
+    err_kg_m3: float | None  # standard error over time blocks; 0 when the box never changes (NVT)
+    box_fixed: bool
+    n_frames: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_density(total_mass_amu: float, box: np.ndarray, n_blocks: int = 5) -> DensityResult:
+    """Mean mass density of a run from its box volumes, with a block-average error."""
+    lengths = orthorhombic_lengths(box)
+    density = total_mass_amu * AMU_PER_NM3_TO_KG_PER_M3 / np.prod(lengths, axis=1)
+    fixed = bool(np.ptp(density) <= 1e-9 * density.mean())
+    err: float | None = 0.0
+    if not fixed and density.size >= 2 * n_blocks:
+        blocks = np.array([b.mean() for b in np.array_split(density, n_blocks)])
+        err = float(blocks.std(ddof=1) / np.sqrt(n_blocks))
+    elif not fixed:
+        err = None  # too few frames to tell fluctuation from drift
+    return DensityResult(float(density.mean()), err, fixed, int(density.size))

@@ -1,0 +1,468 @@
+"""The evaluation stage: AA and CG runs in, ``metrics.json`` + PNG plots + ``report.md`` out.
+
+AA runs are mapped to beads with the learned mapping and every quantity is then computed on AA
+and CG the same way, from :class:`~openmm_cgnn.mapping.spec.CGFrames`. Runs are paired by their
+metadata temperature; structure is compared at temperatures that have both, dynamics are
+reported for every run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import plots
+from .arrhenius import fit_arrhenius
+from .density import composition, find_experimental_density, run_density
+from .msd import DiffusionResult, MSDCurve, fit_diffusion, frame_interval, msd_curve, remove_drift, unwrap
+from .periodic import orthorhombic_lengths
+from .rdf import first_peak, max_rdf_range, radial_distribution, rdf_error, rdf_noise_floor
+from .structure import MoleculeCentres, bond_angles, bond_lengths, bonded_terms, compare_distributions, molecule_centres
+
+FORMAT = "openmm_cgnn.evaluation/1"
+KINDS = ("aa", "cg")
+
+
+class EvaluationError(ValueError):
+    """The runs given to the evaluation cannot be compared (wrong kind, clashing temperatures, ...)."""
+
+
+@dataclass
+class EvaluationSettings:
+    start_ps: float = 0.0  # frames before this time (from each run's first frame) are skipped
+    stride: int = 1
+    rdf_bin_nm: float = 0.01
+    rdf_r_max_nm: float | None = None  # default: half the shortest box edge of the two runs
+    rdf_max_frames: int = 250  # evenly spaced; structure converges long before dynamics do
+    max_lag_fraction: float = 0.3
+    slope_tolerance: float = 0.15
+    min_span_decades: float = 0.3
+    n_blocks: int = 10
+    temperature_tolerance_K: float = 0.5
+    chunk_frames: int = 500  # all-atom frames read and mapped at a time
+    # Pa s, one value for all temperatures or {T: value}; AA and CG fluids have their own viscosity.
+    viscosity_pa_s: float | dict[float, float] | None = None
+    cg_viscosity_pa_s: float | dict[float, float] | None = None
+
+
+@dataclass
+class Run:
+    path: Path
+    kind: str
+    temperature_K: float
+    cg: Any  # CGFrames
+    centres: MoleculeCentres
+    box_nm: float  # cube root of the mean volume
+    molecule_formulae: dict[str, int] | None = None  # AA only: formula -> number of molecules
+    total_mass_amu: float = 0.0
+    n_molecules: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "path": str(self.path), "kind": self.kind, "temperature_K": self.temperature_K,
+            "n_frames": self.cg.n_frames, "time_ps": [float(self.cg.time[0]), float(self.cg.time[-1])],
+            "n_molecules": self.n_molecules, "n_beads": self.cg.n_beads, "box_nm": self.box_nm,
+        }
+
+
+def temperature_key(temperature_K: float) -> str:
+    return f"{temperature_K:g}"
+
+
+def _file_label(name: str) -> str:
+    """A residue name made safe for a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def load_run(path: str | Path, mapping: Any, kind: str, settings: EvaluationSettings) -> Run:
+    """Read one run, check it is of the expected kind, and bring it to CG frames.
+
+    All-atom runs are read and mapped ``chunk_frames`` frames at a time, so memory holds the
+    beads of the whole run but the atoms (and their forces) of one chunk only.
+    """
+    from ..frames import count_frames, read_frames
+    from ..mapping.spec import CGFrames, apply_mapping, cg_frames_from_cg_run
+
+    first = read_frames(path, stop=1)  # errors on an empty or malformed file, naming it
+    if first.kind != kind:
+        other = "--cg" if first.kind == "cg" else "--aa"
+        raise EvaluationError(
+            f"{first.path}: is a {first.kind!r} run (metadata 'kind') but was given as {kind!r}; pass it with {other}"
+        )
+    temperature = first.temperature_K
+    formulae = None
+    if kind == "aa":
+        try:
+            formulae = composition(first.topology.element, first.topology.residue_index)
+        except ValueError:  # particles without elements: no experimental density can match
+            formulae = None
+    to_beads = apply_mapping if kind == "aa" else cg_frames_from_cg_run
+    n_total, step = count_frames(path), settings.chunk_frames * settings.stride
+    parts = [to_beads(mapping, read_frames(path, start=s, stop=min(s + step, n_total), stride=settings.stride))
+             for s in range(0, n_total, step)]
+    cg = CGFrames.concatenate(parts)
+    keep = cg.time >= cg.time[0] + settings.start_ps - 1e-9
+    if keep.sum() < 2:
+        raise EvaluationError(f"{first.path}: fewer than 2 frames after skipping the first {settings.start_ps:g} ps")
+    if not keep.all():
+        cg = cg.select(np.flatnonzero(keep))
+    try:
+        lengths = orthorhombic_lengths(cg.box, str(first.path))
+        frame_interval(cg.time, str(first.path))
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from exc
+    centres = molecule_centres(cg)
+    species = centres.species()
+    return Run(
+        path=Path(path), kind=kind, temperature_K=temperature, cg=cg, centres=centres,
+        box_nm=float(np.mean(np.prod(lengths, axis=1)) ** (1 / 3)), molecule_formulae=formulae,
+        total_mass_amu=float(np.sum(cg.masses)),
+        n_molecules={s: int(centres.indices(s).size) for s in species},
+    )
+
+
+def _pair_by_temperature(runs: Sequence[Run], tolerance: float) -> dict[str, dict[str, Run]]:
+    """{T key: {kind: run}}; two runs of one kind at the same temperature are an error."""
+    table: dict[str, dict[str, Run]] = {}
+    anchors: dict[str, float] = {}
+    for run in runs:
+        key = next((k for k, t in anchors.items() if abs(t - run.temperature_K) <= tolerance), None)
+        if key is None:
+            key = temperature_key(run.temperature_K)
+            anchors[key] = run.temperature_K
+        if run.kind in table.setdefault(key, {}):
+            raise EvaluationError(
+                f"two {run.kind.upper()} runs at {key} K: {table[key][run.kind].path} and {run.path}; "
+                "give one run per temperature"
+            )
+        table[key][run.kind] = run
+    return dict(sorted(table.items(), key=lambda kv: anchors[kv[0]]))
+
+
+def _check_same_liquid(runs: Sequence[Run]) -> None:
+    """All runs must hold the same molecule types (counts may differ); the topologies must match."""
+    reference = runs[0]
+    for run in runs[1:]:
+        if set(run.n_molecules) != set(reference.n_molecules):
+            raise EvaluationError(
+                f"mismatched topologies: {reference.path} has molecules {reference.n_molecules}, "
+                f"{run.path} has {run.n_molecules}"
+            )
+
+
+def _viscosity(value: float | dict[float, float] | None, temperature_K: float, tolerance: float) -> float | None:
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else float(value)
+    for t, eta in value.items():
+        if abs(float(t) - temperature_K) <= tolerance:
+            return float(eta)
+    return None
+
+
+def run_diffusion(run: Run, settings: EvaluationSettings) -> dict[str, tuple[MSDCurve, DiffusionResult]]:
+    """MSD curve and D of every molecule type of one run (drift of the whole system removed)."""
+    centres = run.centres
+    tracks = remove_drift(unwrap(centres.positions, run.cg.box), centres.masses)
+    eta = _viscosity(
+        settings.viscosity_pa_s if run.kind == "aa" else settings.cg_viscosity_pa_s,
+        run.temperature_K, settings.temperature_tolerance_K,
+    )
+    out = {}
+    for species in centres.species():
+        try:
+            curve = msd_curve(tracks[:, centres.indices(species)], run.cg.time, settings.max_lag_fraction)
+        except ValueError as exc:
+            raise EvaluationError(f"{run.path}: {exc}") from exc
+        out[species] = (curve, fit_diffusion(
+            curve, run.temperature_K, run.box_nm, viscosity_pa_s=eta, slope_tolerance=settings.slope_tolerance,
+            min_span_decades=settings.min_span_decades, n_blocks=settings.n_blocks,
+        ))
+    return out
+
+
+def _frame_subset(n_frames: int, max_frames: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n_frames - 1, min(n_frames, max_frames)).round().astype(int))
+
+
+def _rdf_sets(run: Run, frames: np.ndarray) -> tuple[dict, dict]:
+    """Particle sets for RDFs: molecule centres per species, beads per bead type."""
+    centres = run.centres
+    com = {s: centres.positions[frames][:, centres.indices(s)] for s in centres.species()}
+    cg = run.cg
+    beads = {}
+    for t in np.unique(cg.bead_type):
+        idx = np.flatnonzero(cg.bead_type == t)
+        beads[cg.bead_type_names[t]] = (cg.positions[frames][:, idx], cg.molecule_index[idx])
+    return com, beads
+
+
+def compare_rdfs(aa: Run, cg: Run, settings: EvaluationSettings) -> tuple[dict, list, list]:
+    """RDF metrics per pair (molecule centres and bead types) and plot panels for both groups."""
+    r_max = min(max_rdf_range(aa.cg.box, str(aa.path)), max_rdf_range(cg.cg.box, str(cg.path)))
+    if settings.rdf_r_max_nm is not None:
+        r_max = min(r_max, settings.rdf_r_max_nm)
+    sets = {}
+    for run in (aa, cg):
+        frames = _frame_subset(run.cg.n_frames, settings.rdf_max_frames)
+        sets[run.kind] = (frames, run.cg.box[frames], *_rdf_sets(run, frames))
+    metrics: dict[str, dict] = {}
+    panels: dict[str, list] = {"com": [], "bead": []}
+    beads_per_molecule = np.bincount(aa.cg.molecule_index)
+    single_bead = {  # bead types that are a whole molecule by themselves
+        aa.cg.bead_type_names[t]: bool(beads_per_molecule[aa.cg.molecule_index[np.argmax(aa.cg.bead_type == t)]] == 1)
+        for t in np.unique(aa.cg.bead_type)
+    }
+    for group in ("com", "bead"):
+        names = list(sets["aa"][2 if group == "com" else 3])
+        for i, a in enumerate(names):
+            for b in names[i:]:
+                if group == "bead" and single_bead[a] and single_bead[b]:
+                    continue  # the same curve as the molecular-centre RDF of these molecules
+                rdfs = {}
+                for kind in KINDS:
+                    _, box, com, beads = sets[kind]
+                    if group == "com":
+                        rdfs[kind] = radial_distribution(com[a], com[b], box, r_max, settings.rdf_bin_nm, same=a == b)
+                    else:
+                        (pa, ma), (pb, mb) = beads[a], beads[b]
+                        rdfs[kind] = radial_distribution(pa, pb, box, r_max, settings.rdf_bin_nm, ma, mb, same=a == b)
+                error = rdf_error(rdfs["aa"], rdfs["cg"])
+                noise = rdf_noise_floor(rdfs["aa"], rdfs["cg"])
+                peaks = {kind: first_peak(rdfs[kind]) for kind in KINDS}
+                label = f"{a}-{b}"
+                metrics[f"{group}:{label}"] = {
+                    "kind": group, "pair": [a, b], "error": error,
+                    "noise_floor": noise, "r_max_nm": r_max,
+                    "peak_r_nm": {k: peaks[k][0] for k in KINDS}, "peak_g": {k: peaks[k][1] for k in KINDS},
+                    "n_frames": {k: rdfs[k].n_frames for k in KINDS},
+                }
+                panels[group].append(plots.RDFPanel(
+                    label, rdfs["aa"].r, rdfs["aa"].g, rdfs["cg"].g, error,
+                    reliable=(rdfs["aa"].ideal >= 20) & (rdfs["cg"].ideal >= 20), noise_floor=noise))
+    return metrics, panels["com"], panels["bead"]
+
+
+def compare_bonded(aa: Run, cg: Run) -> tuple[dict, dict, dict]:
+    """Bond-length and angle distributions of CG against mapped AA, per bond and angle type."""
+    bonds_aa, angles_aa = bonded_terms(aa.cg)
+    bonds_cg, angles_cg = bonded_terms(cg.cg)
+    if set(bonds_aa) != set(bonds_cg) or set(angles_aa) != set(angles_cg):
+        raise EvaluationError(
+            f"mismatched topologies: bond types of {aa.path} ({sorted(bonds_aa)}) and {cg.path} "
+            f"({sorted(bonds_cg)}) differ"
+        )
+    bonds = {k: compare_distributions(bond_lengths(aa.cg, v), bond_lengths(cg.cg, bonds_cg[k]))
+             for k, v in bonds_aa.items()}
+    angles = {k: compare_distributions(bond_angles(aa.cg, v), bond_angles(cg.cg, angles_cg[k]))
+              for k, v in angles_aa.items()}
+    metrics = {
+        "bonds": {k: {"mean_nm": c.mean, "std_nm": c.std, "error": c.error} for k, c in bonds.items()},
+        "angles": {k: {"mean_deg": c.mean, "std_deg": c.std, "error": c.error} for k, c in angles.items()},
+    }
+    return metrics, bonds, angles
+
+
+def _ratio(aa: DiffusionResult, cg: DiffusionResult) -> dict:
+    if aa.status != "ok" or cg.status != "ok":
+        return {"ratio": None, "error": None, "reason": "D not converged for " + ("AA" if aa.status != "ok" else "CG")}
+    ratio = cg.D_m2_s / aa.D_m2_s
+    rel = math.hypot(aa.D_err_m2_s / aa.D_m2_s, cg.D_err_m2_s / cg.D_m2_s)
+    out = {"ratio": ratio, "error": ratio * rel, "box_nm": {"aa": aa.box_nm, "cg": cg.box_nm}}
+    if abs(aa.box_nm - cg.box_nm) > 0.01 * aa.box_nm:
+        out["note"] = "box sizes differ, so finite-size effects on D differ"
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _dynamics(table: dict, settings: EvaluationSettings, metrics: dict, say: Callable[[str], None]) -> dict:
+    """Fill metrics["diffusion"] and ["d_ratio_cg_aa"]; return the MSD curves for plotting."""
+    msd_series: dict[str, dict[str, list]] = {}
+    for key, by_kind in table.items():
+        for kind, run in by_kind.items():
+            say(f"diffusion: {kind.upper()} {key} K")
+            for species, (curve, result) in run_diffusion(run, settings).items():
+                metrics["diffusion"].setdefault(species, {}).setdefault(key, {})[kind] = result.to_dict()
+                msd_series.setdefault(species, {}).setdefault(kind, []).append(plots.MSDSeries(
+                    run.temperature_K, curve.lag_ps, curve.msd_nm2, result.fit_start_ps, result.fit_end_ps,
+                    result.D_m2_s))
+    for species, by_t in metrics["diffusion"].items():
+        for key, entry in by_t.items():
+            if set(entry) >= set(KINDS):
+                results = {k: DiffusionResult(**entry[k]) for k in KINDS}
+                metrics["d_ratio_cg_aa"].setdefault(species, {})[key] = _ratio(results["aa"], results["cg"])
+    return msd_series
+
+
+def _arrhenius(metrics: dict) -> dict[str, dict[str, plots.ArrheniusSeries]]:
+    """Fill metrics["arrhenius"] from the converged D of each species and kind."""
+    series: dict[str, dict[str, plots.ArrheniusSeries]] = {}
+    for species, by_t in metrics["diffusion"].items():
+        entry = metrics["arrhenius"][species] = {}
+        for kind in KINDS:
+            results = [by_kind[kind] for by_kind in by_t.values() if kind in by_kind]
+            if not results:
+                continue
+            ok = [r for r in results if r["status"] == "ok"]
+            T = np.array([r["temperature_K"] for r in ok])
+            D = np.array([r["D_m2_s"] for r in ok])
+            err = np.array([r["D_err_m2_s"] for r in ok])
+            fit = fit_arrhenius(T, D, err)
+            entry[kind] = fit.to_dict()
+            if ok and all(r["D_yeh_hummer_m2_s"] is not None for r in ok):
+                corrected = np.array([r["D_yeh_hummer_m2_s"] for r in ok])
+                entry[f"{kind}_yeh_hummer"] = fit_arrhenius(T, corrected, err).to_dict()
+            series.setdefault(species, {})[kind] = plots.ArrheniusSeries(
+                T, D, err, fit.Ea_kJ_mol, fit.Ea_err_kJ_mol, fit.D0_m2_s)
+        if all(entry.get(k, {}).get("status") == "ok" for k in KINDS):
+            aa_ea, cg_ea = entry["aa"]["Ea_kJ_mol"], entry["cg"]["Ea_kJ_mol"]
+            entry["Ea_relative_difference"] = (cg_ea - aa_ea) / aa_ea
+    return series
+
+
+def _structure(table: dict, settings: EvaluationSettings, metrics: dict, figures: dict,
+               say: Callable[[str], None]) -> None:
+    """Fill metrics["rdf"] and ["structure"] at the temperatures with both kinds; queue their figures."""
+    for key, by_kind in table.items():
+        if len(by_kind) < 2:
+            continue
+        say(f"structure: {key} K")
+        rdf_metrics, com_panels, bead_panels = compare_rdfs(by_kind["aa"], by_kind["cg"], settings)
+        for name, m in rdf_metrics.items():
+            entry = metrics["rdf"].setdefault(name, {"kind": m["kind"], "pair": m["pair"], "error": None,
+                                                     "by_temperature": {}})
+            entry["by_temperature"][key] = {k: v for k, v in m.items() if k not in ("kind", "pair")}
+            entry["error"] = max(v["error"] for v in entry["by_temperature"].values())
+        figures[f"rdf_com_{key}K.png"] = (plots.plot_rdfs, f"Molecular centre-of-mass RDFs at {key} K", com_panels)
+        if bead_panels:
+            figures[f"rdf_bead_{key}K.png"] = (plots.plot_rdfs, f"Bead-type RDFs (intermolecular) at {key} K",
+                                               bead_panels)
+        if len(by_kind["aa"].cg.bonds):
+            bonded, bonds, angles = compare_bonded(by_kind["aa"], by_kind["cg"])
+            metrics["structure"][key] = bonded
+            figures[f"bonds_{key}K.png"] = (plots.plot_distributions, f"CG bond lengths at {key} K", "r (nm)", bonds)
+            if angles:
+                figures[f"angles_{key}K.png"] = (plots.plot_distributions, f"CG angles at {key} K",
+                                                 "angle (degrees)", angles)
+
+
+def _density(aa_runs: Sequence[Run], metrics: dict) -> tuple[Any, list]:
+    """Fill metrics["density"]: every AA run against the experimental table of its liquid, if known."""
+    formulae = aa_runs[0].molecule_formulae
+    reference = find_experimental_density(formulae) if formulae else None
+    metrics["density"] = {"reference": reference.to_dict() if reference else None, "runs": {}}
+    if reference is None:
+        metrics["density"]["note"] = (f"no experimental density for molecules {formulae}" if formulae
+                                      else "no experimental density: the AA topology has no elements")
+    points = []
+    for run in aa_runs:
+        d = run_density(run.total_mass_amu, run.cg.box).to_dict()
+        if reference is not None:
+            exp, extrapolated = reference.at(run.temperature_K)
+            d.update(experiment_kg_m3=exp, experiment_extrapolated=extrapolated,
+                     relative_difference=(d["density_kg_m3"] - exp) / exp)
+        metrics["density"]["runs"][temperature_key(run.temperature_K)] = d
+        points.append((run.temperature_K, d["density_kg_m3"], d["err_kg_m3"]))
+    return reference, points
+
+
+def evaluate(
+    aa_dirs: Sequence[str | Path],
+    cg_dirs: Sequence[str | Path],
+    mapping: Any,
+    out_dir: str | Path,
+    settings: EvaluationSettings | None = None,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> dict:
+    """Evaluate CG runs against AA runs; writes metrics.json, PNG plots and report.md into ``out_dir``.
+
+    ``mapping`` is a :class:`~openmm_cgnn.mapping.spec.Mapping` or the path of ``mapping.json``;
+    ``options`` override fields of :class:`EvaluationSettings`. Nothing is written until every
+    run has been read and analysed, so a bad input leaves an existing report untouched.
+    """
+    from ..mapping.spec import Mapping
+    from .report import write_report
+
+    settings = settings or EvaluationSettings()
+    for name, value in options.items():
+        if not hasattr(settings, name):
+            raise TypeError(f"evaluate() got an unknown option {name!r}")
+        setattr(settings, name, value)
+    say = log or (lambda message: None)
+    if not aa_dirs:
+        raise EvaluationError("no AA runs given: the evaluation compares against all-atom data")
+    mapping_path = None
+    if not isinstance(mapping, Mapping):
+        mapping_path = Path(mapping)
+        mapping = Mapping.load(mapping_path)
+    out_dir = Path(out_dir)
+
+    runs = []
+    for kind, dirs in (("aa", aa_dirs), ("cg", cg_dirs)):
+        for d in dirs:
+            say(f"reading {kind.upper()} run {d}")
+            runs.append(load_run(d, mapping, kind, settings))
+    _check_same_liquid(runs)
+    table = _pair_by_temperature(runs, settings.temperature_tolerance_K)
+
+    metrics: dict[str, Any] = {
+        "format": FORMAT,
+        "mapping": {"path": str(mapping_path) if mapping_path else None, "sha256": mapping.sha256(),
+                    "bead_types": mapping.bead_type_names},
+        "settings": asdict(settings),
+        "runs": [r.summary() for r in runs],
+        "temperatures_K": {
+            "paired": [k for k, v in table.items() if len(v) == 2],
+            "aa_only": [k for k, v in table.items() if set(v) == {"aa"}],
+            "cg_only": [k for k, v in table.items() if set(v) == {"cg"}],
+        },
+        "rdf": {}, "structure": {}, "diffusion": {}, "d_ratio_cg_aa": {}, "arrhenius": {}, "density": {},
+    }
+    figures: dict[str, tuple] = {}
+    msd_series = _dynamics(table, settings, metrics, say)
+    arrhenius_series = _arrhenius(metrics)
+    _structure(table, settings, metrics, figures, say)
+    reference, density_points = _density([v["aa"] for v in table.values() if "aa" in v], metrics)
+
+    # Every number is known: now write.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for species, series in msd_series.items():
+        written.append(plots.plot_msd(out_dir / f"msd_{_file_label(species)}.png", species, series))
+    if arrhenius_series:
+        written.append(plots.plot_arrhenius(out_dir / "arrhenius.png", arrhenius_series))
+    for name, (function, *args) in figures.items():
+        written.append(function(out_dir / name, *args))
+    if reference is not None:
+        written.append(plots.plot_density(out_dir / "density.png", reference, density_points))
+    metrics["plots"] = [p.name for p in written]
+    metrics = _jsonable(metrics)
+    _write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_report(out_dir / "report.md", metrics)
+    say(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'report.md'} and {len(written)} plots")
+    return metrics

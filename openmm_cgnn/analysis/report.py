@@ -1,0 +1,199 @@
+"""``report.md``: the metrics of an evaluation as readable tables, with the plots linked."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def format_pm(value: float | None, error: float | None, digits: int = 2) -> str:
+    """'(1.23 ± 0.05)e-11' style: value and error on one shared power of ten."""
+    if value is None:
+        return "—"
+    exponent = int(math.floor(math.log10(abs(value)))) if value != 0 else 0
+    scale = 10.0 ** exponent
+    body = f"{value / scale:.{digits}f}"
+    if error is not None:
+        body = f"{body} ± {error / scale:.{digits}f}"
+        if exponent:
+            body = f"({body})"
+    return body + (f"e{exponent}" if exponent else "")
+
+
+def _num(value: float | None, fmt: str = ".3f") -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _ratio_cell(ratio: dict | None) -> str:
+    if not ratio or ratio.get("ratio") is None:
+        return "—"
+    return f"{ratio['ratio']:.2f} ± {ratio['error']:.2f}"
+
+
+def _ea_cell(fit: dict | None) -> str:
+    if fit is None:
+        return "—"
+    if fit["status"] != "ok":
+        return fit["status"]
+    return f"{fit['Ea_kJ_mol']:.2f} ± {fit['Ea_err_kJ_mol']:.2f}"
+
+
+def _summary(metrics: dict[str, Any]) -> list[str]:
+    """The verdict in one table: activation energies, CG speed-up, worst RDF errors."""
+    rows = []
+    for species, entry in metrics["arrhenius"].items():
+        rows.append([f"E_a of {species} (kJ/mol)", _ea_cell(entry.get("aa")), _ea_cell(entry.get("cg")),
+                     _pct(entry.get("Ea_relative_difference"))])
+    for species, by_t in metrics["d_ratio_cg_aa"].items():
+        cells = [f"{key} K: {_ratio_cell(r)}" for key, r in by_t.items()]
+        rows.append([f"D_CG / D_AA of {species}", "", "", "; ".join(cells)])
+    for group, label in (("com", "molecular centres"), ("bead", "bead types")):
+        entries = [(e["error"], name, e) for name, e in metrics["rdf"].items() if e["kind"] == group]
+        if entries:
+            error, _, worst = max(entries, key=lambda x: x[0])
+            at = max(worst["by_temperature"], key=lambda k: worst["by_temperature"][k]["error"])
+            rows.append([f"worst RDF error, {label}", "", "", f"{_pct(error)} ({'–'.join(worst['pair'])} at {at} K)"])
+    return ["## Summary", ""] + _table(["quantity", "AA", "CG", "CG vs AA"], rows)
+
+
+def _diffusion_cell(result: dict | None) -> str:
+    if result is None:
+        return "—"
+    if result["status"] != "ok":
+        return f"not converged: {result['reason']}"
+    return format_pm(result["D_m2_s"], result["D_err_m2_s"])
+
+
+def _runs(metrics: dict[str, Any]) -> list[str]:
+    rows = [[r["kind"].upper(), f"{r['temperature_K']:g}", str(r["n_frames"]),
+             f"{r['time_ps'][0]:g}–{r['time_ps'][1]:g}",
+             ", ".join(f"{n} {s}" for s, n in r["n_molecules"].items()), f"{r['box_nm']:.3f}", f"`{r['path']}`"]
+            for r in metrics["runs"]]
+    return ["## Runs", ""] + _table(["kind", "T (K)", "frames", "time (ps)", "molecules", "box (nm)", "path"], rows)
+
+
+def _dynamics(metrics: dict[str, Any], plots: set[str]) -> list[str]:
+    out = ["## Dynamics", "",
+           "D from a linear fit of the centre-of-mass MSD (system drift removed) over the diffusive window, "
+           f"found where the log-log slope is 1 ± {metrics['settings']['slope_tolerance']}; errors are standard "
+           "errors over groups of molecules. D is for the stated periodic box (no finite-size correction) "
+           "unless a Yeh–Hummer column is shown.", ""]
+    with_yh = any(r.get("D_yeh_hummer_m2_s") is not None for by_t in metrics["diffusion"].values()
+                  for e in by_t.values() for r in e.values())
+    rows = []
+    for species, by_t in metrics["diffusion"].items():
+        for key, entry in by_t.items():
+            row = [species, key, _diffusion_cell(entry.get("aa")), _diffusion_cell(entry.get("cg")),
+                   _ratio_cell(metrics["d_ratio_cg_aa"].get(species, {}).get(key)),
+                   " / ".join(f"{entry[k]['box_nm']:.2f}" if k in entry else "—" for k in ("aa", "cg"))]
+            if with_yh:
+                row.append(" / ".join(format_pm(entry[k].get("D_yeh_hummer_m2_s"), None) if k in entry else "—"
+                                      for k in ("aa", "cg")))
+            rows.append(row)
+    header = ["species", "T (K)", "D AA (m²/s)", "D CG (m²/s)", "D_CG / D_AA", "box AA / CG (nm)"]
+    out += _table(header + (["D Yeh–Hummer AA / CG"] if with_yh else []), rows)
+
+    rows = []
+    for species, entry in metrics["arrhenius"].items():
+        cells = []
+        for kind in ("aa", "cg"):
+            fit = entry.get(kind)
+            ea = _ea_cell(fit)
+            if fit is not None and fit["status"] != "ok":
+                ea += f" ({fit['reason']})"
+            cells += [ea, format_pm(fit["D0_m2_s"], None) if fit and fit["status"] == "ok" else "—"]
+        rows.append([species, cells[0], cells[2], _pct(entry.get("Ea_relative_difference")), cells[1], cells[3]])
+    if rows:
+        out += ["### Arrhenius fits ln D = ln D0 − E_a / RT", ""]
+        out += _table(["species", "E_a AA (kJ/mol)", "E_a CG (kJ/mol)", "CG vs AA", "D0 AA (m²/s)",
+                       "D0 CG (m²/s)"], rows)
+    out += [f"![MSD {name[4:-4]}]({name})" for name in sorted(plots) if name.startswith("msd_")]
+    if "arrhenius.png" in plots:
+        out += ["", "![Arrhenius plot](arrhenius.png)"]
+    return out + [""]
+
+
+def _spread(m: dict, unit: str, kind: str, fmt: str) -> str:
+    return f"{format(m['mean_' + unit][kind], fmt)} ± {format(m['std_' + unit][kind], fmt)} {unit}"
+
+
+def _structure(metrics: dict[str, Any], plots: set[str]) -> list[str]:
+    out = ["## Structure", ""]
+    if not metrics["rdf"]:
+        return out + ["No temperature has both an AA and a CG run: structure not compared.", ""]
+    out += ["RDF error: ∫|g_CG − g_AA| dr / ∫ g_AA dr; first peak of the smoothed curve. "
+            "Bead-type RDFs count only pairs in different molecules. The noise floor is the error that "
+            "counting noise alone would give (a lower bound; frames are correlated).", ""]
+    rows = []
+    for entry in metrics["rdf"].values():
+        for key, m in entry["by_temperature"].items():
+            rows.append([entry["kind"], "–".join(entry["pair"]), key, _pct(m["error"]), _pct(m["noise_floor"]),
+                         f"{_num(m['peak_r_nm']['aa'])} / {_num(m['peak_r_nm']['cg'])}",
+                         f"{_num(m['peak_g']['aa'], '.2f')} / {_num(m['peak_g']['cg'], '.2f')}"])
+    out += _table(["RDF", "pair", "T (K)", "error", "noise floor", "first peak r AA / CG (nm)",
+                   "peak g AA / CG"], rows)
+    rows = []
+    for key, bonded in metrics["structure"].items():
+        for group, unit, fmt in (("bonds", "nm", ".3f"), ("angles", "deg", ".1f")):
+            for name, m in bonded[group].items():
+                rows.append([name, key, _spread(m, unit, "aa", fmt), _spread(m, unit, "cg", fmt), _pct(m["error"])])
+    if rows:
+        out += ["Bond and angle distributions (mean ± standard deviation; difference = total-variation "
+                "distance):", ""]
+        out += _table(["term", "T (K)", "AA (mapped)", "CG", "difference"], rows)
+    for prefix in ("rdf_com_", "rdf_bead_", "bonds_", "angles_"):
+        out += [f"![{name[:-4]}]({name})" for name in sorted(plots) if name.startswith(prefix)]
+    return out + [""]
+
+
+def _density(metrics: dict[str, Any], plots: set[str]) -> list[str]:
+    density = metrics["density"]
+    out = ["## Density of the AA runs", ""]
+    if density.get("reference"):
+        ref = density["reference"]
+        out += [f"Experiment: {ref['name']}, {ref['source']}; measured {ref['measured_range_K'][0]:g}–"
+                f"{ref['measured_range_K'][1]:g} K, linear fit beyond (marked *).", ""]
+    else:
+        out += [density.get("note", "No experimental reference."), ""]
+    rows = []
+    for key, d in density["runs"].items():
+        err = "box fixed (NVT)" if d["box_fixed"] else _num(d["err_kg_m3"], ".1f")
+        exp = "—"
+        if "experiment_kg_m3" in d:
+            exp = f"{d['experiment_kg_m3']:.1f}" + ("*" if d["experiment_extrapolated"] else "")
+        rows.append([key, f"{d['density_kg_m3']:.1f}", err, exp, _pct(d.get("relative_difference"))])
+    out += _table(["T (K)", "AA (kg/m³)", "± (kg/m³)", "experiment (kg/m³)", "difference"], rows)
+    if "density.png" in plots:
+        out += ["![density](density.png)", ""]
+    return out
+
+
+def render_report(metrics: dict[str, Any]) -> str:
+    plots = set(metrics.get("plots", []))
+    out = ["# Evaluation: CG against mapped all-atom runs", ""]
+    out += [f"Mapping `{metrics['mapping']['sha256'][:12]}` with bead types "
+            + ", ".join(f"`{t}`" for t in metrics["mapping"]["bead_types"]) + ".", ""]
+    out += _summary(metrics) + _runs(metrics) + _dynamics(metrics, plots) + _structure(metrics, plots)
+    out += _density(metrics, plots)
+    return "\n".join(out) + "\n"
+
+
+def write_report(path: Path, metrics: dict[str, Any]) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_report(metrics))
+    tmp.replace(path)
+    return path
