@@ -12,3 +12,4 @@ from .spec import (  # noqa: F401
     make_molecules_whole,
     minimum_image,
 )
+from .learn import learn_mapping  # noqa: F401,E402  (the CGAE: learns a Mapping from AA frames)
