@@ -1,0 +1,39 @@
+"""``openmm-cgnn export``: a trained force field as a self-contained directory for plain OpenMM."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import CLIError
+from .simulate import _user_errors, add_system_arguments, cg_system_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, metavar="MODELDIR", help="trained model directory")
+    add_system_arguments(parser)
+    parser.add_argument("--temperature", type=float, default=None, metavar="K",
+                        help="temperature baked into models that take 1/T (default: the temperature of --from-aa)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    parser.add_argument("--out", type=Path, required=True, metavar="EXPORTDIR", help="export directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..frames import read_frames
+    from ..mapping.spec import Mapping
+    from ..openmm.export import export_forcefield
+
+    if not (args.model.is_dir() and (args.model / "checkpoint.pt").exists()):
+        raise CLIError(f"{args.model}: not a model directory (no checkpoint.pt)")
+    try:
+        mapping = Mapping.load(args.model / "mapping.json")
+        cg = cg_system_from_args(args, mapping, args.model)
+        temperature = args.temperature
+        if temperature is None and args.from_aa is not None:
+            temperature = read_frames(args.from_aa, start=-1).temperature_K
+        out = export_forcefield(args.model, cg, args.out, temperature=temperature, prior=args.prior, overwrite=args.overwrite,
+                                minimize=args.pairs is not None)
+    except _user_errors() as exc:
+        raise CLIError(str(exc)) from None
+    print(f"exported the force field for {cg.n_beads} beads to {out} (see {out / 'README.md'})")
+    return 0

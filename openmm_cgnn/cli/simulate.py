@@ -1,0 +1,121 @@
+"""``openmm-cgnn simulate``: CG molecular dynamics in OpenMM with a trained force field (CGNNForce)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from . import CLIError
+
+# Errors that mean "the inputs are wrong" and print as one line.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ..frames import FramesError
+    from ..mapping.spec import MappingError
+    from ..openmm.export import ExportError
+    from ..openmm.force import ModelMismatchError
+    from ..openmm.prior_forces import PriorError
+    from ..openmm.simulation import SimulationError
+
+    return (FramesError, MappingError, ModelMismatchError, PriorError, SimulationError, ExportError, ValueError)
+
+
+def add_system_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the CG starting structure comes from (shared with ``export``)."""
+    start = parser.add_mutually_exclusive_group(required=True)
+    start.add_argument("--pairs", type=int, metavar="N", help="pack N formula units (one molecule of each residue type in the mapping)")
+    start.add_argument("--from-aa", type=Path, metavar="DIR", help="start from a frame of this run (AA runs are mapped; CG runs also work)")
+    parser.add_argument("--frame", type=int, default=-1, help="frame of --from-aa to start from (default -1, the last)")
+    parser.add_argument("--density", type=float, metavar="KG_M3", help="target density for --pairs, kg/m3 (e.g. the all-atom density)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: packing, velocities, Langevin noise (default 0)")
+    parser.add_argument(
+        "--prior", choices=["auto", "openmm", "model", "none"], default="auto",
+        help="where the prior runs: native OpenMM forces, inside the TorchScript model, or not at all (default auto: the faster one measured)",
+    )
+
+
+def resolve_forcefield(path: Path) -> tuple[Path, Path]:
+    """(model source for CGNNForce, mapping.json): a model directory, an export directory or a model.pt."""
+    if path.is_dir() and (path / "checkpoint.pt").exists():
+        return path, path / "mapping.json"
+    if path.is_dir() and (path / "model.pt").exists():
+        return path / "model.pt", path / "mapping.json"
+    if path.is_file() and path.suffix == ".pt":
+        return path, path.with_name("mapping.json")
+    raise CLIError(f"{path}: not a model directory (checkpoint.pt), an export directory (model.pt) or a model.pt file")
+
+
+def cg_system_from_args(args: argparse.Namespace, mapping: Any, source: Path) -> Any:
+    from ..openmm.topology import build_cg_system
+
+    bond_lengths = None
+    if args.pairs is not None:
+        if args.density is None:
+            raise CLIError("--pairs needs --density KG_M3 (the target density; e.g. the all-atom run's)")
+        bond_lengths = _prior_bond_lengths(source, mapping)
+    return build_cg_system(mapping, from_run=args.from_aa, frame=args.frame, pairs=args.pairs, density_kg_m3=args.density,
+                           seed=args.seed, bond_lengths=bond_lengths)
+
+
+def _prior_bond_lengths(source: Path, mapping: Any) -> dict | None:
+    from ..openmm.prior_forces import bond_lengths, load_prior
+
+    folder = source if source.is_dir() else source.parent
+    path = folder / "prior.json"
+    return bond_lengths(load_prior(path, mapping.bead_type_names)) if path.exists() else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--forcefield", type=Path, required=True, metavar="MODELDIR",
+                        help="trained model directory (or an export directory / model.pt)")
+    add_system_arguments(parser)
+    parser.add_argument("--temperature", type=float, required=True, metavar="K", help="temperature in K")
+    parser.add_argument("--steps", type=int, required=True, help="total number of MD steps (a resumed run continues to this)")
+    parser.add_argument("--dt-fs", type=float, default=None, help="time step in fs (default: the largest stable step, found by an NVE test)")
+    parser.add_argument("--dt-candidates-fs", type=float, nargs="+", default=None, metavar="FS",
+                        help="time steps the stability check tries, largest first (default 20 15 10 8 6 5 4 3 2 1)")
+    parser.add_argument("--friction", type=float, default=1.0, metavar="PER_PS", help="Langevin friction in 1/ps (default 1)")
+    parser.add_argument("--platform", default=None, help="OpenMM platform (default CUDA if available, else CPU)")
+    parser.add_argument("--save-every-steps", type=int, default=1000, metavar="K", help="frame, DCD and checkpoint interval (default 1000)")
+    parser.add_argument("--report-every-steps", type=int, default=None, metavar="K", help="state.csv/progress interval (default: save interval)")
+    parser.add_argument("--no-minimize", action="store_true", help="skip the energy minimisation of the starting structure")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from checkpoint.chk in --out (starts afresh if --out is empty)")
+    mode.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="CG run directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..mapping.spec import Mapping
+    from ..openmm.force import CGNNForce
+    from ..openmm.simulation import CGRun, RunConfig, SimulationUnstable
+
+    source, mapping_path = resolve_forcefield(args.forcefield)
+    config = RunConfig(
+        temperature_K=args.temperature, steps=args.steps, dt_fs=args.dt_fs, friction_per_ps=args.friction,
+        platform=args.platform, save_every_steps=args.save_every_steps, report_every_steps=args.report_every_steps,
+        seed=args.seed, minimize=not args.no_minimize, progress=not args.quiet,
+    )
+    if args.dt_candidates_fs:
+        if min(args.dt_candidates_fs) <= 0:
+            raise CLIError("--dt-candidates-fs: time steps must be positive")
+        config.dt_candidates_fs = tuple(args.dt_candidates_fs)
+    try:
+        mapping = Mapping.load(mapping_path)
+        cg = cg_system_from_args(args, mapping, source)
+        force = CGNNForce(source, cg, args.temperature, prior=args.prior)
+        result = CGRun(force, cg, args.out, config, resume=args.resume, overwrite=args.overwrite,
+                       metadata={"start": str(args.from_aa) if args.from_aa else f"packed {args.pairs} pairs"}).run()
+    except SimulationUnstable as exc:
+        print(f"openmm-cgnn simulate: {exc}", file=sys.stderr)
+        return 3
+    except _user_errors() as exc:
+        raise CLIError(str(exc)) from None
+    s = result.summary
+    print(f"CG run finished: {s['steps_done']} steps of {s['dt_fs']:g} fs, {s['n_frames']} frames in {result.out_dir}")
+    if s.get("ns_per_day"):
+        print(f"speed: {s['ns_per_day']:.3g} ns/day ({s['ms_per_step']:.3g} ms/step) on {s['platform']}")
+    return 0

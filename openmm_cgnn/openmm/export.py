@@ -1,0 +1,270 @@
+"""Force-field export: a self-contained directory that plain OpenMM loads without ``openmm_cgnn``.
+
+``EXPORTDIR/`` holds ``system.xml`` (the whole CG System: TorchForce with the scripted model
+embedded, native prior forces, masses, box), ``cg.pdb`` (one configuration with its box),
+``model.pt`` (the same TorchScript module with its metadata), ``mapping.json``, ``prior.json``,
+``metadata.json``, ``cg.psf``/``cg.gro``/``cg.top`` (topology only, written with ParmEd for
+visualisation and analysis tools) and a ``README.md`` saying how to load it from Python and C++.
+
+The directory is built next to its destination and renamed into place, so an existing export is
+never left half-replaced; before it is renamed, ``system.xml`` and ``cg.pdb`` are read back with
+plain OpenMM and must reproduce the energy of the System they were written from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .force import CGNNForce, versions
+from .topology import CGSystem
+
+EXPORT_FORMAT = "openmm_cgnn.export/1"
+ROUND_TRIP_RTOL = 1e-9
+
+
+class ExportError(RuntimeError):
+    """The export cannot be written (destination exists, round trip failed)."""
+
+
+def export_forcefield(
+    model_dir: str | Path,
+    cg: CGSystem,
+    out_dir: str | Path,
+    temperature: float | None = None,
+    prior: str = "auto",
+    overwrite: bool = False,
+    minimize: bool = False,
+    log: Any = print,
+) -> Path:
+    """Write the export directory for the model in ``model_dir`` applied to the CG system ``cg``.
+
+    ``temperature`` is required for models that take 1/T (it is baked into the scripted model);
+    ``minimize`` relaxes ``cg`` in the force field first (for packed starting structures).
+    """
+    import openmm
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out}: already exists and is not empty; use --overwrite to replace it")
+    force = CGNNForce(model_dir, cg, temperature, prior=prior)
+    system = cg.system()
+    force.add_to(system)
+    if minimize:
+        cg = _minimized(system, cg, log)
+
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        force.save_model(staging / "model.pt")
+        (staging / "system.xml").write_text(openmm.XmlSerializer.serialize(system))
+        cg.write_pdb(staging / "cg.pdb")
+        cg.mapping.save(staging / "mapping.json")
+        prior_set = _model_prior(force, model_dir)
+        if prior_set is not None:
+            prior_set.to_json(staging / "prior.json")
+        topology_files = write_parmed_topology(cg, staging)
+        check = round_trip_check(system, staging)
+        metadata = {
+            "format": EXPORT_FORMAT,
+            "source_model_dir": str(Path(model_dir).resolve()),
+            "temperature_K": temperature,
+            "prior_carrier": force.prior_carrier,
+            "n_beads": cg.n_beads,
+            "composition": cg.composition(),
+            "box_nm": np.asarray(cg.box).tolist(),
+            "density_kg_m3": cg.density_kg_m3(),
+            "forces": [
+                {"name": system.getForce(i).getName(), "class": _force_class(system.getForce(i)),
+                 "force_group": system.getForce(i).getForceGroup()}
+                for i in range(system.getNumForces())
+            ],
+            "files": sorted(p.name for p in staging.iterdir()) + ["metadata.json", "README.md"],
+            "topology_files": topology_files,
+            "round_trip_check": check,
+            "versions": versions(),
+            "model": force.metadata,
+        }
+        (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        (staging / "README.md").write_text(readme_text(metadata))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _replace_directory(staging, out)
+    return out
+
+
+def _force_class(force: Any) -> str:
+    # plugin forces come back from System.getForce as the base class; their name says what they are
+    name = type(force).__name__
+    return "TorchForce (openmm-torch)" if force.getName() == "CGNNForce" else name
+
+
+def _model_prior(force: CGNNForce, model_dir: str | Path) -> Any:
+    """The PriorSet to ship as prior.json (also when it runs inside the model, for reference)."""
+    if force.prior is not None:
+        return force.prior
+    path = Path(model_dir) / "prior.json"
+    if Path(model_dir).is_dir() and path.exists():
+        from .prior_forces import load_prior
+
+        return load_prior(path, force.metadata["bead_type_names"])
+    return None
+
+
+def _minimized(system: Any, cg: CGSystem, log: Any) -> CGSystem:
+    import openmm
+
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"))
+    context.setPositions(cg.positions)
+    openmm.LocalEnergyMinimizer.minimize(context, 10.0, 2000)
+    state = context.getState(getPositions=True, getEnergy=True)
+    positions = np.asarray(state.getPositions(asNumpy=True)._value)
+    if not np.isfinite(positions).all():
+        raise ExportError("energy minimisation of the packed structure gave NaN positions")
+    log(f"minimised the packed structure: {state.getPotentialEnergy()._value:.1f} kJ/mol")
+    return cg.with_positions(positions)
+
+
+def round_trip_check(system: Any, folder: Path) -> dict[str, Any]:
+    """Energies of the in-memory System and of system.xml + cg.pdb read back must agree (Reference platform)."""
+    import openmm
+    import openmm.app as app
+
+    pdb = app.PDBFile(str(folder / "cg.pdb"))
+    loaded = openmm.XmlSerializer.deserialize((folder / "system.xml").read_text())
+    energies = []
+    for candidate in (system, loaded):
+        context = openmm.Context(candidate, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+        context.setPositions(pdb.positions)
+        energies.append(context.getState(getEnergy=True).getPotentialEnergy()._value)
+        del context
+    original, reloaded = energies
+    if not abs(original - reloaded) <= ROUND_TRIP_RTOL * max(abs(original), 1.0):
+        raise ExportError(f"system.xml read back gives {reloaded} kJ/mol, the System {original} kJ/mol")
+    return {"platform": "Reference", "potential_energy_kj_mol": original, "reloaded_potential_energy_kj_mol": reloaded}
+
+
+def write_parmed_topology(cg: CGSystem, folder: Path) -> list[str]:
+    """PSF, GRO and a GROMACS TOP with the beads (types RES_BEAD, masses, bonds); no potential in them."""
+    import parmed
+
+    structure = parmed.Structure()
+    for i in range(cg.n_beads):
+        atom = parmed.Atom(name=cg.bead_names[i], type=f"{cg.residue_names[i]}_{cg.bead_names[i]}", charge=0.0,
+                           mass=float(cg.masses[i]), atomic_number=0)
+        structure.add_atom(atom, cg.residue_names[i], int(cg.molecule_index[i]) + 1)
+    for i, j in cg.bonds:
+        structure.bonds.append(parmed.Bond(structure.atoms[int(i)], structure.atoms[int(j)]))
+    structure.coordinates = np.asarray(cg.positions) * 10.0
+    from openmm.app.internal.unitcell import computeLengthsAndAngles
+
+    a, b, c, alpha, beta, gamma = computeLengthsAndAngles(np.asarray(cg.box))
+    structure.box = [10 * a, 10 * b, 10 * c, np.degrees(alpha), np.degrees(beta), np.degrees(gamma)]
+    names = ["cg.psf", "cg.gro", "cg.top"]
+    for name in names:
+        structure.save(str(folder / name), overwrite=True)
+    return names
+
+
+def _replace_directory(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``; an existing ``out`` is moved aside first and removed last."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def readme_text(metadata: dict[str, Any]) -> str:
+    model = metadata["model"]
+    temperature_note = (
+        f"The model takes the temperature as an input; it was scripted for **{model.get('temperature_K')} K**. "
+        "Run it at that temperature, or export again with `--temperature`."
+        if model.get("uses_temperature")
+        else "The model does not depend on the temperature."
+    )
+    forces = "\n".join(f"- `{f['name']}` ({f['class']}, force group {f['force_group']})" for f in metadata["forces"])
+    composition = ", ".join(f"{n} {name}" for name, n in metadata["composition"].items())
+    return f"""# openmm_cgnn force-field export
+
+A learned coarse-grained (CG) force field for {composition} ({metadata['n_beads']} beads), ready for
+plain OpenMM. Nothing here needs the `openmm_cgnn` package.
+
+| file | what |
+|---|---|
+| `system.xml` | the whole CG `System` (XmlSerializer): masses, box, and the forces below; the TorchScript model is embedded in the TorchForce |
+| `cg.pdb` | one CG configuration with its box (CRYST1); "atoms" are beads, residues are molecules |
+| `model.pt` | the same TorchScript model with its metadata (`torch.jit.load`; contract `forward(positions[N,3] nm, boxvectors[3,3] nm) -> energy kJ/mol`) |
+| `mapping.json` | which atoms make each bead (openmm_cgnn mapping format) |
+| `prior.json` | the physical prior (excluded volume, bonds, angles) |
+| `metadata.json` | bead order, masses, cutoffs, temperature, versions, the round-trip check |
+| `cg.psf`, `cg.gro`, `cg.top` | topology only (ParmEd), for VMD, MDAnalysis, GROMACS tools: bead types `RES_BEAD`, masses, bonds; they hold no potential |
+
+Forces in `system.xml`:
+{forces}
+
+Prior carrier: `{metadata['prior_carrier']}` ("openmm": native forces beside the TorchForce; "model": inside the TorchScript module).
+{temperature_note}
+
+## Python
+
+`import torch` must come **before** `import openmm`: the openmm-torch plugins link against PyTorch's
+libraries, and if OpenMM loads its plugins first the TorchForce has no kernels. `import openmmtorch`
+makes sure the TorchForce class and its XML reader are registered.
+
+```python
+import torch  # first
+import openmm
+import openmm.app as app
+import openmm.unit as unit
+import openmmtorch  # noqa: F401
+
+system = openmm.XmlSerializer.deserialize(open("system.xml").read())
+pdb = app.PDBFile("cg.pdb")
+integrator = openmm.LangevinMiddleIntegrator({model.get('temperature_K') or 300} * unit.kelvin, 1 / unit.picosecond, 0.005 * unit.picoseconds)
+simulation = app.Simulation(pdb.topology, system, integrator)
+simulation.context.setPositions(pdb.positions)
+simulation.minimizeEnergy()
+simulation.step(1000)
+print(simulation.context.getState(getEnergy=True).getPotentialEnergy())
+```
+
+The time step above is an example; `openmm-cgnn simulate` picks the largest stable one by an
+energy-conservation test and reports it in its `summary.json`.
+
+## C++
+
+The repository's top-level `CMakeLists.txt` builds `cgnn_run` against the pip-installed OpenMM,
+openmm-torch and libtorch (headers and libraries ship in the wheels):
+
+```sh
+cmake -S path/to/openmm_cgnn -B build/cpp -DPython3_EXECUTABLE=$(which python)
+cmake --build build/cpp
+build/cpp/cgnn_run system.xml cg.pdb --steps 100 --dt-fs 2 --platform Reference
+```
+
+It loads OpenMM's plugins (set `OPENMM_PLUGIN_DIR` or `--plugins` if they moved), deserializes
+`system.xml` (openmm-torch's serialization proxy lives in `libOpenMMTorch.so`, which the program
+links), reads positions and box from `cg.pdb`, and prints the energies.
+
+## Check
+
+When this directory was written, `system.xml` + `cg.pdb` read back with plain OpenMM gave
+{metadata['round_trip_check']['reloaded_potential_energy_kj_mol']:.6f} kJ/mol on the Reference platform, the same as the System they
+were written from.
+"""

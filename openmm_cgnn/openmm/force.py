@@ -1,0 +1,404 @@
+"""``CGNNForce``: a trained CG force field as forces for an OpenMM ``System``.
+
+The network runs as an openmm-torch ``TorchForce`` (periodic). The prior either runs inside the
+same TorchScript module ("model") or as native OpenMM forces ("openmm", see ``prior_forces.py``);
+``DEFAULT_PRIOR_CARRIER`` is the one measured faster (benchmarks/prior_carrier.py writes
+benchmarks/prior_carrier.json). Before anything is added, the model's metadata is checked against
+the Topology and the System, because a model applied to beads in another order runs without
+complaint and gives nonsense.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..mapping.spec import Mapping
+from .prior_forces import load_prior, prior_forces
+from .topology import CGSystem
+
+PRIOR_CARRIERS = ("auto", "openmm", "model", "none")
+# benchmarks/prior_carrier.json (CPU, real CGModel, 320 and 1500 beads): the prior inside the
+# TorchScript module was 6-11% faster than native forces beside it for the quick network and level
+# within noise for the reference network (it shares the model's neighbour list, one force to
+# evaluate instead of four).
+DEFAULT_PRIOR_CARRIER = "model"
+MASS_TOLERANCE_AMU = 1e-3
+TEMPERATURE_TOLERANCE_K = 1e-6
+REQUIRED_METADATA = ("n_beads", "bead_names", "bead_type", "bead_type_names", "masses", "includes_prior")
+
+
+class ModelMismatchError(ValueError):
+    """The model does not fit the System or Topology it is being added to."""
+
+
+def bead_layout(topology: Any) -> tuple[list[str], list[str], np.ndarray]:
+    """(bead names, residue name per bead, 0-based molecule index per bead) of an OpenMM CG Topology."""
+    names, residues, molecules = [], [], []
+    for atom in topology.atoms():
+        names.append(atom.name)
+        residues.append(atom.residue.name)
+        molecules.append(atom.residue.index)
+    return names, residues, np.unique(np.array(molecules, dtype=np.int64), return_inverse=True)[1].astype(np.int64)
+
+
+class CGNNForce:
+    """The forces of a trained CG model for one CG system (bead order fixed at construction).
+
+    ``source`` is a model directory (``load_model``, then ``script_for_system`` for this system and
+    temperature) or a scripted ``model.pt`` with metadata (checked against this system; a prior not
+    inside it comes from the ``prior.json`` beside it). ``topology`` is a :class:`CGSystem` or an
+    ``openmm.app.Topology`` whose atoms are the beads, named as in the mapping.
+
+    ``prior``: "auto" (model directory: ``DEFAULT_PRIOR_CARRIER``; model.pt: as it was scripted),
+    "openmm" (native forces), "model" (inside the TorchScript module) or "none" (network only).
+
+    Use: ``forces = CGNNForce(model_dir, cg_system, temperature=400); forces.add_to(system)``.
+    """
+
+    def __init__(
+        self,
+        source: str | Path,
+        topology: CGSystem | Any,
+        temperature: float | None = None,
+        *,
+        prior: str = "auto",
+        host_checks: bool = True,
+        prior_force_group: int = 1,
+        model_force_group: int = 0,
+    ) -> None:
+        if prior not in PRIOR_CARRIERS:
+            raise ValueError(f"prior must be one of {PRIOR_CARRIERS}, got {prior!r}")
+        self.source = Path(source)
+        self.temperature = None if temperature is None else float(temperature)
+        self.host_checks = host_checks
+        self.prior_force_group = prior_force_group
+        self.model_force_group = model_force_group
+        self.cg = topology if isinstance(topology, CGSystem) else None
+        self.topology = topology.topology() if isinstance(topology, CGSystem) else topology
+        self._rescript: Callable[[bool], Any] | None = None  # model directories can script again (CUDA graphs)
+        self.box = np.asarray(topology.box) if isinstance(topology, CGSystem) else _topology_box(self.topology)
+        if self.source.is_dir():
+            self._from_model_dir(prior)
+        elif self.source.is_file():
+            self._from_model_file(prior)
+        else:
+            raise ModelMismatchError(f"{self.source}: no model directory or model.pt there")
+        self.check_topology(self.topology)
+        self.torch_force: Any = None  # the TorchForce most recently added by add_to
+        self._system: Any = None
+        self.cuda_graphs_report: dict[str, Any] | None = None
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, topology: CGSystem | Any, temperature: float | None = None, **kw: Any) -> "CGNNForce":
+        if not Path(model_dir).is_dir():
+            raise ModelMismatchError(f"{model_dir}: not a model directory")
+        return cls(model_dir, topology, temperature, **kw)
+
+    @classmethod
+    def from_model_file(cls, model_pt: str | Path, topology: CGSystem | Any, temperature: float | None = None, **kw: Any) -> "CGNNForce":
+        if not Path(model_pt).is_file():
+            raise ModelMismatchError(f"{model_pt}: model file not found")
+        return cls(model_pt, topology, temperature, **kw)
+
+    def _cg_for_mapping(self, mapping: Mapping) -> CGSystem:
+        """The CG system: the one given, or the topology's beads checked against the mapping."""
+        if self.cg is not None:
+            if self.cg.mapping.sha256() != mapping.sha256():
+                raise ModelMismatchError(f"{self.source}: the model's mapping.json differs from the CG system's mapping")
+            return self.cg
+        names, residues, molecules = bead_layout(self.topology)
+        first = np.unique(molecules, return_index=True)[1]
+        try:
+            cg = CGSystem.from_molecules(mapping, [residues[i] for i in first], np.zeros((len(names), 3)), np.eye(3))
+        except ValueError as exc:
+            raise ModelMismatchError(f"{self.source}: the topology does not fit the model's mapping: {exc}") from None
+        if cg.bead_names != names:
+            k = next(i for i, (a, b) in enumerate(zip(cg.bead_names, names)) if a != b)
+            raise ModelMismatchError(
+                f"{self.source}: bead {k} is '{names[k]}' in the topology, the mapping puts '{cg.bead_names[k]}' there"
+            )
+        return cg
+
+    def _from_model_dir(self, prior: str) -> None:
+        from ..model import load_model, script_for_system, system_metadata
+
+        model_dir = self.source
+        mapping = Mapping.load(model_dir / "mapping.json")
+        cg = self._cg_for_mapping(mapping)
+        try:
+            model = load_model(model_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ModelMismatchError(str(exc)) from None
+        names = model.config.bead_type_names
+        if names is not None and list(names) != mapping.bead_type_names:
+            raise ModelMismatchError(f"{model_dir}: the model's bead types {names} are not its mapping's {mapping.bead_type_names}")
+        if model.config.use_temperature and self.temperature is None:
+            raise ModelMismatchError(f"{model_dir}: this model takes the temperature as input; give the simulation temperature")
+        if model.prior is None:
+            if prior in ("openmm", "model"):
+                raise ModelMismatchError(f"{model_dir}: prior={prior!r} asked for, but the model has no prior")
+            carrier = "none"
+        else:
+            carrier = DEFAULT_PRIOR_CARRIER if prior == "auto" else prior
+        include = carrier == "model"
+        self.prior_carrier = carrier
+        self.prior = model.prior if carrier == "openmm" else None
+
+        def script(host_checks: bool) -> Any:
+            try:
+                return script_for_system(model, cg.bead_type, cg.molecule_index, self.temperature, include_prior=include,
+                                         box=self.box, host_checks=host_checks)
+            except ValueError as exc:
+                raise ModelMismatchError(f"{model_dir}: {exc}") from None
+
+        self._rescript = script
+        self.module = script(self.host_checks)
+        self.metadata = system_metadata(model, cg.bead_type, cg.molecule_index, cg.bead_names, cg.masses, mapping.sha256(),
+                                        self.temperature, include, host_checks=self.host_checks)
+        self.cg = cg
+        self.bead_type, self.molecule_index = cg.bead_type, cg.molecule_index
+
+    def _from_model_file(self, prior: str) -> None:
+        from ..model import read_metadata
+
+        path = self.source
+        try:
+            self.metadata = read_metadata(path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ModelMismatchError(str(exc)) from None
+        missing = [k for k in REQUIRED_METADATA if k not in self.metadata]
+        if missing:
+            raise ModelMismatchError(f"{path}: metadata.json lacks {missing}")
+        try:
+            self.module = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as exc:
+            raise ModelMismatchError(f"{path}: not a loadable TorchScript model ({str(exc).splitlines()[0]})") from None
+        meta = self.metadata
+        if meta.get("uses_temperature"):
+            if self.temperature is None:
+                raise ModelMismatchError(f"{path}: this model takes the temperature as input; give the simulation temperature")
+            if abs(float(meta["temperature_K"]) - self.temperature) > TEMPERATURE_TOLERANCE_K:
+                raise ModelMismatchError(
+                    f"{path}: scripted for {meta['temperature_K']} K but the simulation runs at {self.temperature} K; "
+                    "export it again for this temperature (openmm-cgnn export --temperature) or use the model directory"
+                )
+        inside = bool(meta["includes_prior"])
+        prior_path = path.with_name("prior.json")
+        if inside:
+            if prior in ("openmm", "none"):
+                raise ModelMismatchError(f"{path}: the prior is inside this model.pt; prior={prior!r} cannot take it out")
+            carrier, self.prior = "model", None
+        elif prior == "model":
+            raise ModelMismatchError(f"{path}: prior='model' asked for, but this model.pt was scripted without its prior")
+        elif prior == "none":
+            carrier, self.prior = "none", None
+        elif prior_path.exists():
+            carrier, self.prior = "openmm", load_prior(prior_path, meta["bead_type_names"])
+        else:
+            raise ModelMismatchError(
+                f"{path}: the model has no prior inside and there is no {prior_path.name} beside it; "
+                "pass prior='none' if the model was trained without one"
+            )
+        self.prior_carrier = carrier
+        _, _, molecules = bead_layout(self.topology)
+        self.bead_type = np.asarray(meta["bead_type"], dtype=np.int64)
+        self.molecule_index = molecules
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def check_topology(self, topology: Any) -> None:
+        """Bead count, names, types and molecules in the model's order; errors say where they first differ."""
+        meta = self.metadata
+        names, residues, molecules = bead_layout(topology)
+        n = int(meta["n_beads"])
+        if len(names) != n:
+            raise ModelMismatchError(f"{self.source}: the model is for {n} beads, the topology has {len(names)}")
+        if list(meta["bead_names"]) != names:
+            k = next(i for i, (a, b) in enumerate(zip(meta["bead_names"], names)) if a != b)
+            raise ModelMismatchError(
+                f"{self.source}: bead {k} is '{names[k]}' in the topology but '{meta['bead_names'][k]}' in the model (bead order differs)"
+            )
+        type_names = list(meta["bead_type_names"])
+        for k, (res, bead) in enumerate(zip(residues, names)):
+            expected = type_names[int(meta["bead_type"][k])]
+            if f"{res}:{bead}" != expected:
+                raise ModelMismatchError(f"{self.source}: bead {k} is '{res}:{bead}' in the topology but '{expected}' in the model")
+        if "molecule_index" in meta and not np.array_equal(np.asarray(meta["molecule_index"]), molecules):
+            k = int(np.flatnonzero(np.asarray(meta["molecule_index"]) != molecules)[0])
+            raise ModelMismatchError(f"{self.source}: bead {k} is in molecule {molecules[k]} in the topology, {meta['molecule_index'][k]} in the model")
+
+    def check_system(self, system: Any) -> None:
+        """Particle count, masses, and a periodic box that fits the model's cutoff."""
+        meta = self.metadata
+        n = int(meta["n_beads"])
+        if system.getNumParticles() != n:
+            raise ModelMismatchError(f"{self.source}: the model is for {n} beads, the System has {system.getNumParticles()} particles")
+        masses = np.array([system.getParticleMass(i)._value for i in range(n)])
+        diff = np.abs(masses - np.asarray(meta["masses"], dtype=float))
+        if diff.max(initial=0.0) > MASS_TOLERANCE_AMU:
+            k = int(diff.argmax())
+            raise ModelMismatchError(
+                f"{self.source}: particle {k} has mass {masses[k]:.4f} amu in the System, {meta['masses'][k]:.4f} amu in the model"
+            )
+        if meta.get("periodic", True):
+            box = np.array([[x._value if hasattr(x, "_value") else x for x in vec] for vec in system.getDefaultPeriodicBoxVectors()])
+            width = min_box_width(box)
+            cutoff = max(float(meta.get("cutoff_inter_nm") or 0.0), float(meta.get("cutoff_intra_nm") or 0.0))
+            if width < 2 * cutoff:
+                raise ModelMismatchError(
+                    f"{self.source}: the System's box is {width:.3f} nm across, less than twice the model cutoff "
+                    f"({cutoff} nm); the minimum-image convention needs a larger box"
+                )
+        elif any(system.getForce(i).usesPeriodicBoundaryConditions() for i in range(system.getNumForces())):
+            raise ModelMismatchError(f"{self.source}: the model is not periodic but the System has periodic forces")
+
+    # -- forces ---------------------------------------------------------------------------------
+
+    def _make_torch_force(self, module: Any = None, cuda_graphs: bool = False) -> Any:
+        import openmm  # noqa: F401  (after torch, see openmm_cgnn/__init__.py)
+        import openmmtorch
+
+        force = openmmtorch.TorchForce(self.module if module is None else module)
+        force.setName("CGNNForce")
+        force.setUsesPeriodicBoundaryConditions(bool(self.metadata.get("periodic", True)))
+        force.setForceGroup(self.model_force_group)
+        force.setProperty("useCUDAGraphs", "true" if cuda_graphs else "false")
+        return force
+
+    def make_forces(self) -> list[Any]:
+        """New force objects: the TorchForce, then any native prior forces.
+
+        New on every call because a System takes ownership of the forces added to it.
+        """
+        extra = []
+        if self.prior is not None:
+            extra = prior_forces(self.prior, self.bead_type, self.molecule_index, self.metadata["bead_type_names"],
+                                 self.prior_force_group)
+        return [self._make_torch_force()] + extra
+
+    def add_to(self, system: Any) -> list[int]:
+        """Check ``system`` and add the forces to it; returns their indices in the System."""
+        self.check_system(system)
+        forces = self.make_forces()
+        self.torch_force = forces[0]
+        self._system = system
+        return [system.addForce(force) for force in forces]
+
+    def save_model(self, path: str | Path) -> Path:
+        """The scripted module with its metadata, as ``model.pt`` (written atomically)."""
+        from ..model import save_scripted
+
+        return save_scripted(self.module, path, self.metadata)
+
+    # -- CUDA graphs ----------------------------------------------------------------------------
+
+    def _swap_torch_force(self, system: Any, force: Any) -> None:
+        for index in range(system.getNumForces()):
+            if system.getForce(index).getName() == "CGNNForce":
+                system.removeForce(index)
+                break
+        system.addForce(force)
+        self.torch_force = force
+
+    def tune_cuda_graphs(
+        self,
+        system: Any,
+        positions: Any,
+        platform: Any,
+        properties: dict[str, str] | None = None,
+        steps: int = 200,
+        rtol: float = 1e-4,
+    ) -> dict[str, Any]:
+        """On CUDA, use openmm-torch's CUDA graphs when they are faster and agree with graphs off.
+
+        Call after :meth:`add_to` and before the simulation's Context is made (the TorchForce is
+        read when a Context is created). Graph capture cannot include the module's host-side
+        checks, so the graphed variant is scripted with ``host_checks=False`` (bad input then
+        shows as NaN energy, which the runner's NaN detection reports).
+        """
+        import openmm
+
+        report: dict[str, Any] = {"platform": platform.getName(), "use_cuda_graphs": False}
+        self.cuda_graphs_report = report
+        if platform.getName() != "CUDA":
+            return report
+        if self.torch_force is None:
+            raise RuntimeError("tune_cuda_graphs() needs the forces added first (add_to)")
+        if self._rescript is not None:
+            graph_module = self._rescript(False)
+        elif not self.metadata.get("host_checks", True):
+            graph_module = self.module
+        else:
+            report["reason"] = "this model.pt was scripted with host-side checks, which CUDA graphs cannot capture"
+            return report
+
+        def measure() -> tuple[float, np.ndarray, float]:
+            integrator = openmm.VerletIntegrator(0.001)
+            context = openmm.Context(system, integrator, platform, properties or {})
+            context.setPositions(positions)
+            state = context.getState(getEnergy=True, getForces=True)
+            energy = state.getPotentialEnergy()._value
+            forces = np.asarray(state.getForces(asNumpy=True)._value)
+            integrator.step(20)  # warm-up: graphs are captured in the first steps
+            context.getState(getEnergy=True)
+            start = time.perf_counter()
+            integrator.step(steps)
+            context.getState(getEnergy=True)  # waits for the GPU
+            return energy, forces, 1e3 * (time.perf_counter() - start) / steps
+
+        e_off, f_off, ms_off = measure()
+        plain_force = self.torch_force
+        self._swap_torch_force(system, self._make_torch_force(graph_module, cuda_graphs=True))
+        e_on, f_on, ms_on = measure()
+        scale = max(float(np.abs(f_off).max()), 1.0)
+        agree = abs(e_on - e_off) <= rtol * max(abs(e_off), 1.0) and float(np.abs(f_on - f_off).max()) <= rtol * scale
+        use = bool(agree and ms_on < ms_off)
+        if not use:
+            self._swap_torch_force(system, self._make_torch_force())
+        del plain_force
+        report.update(
+            use_cuda_graphs=use,
+            agree=bool(agree),
+            ms_per_step_graphs_off=ms_off,
+            ms_per_step_graphs_on=ms_on,
+            energy_difference_kj_mol=float(e_on - e_off),
+            max_force_difference_kj_mol_nm=float(np.abs(f_on - f_off).max()),
+        )
+        if not agree:
+            report["warning"] = "CUDA graphs gave different energies/forces from graphs off; left off"
+        return report
+
+
+def _topology_box(topology: Any) -> np.ndarray | None:
+    vectors = topology.getPeriodicBoxVectors()
+    if vectors is None:
+        return None
+    return np.array([[x._value if hasattr(x, "_value") else x for x in vec] for vec in vectors])
+
+
+def min_box_width(box: np.ndarray) -> float:
+    """Smallest distance between opposite faces of the (possibly triclinic) box."""
+    box = np.asarray(box, dtype=float)
+    volume = abs(np.linalg.det(box))
+    return float(min(volume / np.linalg.norm(np.cross(box[(i + 1) % 3], box[(i + 2) % 3])) for i in range(3)))
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in run and export metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import openmm
+
+    try:
+        openmmtorch_version = version("openmmtorch")
+    except PackageNotFoundError:  # pragma: no cover - odd installs
+        openmmtorch_version = "unknown"
+    return {"openmm_cgnn": __version__, "openmm": openmm.__version__, "openmmtorch": openmmtorch_version, "torch": torch.__version__}

@@ -1,0 +1,296 @@
+"""The training stage end to end: data -> fitted priors -> force matching -> MODELDIR (contracts §3).
+
+``MODELDIR`` gets ``checkpoint.pt`` (after every epoch; its ``state_dict`` is always the best model
+so far, its ``train_state`` the latest weights and everything needed to resume exactly),
+``hparams.json`` and ``prior.json`` (via the model's ``save_checkpoint``), ``metrics.json``,
+``loss_curve.png``, a copy of ``mapping.json`` and ``model.pt`` (TorchScript for the training system).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .data import TrainingData, TrainingDataError, load_training_data
+from .metrics import constant_model_errors, mean_force_per_type, plot_loss_curve, write_json_atomic
+from .trainer import CHECKPOINT, OUTPUT_FILES, TrainConfig, Trainer, TrainingError, resolve_device
+
+METRICS_FORMAT = "openmm_cgnn.metrics/1"
+# Frames used for data-derived model settings (pair capacity, output scale): enough to see the
+# densest configurations without a full pass over large data sets.
+SIZING_FRAMES = 200
+
+
+def check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing model unless asked (checked before any data are read)."""
+    if resume and overwrite:
+        raise TrainingError("choose either resume or overwrite, not both")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"{out_dir}: exists and is not a directory")
+    if resume:
+        if not (out_dir / CHECKPOINT).is_file():
+            raise TrainingError(f"{out_dir}: nothing to resume (no {CHECKPOINT})")
+    elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise TrainingError(f"{out_dir}: output directory exists and is not empty (use --resume or --overwrite)")
+
+
+def prepare_output_dir(out_dir: Path, resume: bool) -> None:
+    """Create MODELDIR; a fresh run removes this stage's old files there (and nothing else)."""
+    if not resume:
+        for name in OUTPUT_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _sizing_sample(data: TrainingData, use_temperature: bool) -> dict[str, torch.Tensor | None]:
+    """Evenly spaced training and validation frames (float64) for data-derived model settings."""
+    def both(field: str) -> np.ndarray:
+        return np.concatenate([getattr(data.train, field), getattr(data.validation, field)])
+
+    n = len(data.train.positions) + len(data.validation.positions)
+    pick = np.unique(np.linspace(0, n - 1, min(SIZING_FRAMES, n)).round().astype(int))
+
+    def tensor(field: str) -> torch.Tensor:
+        return torch.as_tensor(both(field)[pick], dtype=torch.float64)
+
+    return {
+        "positions": tensor("positions"),
+        "box": tensor("box"),
+        "forces": tensor("forces"),
+        "inverse_temperature": 1.0 / tensor("temperature_K") if use_temperature else None,
+    }
+
+
+def build_model(data: TrainingData, quick: bool, use_temperature: bool, seed: int,
+                overrides: dict[str, Any] | None = None):
+    """Fit the priors on the training frames and build a CGModel sized for this data.
+
+    Two settings come from the data: the pair capacity (densest frame plus head-room) and the
+    network's ``energy_scale``, chosen so that the untrained network's forces have the RMS of the
+    force the priors leave unexplained. Without it the network would start orders of magnitude off
+    the target scale and spend its first epochs only growing its weights.
+    """
+    from openmm_cgnn.model import CGModel, HybridGraphConfig, PriorSet, fit_priors, suggest_max_pairs_per_bead
+
+    train = data.train
+    names = list(train.bead_type_names)
+    factory = HybridGraphConfig.quick if quick else HybridGraphConfig.reference
+    settings: dict[str, Any] = {"bead_type_names": names, "use_temperature": use_temperature}
+    settings.update(overrides or {})
+    config = factory(len(names), **settings)
+    if use_temperature and len(np.unique(np.concatenate([train.temperature_K, data.validation.temperature_K]))) < 2:
+        warnings.warn("the 1/T input is enabled but all frames share one temperature: it cannot be learned from them")
+
+    try:
+        prior = fit_priors(train, cutoff_nm=config.inter_cutoff_nm)
+    except ValueError as exc:
+        raise TrainingDataError(f"fitting the priors to the training data failed: {exc}") from exc
+    # prior.json rounds the parameters; train with exactly what is saved, so a resumed or reloaded
+    # model is the same function as the one trained.
+    prior = PriorSet.from_dict(prior.to_dict(), names)
+    smallest_edge = min(float(np.diagonal(cg.box, axis1=1, axis2=2).min()) for cg in (train, data.validation))
+    model_cutoff = max(config.inter_cutoff_nm, config.intra_cutoff_nm, prior.cutoff_nm)
+    if smallest_edge < 2 * model_cutoff:
+        raise TrainingDataError(
+            f"the data's smallest box edge {smallest_edge:.3f} nm is below twice the model cutoff "
+            f"({model_cutoff} nm): simulate a larger system"
+        )
+    sample = _sizing_sample(data, use_temperature)
+    molecule_index = torch.as_tensor(train.molecule_index)
+    bead_type = torch.as_tensor(train.bead_type)
+    if "max_pairs_per_bead" not in (overrides or {}):
+        search_cutoff = max(config.inter_cutoff_nm, prior.cutoff_nm)
+        config.max_pairs_per_bead = max(1.0, suggest_max_pairs_per_bead(sample["positions"], sample["box"],
+                                                                         molecule_index, search_cutoff))
+    if "energy_scale" not in (overrides or {}):
+        torch.manual_seed(seed)
+        probe = CGModel(config, prior)
+        few = slice(0, 4)  # a rough scale is enough; reference-size graphs are large
+        args = (sample["positions"][few], sample["box"][few], bead_type, molecule_index,
+                None if sample["inverse_temperature"] is None else sample["inverse_temperature"][few])
+        try:
+            _, prior_forces = probe.energy_and_forces(*args, terms="prior")
+            _, network_forces = probe.energy_and_forces(*args, terms="network")
+        except (ValueError, RuntimeError) as exc:
+            raise TrainingDataError(f"the model cannot evaluate the training frames: {exc}") from exc
+        residual_rms = float((sample["forces"][few] - prior_forces.double()).square().mean().sqrt())
+        network_rms = float(network_forces.double().square().mean().sqrt())
+        if network_rms > 0 and math.isfinite(residual_rms) and residual_rms > 0:
+            config.energy_scale = float(f"{residual_rms / network_rms:.3g}")
+
+    torch.manual_seed(seed)
+    return CGModel(config, prior)
+
+
+def save_progress(trainer: Trainer, out_dir: Path) -> None:
+    """Checkpoint after an epoch: the best model as the contract's state_dict, the rest to resume."""
+    from openmm_cgnn.model import save_checkpoint
+
+    model = trainer.model
+    resume = trainer.resume_state()
+    model.load_state_dict(trainer.best_state_dict)
+    try:
+        save_checkpoint(out_dir, model, trainer.optimizer.state_dict(), trainer.state.epoch,
+                        extra={"train_state": resume})
+    finally:
+        model.load_state_dict(resume["last_state_dict"])
+
+
+def evaluate_metrics(trainer: Trainer, data: TrainingData) -> dict:
+    """Errors of the (best) model, the priors alone and the constant-per-type model, train and validation."""
+    names = list(data.train.bead_type_names)
+    bead_type = np.asarray(data.train.bead_type)
+    means = mean_force_per_type(data.train.forces, bead_type, len(names))
+    trained = {split: trainer.evaluate(frames).result(names)
+               for split, frames in (("train", trainer.train_frames), ("validation", trainer.validation_frames))}
+    prior_only = {split: trainer.evaluate(frames, terms="prior").result(names)
+                  for split, frames in (("train", trainer.train_frames), ("validation", trainer.validation_frames))}
+    constant = {split: constant_model_errors(cg.forces, bead_type, means, names)
+                for split, cg in (("train", data.train), ("validation", data.validation))}
+
+    def ratio(a: dict, b: dict) -> float | None:
+        top, bottom = a["overall"]["mse"], b["overall"]["mse"]
+        return None if bottom in (None, 0) else top / bottom
+
+    return {
+        "train": trained["train"],
+        "validation": trained["validation"],
+        "baselines": {
+            "constant_per_type": {
+                "description": "mean training force of each bead type as the prediction (the best constant model)",
+                "mean_force": {name: [float(x) for x in means[i]] for i, name in enumerate(names)},
+                **constant,
+            },
+            "prior_only": {"description": "fitted priors without the network", **prior_only},
+        },
+        "validation_mse_relative_to": {
+            "constant_per_type": ratio(trained["validation"], constant["validation"]),
+            "prior_only": ratio(trained["validation"], prior_only["validation"]),
+        },
+    }
+
+
+def train(
+    data_paths: Sequence[str | Path],
+    mapping_path: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    stop_after_epochs: int | None = None,
+) -> dict:
+    """Train a model from run directories; returns the metrics written to ``MODELDIR/metrics.json``.
+
+    ``stop_after_epochs`` ends the call after that many epochs *of this call* without finishing the
+    model directory, as an interruption would (used to test exact resumption).
+    """
+    from openmm_cgnn.mapping.spec import Mapping, MappingError
+    from openmm_cgnn.model import read_checkpoint
+    from openmm_cgnn.model.checkpoint import model_from_checkpoint
+
+    config = config or TrainConfig()
+    out_dir = Path(out_dir)
+    device = resolve_device(config.device)
+    config.device = str(device)
+    check_output_dir(out_dir, resume, overwrite)
+    try:
+        mapping = Mapping.load(mapping_path)
+    except MappingError as exc:
+        raise TrainingDataError(str(exc)) from exc
+    data = load_training_data(data_paths, mapping, max_frames=config.max_frames,
+                              validation_fraction=config.validation_fraction, n_blocks=config.n_blocks)
+    if list(data.train.bead_type_names) != mapping.bead_type_names:
+        raise TrainingDataError(f"{mapping_path}: bead types differ from those of the data")
+
+    started = time.perf_counter()
+    if resume:
+        try:
+            saved = read_checkpoint(out_dir)
+            model = model_from_checkpoint(saved, source=str(out_dir / CHECKPOINT))
+        except (OSError, ValueError) as exc:
+            raise TrainingError(f"cannot resume: {exc}") from exc
+        if "train_state" not in saved:
+            raise TrainingError(f"{out_dir / CHECKPOINT}: holds no training state (finished model from elsewhere?)")
+        trainer = Trainer(model, data, config, device)
+        trainer.load_resume_state(saved["train_state"], saved["optimizer"], saved["state_dict"])
+    else:
+        model = build_model(data, config.quick, config.use_temperature, config.seed, model_overrides)
+        trainer = Trainer(model, data, config, device)
+    # Only now, with data and model known to be usable, is anything in MODELDIR replaced.
+    prepare_output_dir(out_dir, resume)
+    mapping.save(out_dir / "mapping.json")
+
+    epochs_this_call = 0
+
+    def after_epoch(t: Trainer) -> None:
+        nonlocal epochs_this_call
+        save_progress(t, out_dir)
+        epochs_this_call += 1
+        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+            raise _Interrupt
+
+    try:
+        trainer.fit(on_epoch_end=after_epoch, show_progress=show_progress)
+    except _Interrupt:
+        return {}
+    if trainer.state.epoch == 0:
+        raise TrainingError("no epoch was run (epochs must be >= 1)")
+    save_progress(trainer, out_dir)  # also covers a resumed run that had nothing left to do
+    return finish(trainer, data, mapping, out_dir, time.perf_counter() - started)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def finish(trainer: Trainer, data: TrainingData, mapping, out_dir: Path, seconds: float) -> dict:
+    """Best weights, metrics, loss curve and the TorchScript export."""
+    from openmm_cgnn.model import export_for_frames
+
+    model = trainer.model
+    model.load_state_dict(trainer.best_state_dict)
+    state = trainer.state
+    metrics = {
+        "format": METRICS_FORMAT,
+        "units": {"mse": "(kJ/mol/nm)^2", "rmse": "kJ/mol/nm", "mae": "kJ/mol/nm", "force_rms": "kJ/mol/nm"},
+        "note": "errors over Cartesian force components of the model with the lowest validation MSE",
+        **evaluate_metrics(trainer, data),
+        "best_epoch": state.best_epoch,
+        "epochs_completed": state.epoch,
+        "stopped_early": state.stopped_early,
+        "history": state.history,
+        "data": data.describe(),
+        "train_config": asdict(trainer.config),
+        "model": {
+            "hparams": model.config.to_dict(),
+            "n_trainable_parameters": int(sum(p.numel() for p in trainer.trainable)),
+        },
+        "timing": {
+            "seconds_this_call": seconds,
+            "seconds_training_total": float(sum(h["seconds"] for h in state.history)),
+            "train_frames_per_second": _frames_per_second(state.history, len(trainer.train_frames)),
+        },
+    }
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    plot_loss_curve(state.history, out_dir / "loss_curve.png", {
+        "constant per type (validation)": metrics["baselines"]["constant_per_type"]["validation"]["overall"]["mse"],
+        "prior only (validation)": metrics["baselines"]["prior_only"]["validation"]["overall"]["mse"],
+    })
+    cpu_model = copy.deepcopy(model).to("cpu").eval()
+    export_for_frames(cpu_model, data.train, out_dir / "model.pt", mapping_sha256=mapping.sha256())
+    return metrics
+
+
+def _frames_per_second(history: list[dict], n_frames: int) -> float | None:
+    seconds = sum(h["seconds"] for h in history)
+    return None if seconds <= 0 else n_frames * len(history) / seconds

@@ -1,0 +1,191 @@
+"""CG dynamics: NVE energy conservation, the runner's files, resume, time-step choice, NaN detection, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import openmm
+from models.make_models import HERE as MODELS, make_model_dir, toy_cg_system, write_aa_run
+from openmm_cgnn.cli import main as cli_main
+from openmm_cgnn.frames import FrameWriter, TopologyInfo, read_frames
+from openmm_cgnn.openmm.force import CGNNForce
+from openmm_cgnn.openmm.simulation import CGRun, RunConfig, SimulationError, SimulationUnstable
+
+BOLTZMANN_KJ_MOL_K = 0.0083144626
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """TorchForce runs on torch's thread pool; tiny systems are fastest (and fair to a shared CPU) on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cg():
+    return toy_cg_system()
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    shutil.copy(MODELS / "pair_model.pt", folder / "model.pt")
+    shutil.copy(MODELS / "toy_prior.json", folder / "prior.json")
+    shutil.copy(MODELS / "toy_mapping.json", folder / "mapping.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("model"), use_temperature=True)
+
+
+def config(**kw):
+    base = dict(temperature_K=300.0, steps=100, dt_fs=10.0, platform="Reference", save_every_steps=20, seed=7,
+                thermalize_steps=50, stability_steps=60, progress=False)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_nve_energy_drift_real_model(cg, tmp_path):
+    """Velocity Verlet, 1000 steps of 5 fs with the float64 CGModel + native prior.
+
+    Bound: the total energy stays within 2e-3 N_dof kT of its start and its linear drift over the
+    5 ps is below 5e-4 N_dof kT (about 0.46 and 0.12 kJ/mol here; measured about 0.07 and 0.02).
+    """
+    folder = make_model_dir(tmp_path / "m64", dtype="float64")
+    force = CGNNForce(folder, cg)
+    system = cg.system()
+    force.add_to(system)
+    integrator = openmm.VerletIntegrator(0.005)
+    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(cg.positions)
+    openmm.LocalEnergyMinimizer.minimize(context, 10.0, 500)
+    context.setVelocitiesToTemperature(300.0, 1)
+    totals = []
+    for _ in range(50):
+        integrator.step(20)
+        state = context.getState(getEnergy=True)
+        totals.append(state.getPotentialEnergy()._value + state.getKineticEnergy()._value)
+    totals = np.array(totals)
+    scale = (3 * cg.n_beads - 3) * BOLTZMANN_KJ_MOL_K * 300.0
+    assert np.isfinite(totals).all()
+    assert np.abs(totals - totals[0]).max() < 2e-3 * scale
+    slope = np.polyfit(np.arange(len(totals)) * 0.1, totals, 1)[0]  # kJ/mol/ps
+    assert abs(slope) * 5.0 < 5e-4 * scale
+    # the kinetic energy did move: this was not a frozen system
+    assert context.getState(getEnergy=True).getKineticEnergy()._value > 0.1 * scale / 2
+
+
+def test_run_writes_run_directory(cg, toy_dir, tmp_path):
+    out = tmp_path / "run"
+    result = CGRun(CGNNForce(toy_dir / "model.pt", cg), cg, out, config(steps=100)).run()
+    for name in ("frames.h5", "trajectory.dcd", "topology.pdb", "state.csv", "summary.json", "checkpoint.chk"):
+        assert (out / name).exists(), name
+    frames = read_frames(out)
+    assert frames.kind == "cg" and frames.temperature_K == 300.0
+    assert frames.n_frames == 6
+    np.testing.assert_allclose(frames.time, np.arange(6) * 0.2, atol=1e-9)
+    assert frames.topology.atom_name == cg.bead_names and set(frames.topology.element) == {""}
+    np.testing.assert_allclose(frames.topology.mass, cg.masses)
+    assert np.isfinite(frames.potential_energy).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps_done"] == 100 and summary["dt_fs"] == 10.0
+    assert summary["prior_carrier"] == "openmm" and summary["n_frames"] == 6
+    import mdtraj
+
+    traj = mdtraj.load(str(out / "trajectory.dcd"), top=str(out / "topology.pdb"))
+    np.testing.assert_allclose(traj.xyz, frames.positions, atol=1e-4)
+    assert result.summary["ms_per_step"] > 0
+
+
+def test_resume_continues_exactly(cg, toy_dir, tmp_path):
+    """An interrupted run resumed from its checkpoint gives the same frames as one uninterrupted run,
+    also when frames were written after the last checkpoint (they are rewound)."""
+    force = CGNNForce(toy_dir / "model.pt", cg)
+    whole = tmp_path / "whole"
+    CGRun(force, cg, whole, config(steps=120)).run()
+    parts = tmp_path / "parts"
+    CGRun(force, cg, parts, config(steps=60)).run()
+    # simulate a crash after a frame was written but before its checkpoint
+    topology = TopologyInfo.from_openmm(cg.topology(), cg.system())
+    with FrameWriter(parts / "frames.h5", topology, {}, with_forces=False, resume=True) as writer:
+        writer.append(np.zeros((cg.n_beads, 3)), cg.box, 99.0)
+    (parts / "summary.json").write_text("{}")
+    with pytest.raises(SimulationError, match="use --resume or --overwrite"):
+        CGRun(force, cg, parts, config(steps=120))
+    CGRun(force, cg, parts, config(steps=120), resume=True).run()
+    a, b = read_frames(whole), read_frames(parts)
+    assert b.n_frames == a.n_frames == 7
+    np.testing.assert_array_equal(a.positions, b.positions)
+    np.testing.assert_array_equal(a.time, b.time)
+    with open(parts / "trajectory.dcd", "rb") as handle:
+        handle.seek(8)
+        assert struct.unpack("<i", handle.read(4))[0] == 7
+    steps = [int(line.split(",")[0]) for line in (parts / "state.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] == 120
+    assert json.loads((parts / "summary.json").read_text())["status"] == "finished"
+    with pytest.raises(SimulationError, match="temperature_K=300.0, now 310.0"):
+        CGRun(force, cg, parts, config(steps=200, temperature_K=310.0), resume=True).run()
+
+
+def test_stability_check_reports_largest_stable_step(cg, toy_dir, tmp_path):
+    run = CGRun(CGNNForce(toy_dir / "model.pt", cg), cg, tmp_path / "dt",
+                config(steps=20, dt_fs=None, dt_candidates_fs=(400.0, 100.0, 10.0), save_every_steps=10), log=lambda m: None)
+    summary = run.run().summary
+    results = {r["dt_fs"]: r for r in summary["dt_stability"]}
+    assert not results[400.0]["stable"]  # far beyond the stiffest bond's period
+    assert summary["dt_fs"] == summary["largest_stable_dt_fs"] == max(dt for dt, r in results.items() if r["stable"])
+    assert summary["dt_chosen_by"] == "stability check"
+    assert all(r["ratio"] is None or r["ratio"] >= 0 for r in results.values())
+
+
+def test_nan_detection_stops_and_keeps_frames(cg, toy_dir, tmp_path):
+    out = tmp_path / "nan"
+    run = CGRun(CGNNForce(toy_dir / "model.pt", cg), cg, out, config(steps=3000, dt_fs=400.0, save_every_steps=5))
+    with pytest.raises(SimulationUnstable, match=r"unstable.*Kept \d+ frames.*smaller --dt-fs"):
+        run.run()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed: unstable"
+    frames = read_frames(out)
+    assert frames.n_frames == summary["n_frames"] >= 1
+    assert np.isfinite(frames.positions).all()
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def test_cli_simulate_from_aa_and_resume(cg, model_dir, tmp_path, capsys):
+    aa = write_aa_run(tmp_path / "aa", cg, temperature_K=350.0)
+    out = tmp_path / "cg"
+    args = ["simulate", "--forcefield", str(model_dir), "--from-aa", str(aa), "--temperature", "350", "--steps", "40",
+            "--dt-fs", "5", "--platform", "CPU", "--save-every-steps", "20", "--seed", "3", "--quiet", "--out", str(out)]
+    assert cli_main(args) == 0
+    assert "CG run finished: 40 steps" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["start"] == str(aa) and summary["temperature_K"] == 350.0
+    assert cli_main(args) == 2  # the run is there: neither --resume nor --overwrite
+    assert "use --resume or --overwrite" in capsys.readouterr().err
+    args[args.index("40")] = "60"
+    assert cli_main(args + ["--resume"]) == 0
+    assert read_frames(out).n_frames == 4
+
+
+def test_cli_simulate_user_errors(model_dir, tmp_path, capsys):
+    base = ["simulate", "--temperature", "350", "--steps", "10", "--out", str(tmp_path / "x")]
+    assert cli_main(base + ["--forcefield", str(model_dir), "--pairs", "4"]) == 2
+    assert "--pairs needs --density" in capsys.readouterr().err
+    assert cli_main(base + ["--forcefield", str(tmp_path), "--pairs", "4", "--density", "800"]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    # 4 pairs at this density make a box under twice the cutoff: refused with the reason
+    assert cli_main(base + ["--forcefield", str(model_dir), "--pairs", "4", "--density", "800"]) == 2
+    assert "twice the model cutoff" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
