@@ -28,8 +28,8 @@ SETTINGS = {
         "aa": {"--equilibrate-ps": 10, "--production-ps": 30, "--save-every-ps": 0.2, "--cutoff-nm": 0.8},
         "map": {"--epochs": 150, "--restarts": 2},
         "train": {"--quick": None, "--epochs": 20},
-        "cg_steps": 6000,
-        "cg_save_every_steps": 20,
+        "cg_steps": 2000,
+        "cg_save_every_steps": 10,
         "platform": "CPU",
         "device": "cpu",
     },
@@ -47,8 +47,18 @@ SETTINGS = {
 }
 
 
+def stage_done(done_marker: Path) -> bool:
+    """A stage is done when its marker exists and, for run directories, its summary says it finished."""
+    if not done_marker.exists():
+        return False
+    if done_marker.name == "summary.json":
+        status = json.loads(done_marker.read_text()).get("status", "ok")
+        return not str(status).startswith("failed")
+    return True
+
+
 def run_stage(name: str, args: list[str], done_marker: Path) -> None:
-    if done_marker.exists():
+    if stage_done(done_marker):
         print(f"[{name}] already done ({done_marker}), skipping")
         return
     command = [sys.executable, "-m", "openmm_cgnn", *args]

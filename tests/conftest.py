@@ -9,3 +9,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # The test models are tiny: one thread is faster than two fighting over the CI machine's
+    # two cores with OpenMM's own CPU threads.
+    torch.set_num_threads(1)
+    yield

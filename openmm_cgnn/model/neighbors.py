@@ -1,0 +1,239 @@
+"""Static-shape neighbour search between beads of different molecules under periodic boundaries.
+
+Both searches return a *half* pair list (each unordered pair once) of fixed capacity
+``ceil(N * max_pairs_per_bead / 2)`` with a validity mask: the output shapes depend only on the
+number of beads, and no step reads a device value on the host, so the whole search can be
+captured in a CUDA graph (openmm-torch ``useCUDAGraphs``). Selected pairs are packed into the
+list with a prefix sum and a scatter instead of ``nonzero``. Overflow is reported per frame in
+``count > capacity`` and in the returned flags; the callers turn it into an error (eager, or
+scripted with host checks) or into a NaN energy (scripted, CUDA-graph mode).
+
+- ``dense``: minimum image over all N^2 bead pairs. Fewest kernels; best below a few thousand beads.
+- ``cell``: a fixed grid of >= 3 cells per box vector (cell widths >= cutoff), each cell holding at
+  most a fixed number of beads; candidates come from the 27 surrounding cells. The grid is fixed
+  when the module is built (from a box), so a shrinking box is flagged, never silently wrong.
+
+Both are plain TorchScript (no custom operators), so a saved model needs nothing at load time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+# Flag bits (TorchScript cannot read module-level ints): 1 pair overflow, 2 box too small,
+# 4 cell overflow; see FLAG_* in geometry.py.
+from .geometry import (
+    all_pair_distance2,
+    box_too_small,
+    box_widths,
+    fractional_coordinates,
+    minimum_image_distance2,
+)
+
+# index_i, index_j, valid (all (B, C)), count (B,), flags (B,)
+PairList = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def pair_capacity(n_beads: int, max_pairs_per_bead: float) -> int:
+    return max(1, int(math.ceil(n_beads * max_pairs_per_bead / 2.0)))
+
+
+def compact(selected: Tensor, capacity: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Positions of the True entries of ``selected[B, M]`` packed into ``capacity`` slots per row.
+
+    Returns (source[B, C] long, valid[B, C] bool, count[B] long). Slots past ``count`` point at
+    entry 0 and are invalid. Entries beyond the capacity are dropped (``count`` still counts them).
+    """
+    batch = selected.shape[0]
+    size = selected.shape[1]
+    slot = torch.cumsum(selected, dim=1) - 1
+    count = slot[:, -1] + 1 if size > 0 else torch.zeros(batch, dtype=torch.long, device=selected.device)
+    # Everything not kept goes to a throw-away column at index `capacity`.
+    target = torch.where(selected & (slot < capacity), slot, torch.full_like(slot, capacity))
+    source = torch.arange(size, device=selected.device).unsqueeze(0).expand(batch, size)
+    packed = torch.zeros(batch, capacity + 1, dtype=torch.long, device=selected.device)
+    packed = packed.scatter(1, target, source)[:, :capacity]
+    valid = torch.arange(capacity, device=selected.device).unsqueeze(0) < count.unsqueeze(1)
+    packed = torch.where(valid, packed, torch.zeros_like(packed))
+    return packed, valid, count
+
+
+class DenseNeighborSearch(nn.Module):
+    """Minimum-image all-pairs search with a static-capacity output."""
+
+    def __init__(self, cutoff: float, max_pairs_per_bead: float):
+        super().__init__()
+        self.cutoff = float(cutoff)
+        self.max_pairs_per_bead = float(max_pairs_per_bead)
+
+    def forward(self, positions: Tensor, box: Tensor, molecule_index: Tensor) -> PairList:
+        batch, n_beads = positions.shape[0], positions.shape[1]
+        capacity = pair_capacity(n_beads, self.max_pairs_per_bead)
+        with torch.no_grad():
+            distance2 = all_pair_distance2(positions, box)
+            beads = torch.arange(n_beads, device=positions.device)
+            candidate = (beads.unsqueeze(1) < beads.unsqueeze(0)) & (
+                molecule_index.unsqueeze(1) != molecule_index.unsqueeze(0)
+            )
+            selected = (distance2 < self.cutoff * self.cutoff) & candidate.unsqueeze(0)
+            source, valid, count = compact(selected.reshape(batch, n_beads * n_beads), capacity)
+            index_i = torch.div(source, n_beads, rounding_mode="floor")
+            index_j = source - index_i * n_beads
+            flags = torch.where(count > capacity, 1, 0)
+            flags = flags | torch.where(box_too_small(box, self.cutoff), 2, 0)
+        return index_i, index_j, valid, count, flags
+
+
+def _half_stencil() -> Tensor:
+    """The cell itself and the 13 lexicographically positive neighbour offsets: with >= 3 cells per
+    axis, of any two adjacent cells exactly one sees the other through this stencil."""
+    offsets = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), dim=-1).reshape(27, 3)
+    forward = [o for o in offsets.tolist() if o > [0, 0, 0]]
+    return torch.tensor([[0, 0, 0]] + forward, dtype=torch.long)
+
+
+def _candidate_difference(values: Tensor, candidates: Tensor) -> Tensor:
+    """values (B, N) of one coordinate; candidates (B, N * K) -> differences (B, N, K) to each owner."""
+    batch, n_beads = values.shape[0], values.shape[1]
+    return torch.gather(values, 1, candidates).reshape(batch, n_beads, -1) - values.unsqueeze(-1)
+
+
+class CellNeighborSearch(nn.Module):
+    """Cell-list search on a grid fixed at construction (see :func:`cell_grid_for_box`).
+
+    Each bead looks at its own cell (partners with a larger index) and at 13 of the 26 adjacent
+    cells (all partners), so each pair is found once. Cells hold at most
+    ``ceil(capacity_factor * N / cells) + 4`` beads; more is flagged as a cell overflow.
+    """
+
+    def __init__(self, cutoff: float, max_pairs_per_bead: float, grid: List[int], capacity_factor: float = 2.0):
+        super().__init__()
+        self.cutoff = float(cutoff)
+        self.max_pairs_per_bead = float(max_pairs_per_bead)
+        self.capacity_factor = float(capacity_factor)
+        self.grid: List[int] = [1, 1, 1]
+        self.register_buffer("grid_sizes", torch.ones(3, dtype=torch.long), persistent=False)
+        self.register_buffer("offsets", _half_stencil(), persistent=False)
+        self.set_grid(grid)
+
+    @torch.jit.ignore
+    def set_grid(self, grid: List[int]) -> None:
+        grid = [int(g) for g in grid]
+        if len(grid) != 3 or min(grid) < 3:
+            raise ValueError(
+                f"cell neighbour search: grid {grid} needs at least 3 cells per box vector; the box is "
+                f"too small for a cell list with cutoff {self.cutoff} nm (use neighbor_backend='dense')"
+            )
+        self.grid = grid
+        self.grid_sizes.copy_(torch.tensor(grid, dtype=torch.long))
+
+    def cell_capacity(self, n_beads: int) -> int:
+        n_cells = self.grid[0] * self.grid[1] * self.grid[2]
+        return int(math.ceil(self.capacity_factor * n_beads / n_cells)) + 4
+
+    def forward(self, positions: Tensor, box: Tensor, molecule_index: Tensor) -> PairList:
+        batch, n_beads = positions.shape[0], positions.shape[1]
+        capacity = pair_capacity(n_beads, self.max_pairs_per_bead)
+        n_b, n_c = self.grid[1], self.grid[2]
+        n_cells = self.grid[0] * n_b * n_c
+        per_cell = self.cell_capacity(n_beads)
+        n_offsets = self.offsets.shape[0]
+        device = positions.device
+        with torch.no_grad():
+            cell3 = (fractional_coordinates(positions, box) * self.grid_sizes).long()
+            cell3 = torch.minimum(cell3, self.grid_sizes - 1)
+            cell = (cell3[..., 0] * n_b + cell3[..., 1]) * n_c + cell3[..., 2]
+            # Rank of each bead inside its cell: sort by cell, subtract the start of the cell's run.
+            order = torch.argsort(cell, dim=1, stable=True)
+            sorted_cell = torch.gather(cell, 1, order)
+            run_start = torch.searchsorted(sorted_cell, sorted_cell)
+            beads = torch.arange(n_beads, device=device)
+            rank = torch.empty_like(order).scatter(1, order, beads.unsqueeze(0) - run_start)
+            cell_overflow = (rank >= per_cell).any(dim=1)
+            slot = torch.where(rank < per_cell, cell * per_cell + rank, torch.full_like(rank, n_cells * per_cell))
+            table = torch.full((batch, n_cells * per_cell + 1), n_beads, dtype=torch.long, device=device)
+            table = table.scatter(1, slot, beads.unsqueeze(0).expand(batch, n_beads))
+            # Candidates (B, N, 14 * per_cell): every slot of the stencil cells around each bead.
+            around3 = (cell3.unsqueeze(2) + self.offsets) % self.grid_sizes
+            around = (around3[..., 0] * n_b + around3[..., 1]) * n_c + around3[..., 2]
+            slots = around.unsqueeze(-1) * per_cell + torch.arange(per_cell, device=device)
+            per_bead = n_offsets * per_cell
+            candidate = torch.gather(table, 1, slots.reshape(batch, n_beads * per_bead)).reshape(batch, n_beads, per_bead)
+            owner = beads.reshape(1, n_beads, 1)
+            own_cell = (torch.arange(per_bead, device=device) < per_cell).reshape(1, 1, per_bead)
+            usable = (candidate < n_beads) & ((candidate > owner) | ~own_cell)
+            candidate_safe = torch.clamp(candidate, max=n_beads - 1)
+            usable = usable & (molecule_index[candidate_safe] != molecule_index.reshape(1, n_beads, 1))
+            flat = candidate_safe.reshape(batch, n_beads * per_bead)
+            distance2 = minimum_image_distance2(_candidate_difference(positions[..., 0], flat),
+                                                _candidate_difference(positions[..., 1], flat),
+                                                _candidate_difference(positions[..., 2], flat), box)
+            selected = usable & (distance2 < self.cutoff * self.cutoff)
+            source, valid, count = compact(selected.reshape(batch, n_beads * per_bead), capacity)
+            index_i = torch.div(source, per_bead, rounding_mode="floor")
+            index_j = torch.gather(flat, 1, source)
+            flags = torch.where(count > capacity, 1, 0)
+            flags = flags | torch.where(cell_overflow, 4, 0)
+            # The grid is only valid while every cell is at least one cutoff wide.
+            narrow = (box_widths(box) < self.cutoff * self.grid_sizes.to(box.dtype)).any(dim=1)
+            flags = flags | torch.where(narrow | box_too_small(box, self.cutoff), 2, 0)
+        return index_i, index_j, valid, count, flags
+
+
+def cell_grid_for_box(box: Tensor, cutoff: float) -> List[int]:
+    """Cells per box vector so each cell is at least ``cutoff`` wide (smallest box of a batch)."""
+    box = box.detach().to(torch.float64).cpu().reshape(-1, 3, 3)
+    widths = box_widths(box).min(dim=0).values
+    return [int(math.floor(float(w) / cutoff)) for w in widths]
+
+
+# From benchmarks/results/neighbors_cpu.json: the cell list overtakes the dense search between
+# 512 and 1024 beads at liquid density.
+AUTO_CELL_MIN_BEADS = 1024
+
+
+def choose_backend(backend: str, n_beads: int | None, box: Tensor | None, cutoff: float) -> str:
+    """Resolve "auto" to "dense" or "cell" for a system size and box."""
+    if backend != "auto":
+        return backend
+    if box is None or n_beads is None or n_beads < AUTO_CELL_MIN_BEADS:
+        return "dense"
+    return "cell" if min(cell_grid_for_box(box, cutoff)) >= 3 else "dense"
+
+
+def make_neighbor_search(
+    backend: str, cutoff: float, max_pairs_per_bead: float, cell_capacity_factor: float = 2.0,
+    box: Tensor | None = None, n_beads: int | None = None,
+) -> nn.Module:
+    """The search named ``backend`` ("auto", "dense" or "cell"); "cell" needs a box to fix its grid."""
+    backend = choose_backend(backend, n_beads, box, cutoff)
+    if backend == "dense":
+        return DenseNeighborSearch(cutoff, max_pairs_per_bead)
+    if backend == "cell":
+        if box is None:
+            raise ValueError("neighbor_backend='cell' needs the box (3x3 nm) to fix the cell grid")
+        grid = cell_grid_for_box(box, cutoff)
+        return CellNeighborSearch(cutoff, max_pairs_per_bead, grid, cell_capacity_factor)
+    raise ValueError(f"neighbor_backend: unknown backend {backend!r}; choose 'auto', 'dense' or 'cell'")
+
+
+def count_intermolecular_pairs(positions: Tensor, box: Tensor, molecule_index: Tensor, cutoff: float) -> Tensor:
+    """Number of bead pairs in different molecules closer than ``cutoff``, per frame (B,)."""
+    count = []
+    for frame in range(positions.shape[0]):
+        search = DenseNeighborSearch(cutoff, max_pairs_per_bead=1.0)
+        count.append(search(positions[frame:frame + 1], box[frame:frame + 1], molecule_index)[3])
+    return torch.cat(count)
+
+
+def suggest_max_pairs_per_bead(
+    positions: Tensor, box: Tensor, molecule_index: Tensor, cutoff: float, margin: float = 1.3
+) -> float:
+    """A ``max_pairs_per_bead`` with ``margin`` head-room over the densest frame given."""
+    n_beads = positions.shape[1]
+    most = int(count_intermolecular_pairs(positions, box, molecule_index, cutoff).max())
+    return float(math.ceil(margin * 2.0 * most / n_beads))
