@@ -25,9 +25,9 @@ SETTINGS = {
     "quick": {
         "pairs": 16,
         "temperatures": [400, 450, 500],
-        "aa": {"--equilibrate-ps": 10, "--production-ps": 30, "--save-every-ps": 0.2, "--cutoff-nm": 0.8},
+        "aa": {"--equilibrate-ps": 10, "--production-ps": 30, "--save-every-ps": 0.2, "--cutoff-nm": 0.75},
         "map": {"--epochs": 150, "--restarts": 2},
-        "train": {"--quick": None, "--epochs": 20},
+        "train": {"--quick": None, "--epochs": 15, "--max-frames": 60},
         "cg_steps": 2000,
         "cg_save_every_steps": 10,
         "platform": "CPU",

@@ -17,3 +17,11 @@ def _one_torch_thread():
     # two cores with OpenMM's own CPU threads.
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="module")
+def cg():
+    """The toy CG liquid of tests/models (its mapping, prior and TorchScript models are built for it)."""
+    from models.make_models import toy_cg_system
+
+    return toy_cg_system()

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+import torch  # noqa: F401  (before openmm)
 
 import openmm
 import openmm.app as app
-from models.make_models import make_model_dir, toy_cg_system, write_aa_run
+from models.make_models import make_model_dir, write_aa_run
 from openmm_cgnn.cli import main as cli_main
 from openmm_cgnn.openmm.export import ExportError, export_forcefield
 from openmm_cgnn.openmm.force import DEFAULT_PRIOR_CARRIER, CGNNForce
@@ -40,19 +40,6 @@ for _ in range(2):
     energies.append(context.getState(getEnergy=True).getPotentialEnergy()._value)
 print(json.dumps({"energies": energies, "n": system.getNumParticles(), "modules": "openmm_cgnn" in sys.modules}))
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def cg():
-    return toy_cg_system()
 
 
 @pytest.fixture(scope="module")

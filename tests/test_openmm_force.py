@@ -36,20 +36,6 @@ def energy_forces(system, positions, platform, groups=-1):
     return state.getPotentialEnergy()._value, np.asarray(state.getForces(asNumpy=True)._value)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """TorchForce runs on torch's thread pool; tiny systems are fastest (and fair to a shared CPU) on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def cg():
-    return toy_cg_system()
-
-
 @pytest.fixture(scope="module")
 def model64(tmp_path_factory):
     """Real CGModel, float64 (exact comparisons), 1/T input."""

@@ -8,30 +8,16 @@ import struct
 
 import numpy as np
 import pytest
-import torch
+import torch  # noqa: F401  (before openmm)
 
 import openmm
-from models.make_models import HERE as MODELS, make_model_dir, toy_cg_system, write_aa_run
+from models.make_models import HERE as MODELS, make_model_dir, write_aa_run
 from openmm_cgnn.cli import main as cli_main
 from openmm_cgnn.frames import FrameWriter, TopologyInfo, read_frames
 from openmm_cgnn.openmm.force import CGNNForce
 from openmm_cgnn.openmm.simulation import CGRun, RunConfig, SimulationError, SimulationUnstable
 
 BOLTZMANN_KJ_MOL_K = 0.0083144626
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """TorchForce runs on torch's thread pool; tiny systems are fastest (and fair to a shared CPU) on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def cg():
-    return toy_cg_system()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -212,19 +212,13 @@ class CGFrames:
 
     def select(self, index: np.ndarray | slice) -> "CGFrames":
         """A subset of frames with the same topology."""
-        return CGFrames(
+        return replace(
+            self,
             positions=self.positions[index],
             forces=None if self.forces is None else self.forces[index],
             box=self.box[index],
             time=self.time[index],
             temperature_K=self.temperature_K[index],
-            bead_type=self.bead_type,
-            bead_type_names=self.bead_type_names,
-            bead_name=self.bead_name,
-            molecule_index=self.molecule_index,
-            residue_name=self.residue_name,
-            masses=self.masses,
-            bonds=self.bonds,
         )
 
     @staticmethod
@@ -236,19 +230,13 @@ class CGFrames:
             if not first.same_topology(part):
                 raise MappingError(f"CG frames part {k} has a different CG topology from part 0 (bead types or molecules differ)")
         has_forces = all(p.forces is not None for p in parts)
-        return CGFrames(
+        return replace(
+            first,
             positions=np.concatenate([p.positions for p in parts]),
             forces=np.concatenate([p.forces for p in parts]) if has_forces else None,
             box=np.concatenate([p.box for p in parts]),
             time=np.concatenate([p.time for p in parts]),
             temperature_K=np.concatenate([p.temperature_K for p in parts]),
-            bead_type=first.bead_type,
-            bead_type_names=first.bead_type_names,
-            bead_name=first.bead_name,
-            molecule_index=first.molecule_index,
-            residue_name=first.residue_name,
-            masses=first.masses,
-            bonds=first.bonds,
         )
 
 

@@ -1,0 +1,269 @@
+"""``run_aa``: all-atom ground truth for one or more temperatures (the ``openmm-cgnn aa`` stage).
+
+Everything is checked, the box built and the System created before the output directory is
+touched, so bad input leaves nothing behind. With one temperature the run lives in ``out``;
+with several, in ``out/T<T>K/`` each, and ``out/summary.json`` lists them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform as _platform
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .builder import box_edge_nm
+from .stages import CHECKPOINT, RunSettings, SingleRun, _atomic_write, stdout_log
+
+DEFAULT_CUTOFF_NM = 1.0
+MIN_CUTOFF_NM = 0.4  # below this the truncated LJ and PME real-space sums are poor
+# NPT may compress the start box by up to this density factor; the cutoff must stay below half
+# the compressed edge (OpenMM stops otherwise).
+MAX_COMPRESSION = 1.6
+RUN_JSON = "run.json"
+# Settings a resumed run must share with the original (production_ps may grow).
+RESUME_KEYS = {"n_pairs": "--pairs", "composition": "--residues", "temperature_K": "--temperature",
+               "equilibrate_ps": "--equilibrate-ps", "save_every_ps": "--save-every-ps",
+               "charge_scale": "--charge-scale", "seed": "--seed", "cutoff_nm": "--cutoff-nm", "dt_fs": "--dt-fs",
+               "start_density_kg_m3": "--start-density", "platform": "--platform",
+               "forcefield": "--forcefield-dir", "pressure_bar": "pressure_bar", "friction_per_ps": "friction_per_ps"}
+
+
+class AAInputError(ValueError):
+    """Bad input to an all-atom run; the message names the argument (CLI spelling)."""
+
+
+def available_platforms() -> list[str]:
+    import openmm
+
+    return [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+
+
+def fastest_platform() -> str:
+    """The fastest platform that can create a Context here (a CUDA plugin may load without a GPU)."""
+    import openmm
+
+    platforms = [openmm.Platform.getPlatform(i) for i in range(openmm.Platform.getNumPlatforms())]
+    for platform in sorted(platforms, key=lambda p: -p.getSpeed()):
+        system = openmm.System()
+        system.addParticle(1.0)
+        try:
+            openmm.Context(system, openmm.VerletIntegrator(0.001), platform)
+        except Exception:  # noqa: BLE001 - any failure means "not usable here"
+            continue
+        return platform.getName()
+    return "Reference"
+
+
+def auto_cutoff_nm(start_edge_nm: float) -> float:
+    """Default cutoff: 1.0 nm, or less for small boxes (half the edge after maximal compression)."""
+    limit = max_cutoff_nm(start_edge_nm)
+    return min(DEFAULT_CUTOFF_NM, math.floor(limit * 100) / 100)
+
+
+def max_cutoff_nm(start_edge_nm: float) -> float:
+    return 0.5 * start_edge_nm * MAX_COMPRESSION ** (-1.0 / 3.0)
+
+
+def run_dir_name(temperature_K: float) -> str:
+    return f"T{temperature_K:g}K"
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import openmm
+    import torch
+
+    from openmm_cgnn import __version__
+
+    return {"openmm_cgnn": __version__, "openmm": openmm.version.full_version, "numpy": numpy.__version__,
+            "torch": torch.__version__, "python": _platform.python_version()}
+
+
+def _positive(value: float, flag: str, integer: bool = False) -> None:
+    bad = (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0
+           or (integer and int(value) != value))
+    if bad:
+        raise AAInputError(f"{flag} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+
+def _multiple_of_dt(value_ps: float, dt_ps: float, flag: str) -> None:
+    steps = value_ps / dt_ps
+    if abs(steps - round(steps)) > 1e-6 * max(1.0, steps):
+        raise AAInputError(f"{flag} {value_ps:g} ps is not a whole number of {dt_ps * 1000:g} fs time steps")
+
+
+def _is_run_dir(path: Path) -> bool:
+    """Our own output (safe to delete with --overwrite): has run.json/summary.json here or in T*K/."""
+    markers = (RUN_JSON, "summary.json", CHECKPOINT)
+    return any((path / m).exists() for m in markers) or any(
+        (child / RUN_JSON).exists() for child in path.glob("T*K") if child.is_dir())
+
+
+def run_aa(out: str | Path, n_pairs: int, temperatures: float | Sequence[float], equilibrate_ps: float,
+           production_ps: float, save_every_ps: float, *, charge_scale: float = 1.0, platform: str | None = None,
+           seed: int = 0, cutoff_nm: float | None = None, dt_fs: float = 2.0, resume: bool = False,
+           overwrite: bool = False, start_density_kg_m3: float | None = None,
+           forcefield_dir: str | Path | None = None, residues: Sequence[str] | None = None,
+           pressure_bar: float = 1.0, friction_per_ps: float = 1.0,
+           log: Callable[[str], None] = stdout_log) -> dict[str, Any]:
+    """Build, minimise, equilibrate (NPT) and run NVT production at each temperature.
+
+    ``n_pairs`` molecules of each residue in ``residues`` (default: every residue of the force
+    field data, e.g. BMIM and BF4), inserted at ``start_density_kg_m3`` (default: the densest of
+    ``builder.START_DENSITY_LADDER`` that fits). Returns the summary (with several temperatures: the list of
+    per-temperature summaries under ``"runs"``). Raises :class:`AAInputError` naming the
+    argument for bad input, before anything is written.
+    """
+    from .builder import BoxBuildError, build_box, build_box_auto
+    from .forcefield import ForceFieldDataError, build_system, load_forcefield
+
+    temps = [temperatures] if isinstance(temperatures, (int, float)) else list(temperatures)
+    _positive(n_pairs, "--pairs", integer=True)
+    if not temps:
+        raise AAInputError("--temperature needs at least one value")
+    for t in temps:
+        _positive(t, "--temperature")
+    if len(set(temps)) != len(temps):
+        raise AAInputError(f"--temperature lists a value twice: {temps}")
+    for value, flag in ((equilibrate_ps, "--equilibrate-ps"), (production_ps, "--production-ps"),
+                        (save_every_ps, "--save-every-ps"), (charge_scale, "--charge-scale"), (dt_fs, "--dt-fs"),
+                        (pressure_bar, "pressure_bar"),
+                        (friction_per_ps, "friction_per_ps")):
+        _positive(value, flag)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise AAInputError(f"--seed must be a non-negative integer, got {seed!r}")
+    if dt_fs > 4.0:
+        raise AAInputError(f"--dt-fs {dt_fs:g} is too large for constrained X-H bonds only (use <= 4)")
+    dt_ps = dt_fs / 1000.0
+    _multiple_of_dt(save_every_ps, dt_ps, "--save-every-ps")
+    _multiple_of_dt(equilibrate_ps, dt_ps, "--equilibrate-ps")
+    if round(equilibrate_ps / dt_ps) < 20:
+        raise AAInputError(f"--equilibrate-ps {equilibrate_ps:g} is under 20 time steps; the density needs more")
+    if save_every_ps > production_ps:
+        raise AAInputError(f"--save-every-ps {save_every_ps:g} exceeds --production-ps {production_ps:g}: no frames")
+    if resume and overwrite:
+        raise AAInputError("--resume and --overwrite exclude each other")
+
+    names = available_platforms()
+    platform = platform or fastest_platform()
+    if platform not in names:
+        raise AAInputError(f"--platform {platform!r} is not available; available: {', '.join(names)}")
+
+    try:
+        ff = load_forcefield(forcefield_dir)
+    except ForceFieldDataError as exc:
+        raise AAInputError(f"--forcefield-dir: {exc}") from None
+    residues = list(residues) if residues else list(ff.residues)
+    unknown = [r for r in residues if r not in ff.residues]
+    if unknown or len(set(residues)) != len(residues):
+        raise AAInputError(f"--residues {residues}: each must be one of {list(ff.residues)}, once")
+    net = sum(ff.residues[r].charge for r in residues)
+    if abs(net) > 1e-6:
+        raise AAInputError(f"--residues {residues}: one of each has net charge {net:+g} e; a box must be neutral")
+    composition = {r: int(n_pairs) for r in residues}
+
+    if start_density_kg_m3 is not None:
+        _positive(start_density_kg_m3, "--start-density")
+    try:
+        if start_density_kg_m3 is None:
+            topology, positions, start_density_kg_m3 = build_box_auto(ff, composition, seed=seed)
+        else:
+            topology, positions = build_box(ff, composition, start_density_kg_m3, seed=seed)
+    except BoxBuildError as exc:
+        raise AAInputError(f"--start-density: {exc}") from None
+    total_mass = sum(a.element.mass._value for a in topology.atoms())
+    start_edge = box_edge_nm(total_mass, start_density_kg_m3)
+    if cutoff_nm is None:
+        cutoff_nm = auto_cutoff_nm(start_edge)
+    _positive(cutoff_nm, "--cutoff-nm")
+    limit = max_cutoff_nm(start_edge)
+    if cutoff_nm > limit:
+        raise AAInputError(f"--cutoff-nm {cutoff_nm:g} is more than half the box edge after NPT compression "
+                           f"(start edge {start_edge:.2f} nm, allowed <= {limit:.2f} nm); use more --pairs")
+    if cutoff_nm < MIN_CUTOFF_NM:
+        raise AAInputError(f"--pairs {n_pairs} gives a box too small for a cutoff of at least {MIN_CUTOFF_NM} nm "
+                           f"(start edge {start_edge:.2f} nm)")
+    try:
+        build_system(topology, ff, cutoff_nm=cutoff_nm, charge_scale=charge_scale)
+    except ForceFieldDataError as exc:
+        raise AAInputError(f"--forcefield-dir: {exc}") from None
+
+    ff_hash = hashlib.sha256(ff.xml_path.read_bytes()).hexdigest()
+    forcefield = f"{ff.description}; converted {ff.xml_path.name} sha256 {ff_hash}"
+    out = Path(out)
+    multi = len(temps) > 1
+    runs = {t: (out / run_dir_name(t) if multi else out) for t in temps}
+    settings = {t: RunSettings(
+        n_pairs=int(n_pairs), composition=composition, temperature_K=float(t), equilibrate_ps=float(equilibrate_ps),
+        production_ps=float(production_ps), save_every_ps=float(save_every_ps), charge_scale=float(charge_scale),
+        seed=seed, cutoff_nm=float(cutoff_nm), dt_fs=float(dt_fs), start_density_kg_m3=float(start_density_kg_m3),
+        pressure_bar=float(pressure_bar), friction_per_ps=float(friction_per_ps), platform=platform,
+        forcefield=forcefield) for t in temps}
+    _prepare_directory(out, runs, settings, resume, overwrite)
+
+    versions = _versions()
+    summaries = []
+    for t in temps:
+        s = settings[t]
+        _atomic_write(runs[t] / RUN_JSON, json.dumps(s.__dict__, indent=2) + "\n")
+        metadata = {"kind": "aa", "temperature_K": s.temperature_K, "charge_scale": s.charge_scale,
+                    "forcefield": forcefield, "forcefield_dir": str(ff.directory), "seed": seed, "versions": versions,
+                    "platform": platform, "n_pairs": s.n_pairs, "composition": composition, "cutoff_nm": s.cutoff_nm,
+                    "dt_fs": s.dt_fs, "save_every_ps": s.save_every_ps, "equilibrate_ps": s.equilibrate_ps,
+                    "pressure_bar": s.pressure_bar, "friction_per_ps": s.friction_per_ps,
+                    "time_origin": "start of NVT production (frame k at k * save_every_ps)",
+                    "thermostat": "LangevinMiddleIntegrator", "ensemble": "NVT at the NPT mean volume",
+                    "constraints": "CL&P cons bonds (X-H)", "nonbonded": "PME + LJ geometric mixing with LRC"}
+        log(f"[aa {t:g} K] {runs[t]}: {n_pairs} pairs, {topology.getNumAtoms()} atoms, cutoff {cutoff_nm:g} nm, "
+            f"platform {platform}")
+        summary = SingleRun(runs[t], s, topology, positions, ff, metadata, log).run()
+        summary["dir"] = str(runs[t])
+        summaries.append(summary)
+        if multi:
+            _write_parent_summary(out, summaries, temps)
+    return summaries[0] if not multi else json.loads((out / "summary.json").read_text())
+
+
+def _prepare_directory(out: Path, runs: dict[float, Path], settings: dict[float, RunSettings], resume: bool,
+                       overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise AAInputError(f"--out {out} exists and is not a directory")
+    exists = out.exists() and any(out.iterdir())
+    if exists and not (resume or overwrite):
+        raise AAInputError(f"--out {out} already exists; pass --resume to continue it or --overwrite to replace it")
+    if exists and overwrite:
+        if not _is_run_dir(out):
+            raise AAInputError(f"--overwrite refuses to delete {out}: it does not look like an aa run directory")
+        shutil.rmtree(out)
+    if exists and resume:
+        for t, run_dir in runs.items():
+            old_path = run_dir / RUN_JSON
+            if not old_path.exists():
+                continue
+            try:
+                old = json.loads(old_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise AAInputError(f"--resume: cannot read {old_path} ({exc})") from None
+            new = settings[t].__dict__
+            for key, flag in RESUME_KEYS.items():
+                if old.get(key) != new[key]:
+                    raise AAInputError(f"--resume: {flag} differs from the run in {run_dir} "
+                                       f"({old.get(key)!r} there, {new[key]!r} now)")
+    for run_dir in runs.values():
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _write_parent_summary(out: Path, summaries: list[dict[str, Any]], temps: list[float]) -> None:
+    first = summaries[0]
+    # The per-run keys appear as lists (in temperature order) so the parent has the same keys.
+    parent = {"kind": "aa", "n_pairs": first["n_pairs"], "temperature_K": temps, "platform": first["platform"],
+              "density_kg_m3": [s["density_kg_m3"] for s in summaries],
+              "n_frames": [s["n_frames"] for s in summaries],
+              "charge_scale": first["charge_scale"], "complete": len(summaries) == len(temps),
+              "runs": [{"temperature_K": s["temperature_K"], "dir": Path(s["dir"]).name,
+                        "density_kg_m3": s["density_kg_m3"], "n_frames": s["n_frames"]} for s in summaries]}
+    _atomic_write(out / "summary.json", json.dumps(parent, indent=2) + "\n")

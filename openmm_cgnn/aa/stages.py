@@ -1,0 +1,413 @@
+"""One all-atom run at one temperature: minimise, NPT, NVT production saving frames; resumable.
+
+Checkpoint file (``checkpoint.chk``): one JSON line with the run's progress, then the bytes of
+an OpenMM checkpoint (``Context.createCheckpoint``). Both are written to a temporary file and
+renamed together, so progress and dynamics state can never disagree. A production checkpoint is
+written *before* the frame taken from the same state is appended; a resumed run therefore
+finds either that frame or recomputes it from the restored state: no frame is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .builder import density_kg_m3
+
+CHECKPOINT = "checkpoint.chk"
+NPT_DENSITY_CSV = "npt_density.csv"
+SAMPLE_EVERY_STEPS = 50  # NPT volume sampling; the barostat moves every 25 steps
+CHECKPOINT_EVERY_S = 60.0  # NPT checkpoints; production checkpoints at every frame
+REPORT_EVERY_S = 30.0  # progress lines at every 10 % of a stage, or at least this often
+MINIMIZE_TOLERANCE = 100.0  # kJ/mol/nm RMS force: enough to remove insertion clashes
+MINIMIZE_MAX_ITERATIONS = 2000
+
+
+class AARunError(RuntimeError):
+    """The simulation itself failed (e.g. the box shrank below twice the cutoff)."""
+
+
+@dataclass
+class RunSettings:
+    """Everything that fixes a run's trajectory (stored in run.json, compared on resume)."""
+
+    n_pairs: int
+    composition: dict[str, int]
+    temperature_K: float
+    equilibrate_ps: float
+    production_ps: float
+    save_every_ps: float
+    charge_scale: float
+    seed: int
+    cutoff_nm: float
+    dt_fs: float
+    start_density_kg_m3: float
+    pressure_bar: float
+    friction_per_ps: float
+    platform: str
+    forcefield: str  # description (source and hash)
+
+    @property
+    def dt_ps(self) -> float:
+        return self.dt_fs / 1000.0
+
+    @property
+    def npt_steps(self) -> int:
+        return round(self.equilibrate_ps / self.dt_ps)
+
+    @property
+    def steps_per_frame(self) -> int:
+        return round(self.save_every_ps / self.dt_ps)
+
+    @property
+    def n_frames(self) -> int:
+        return int(math.floor(self.production_ps / self.save_every_ps + 1e-9))
+
+    def openmm_seed(self, offset: int) -> int:
+        # OpenMM treats seed 0 as "pick one at random"; shift so every user seed is reproducible.
+        return (self.seed * 7 + offset + 1) % (2**31 - 1) or 1
+
+
+@dataclass
+class Progress:
+    stage: str  # "npt" or "nvt"
+    npt_volumes: list[tuple[int, float]]  # (step, nm3) samples
+    frames_done: int = 0  # production frames whose state has been checkpointed
+    nvt_edge_nm: float | None = None
+    ms_per_step: float | None = None  # production, including frame and checkpoint writing
+    npt_ms_per_step: float | None = None
+
+
+def platform_properties(name: str) -> dict[str, str]:
+    # CPU threads follow OPENMM_CPU_THREADS (read by OpenMM itself); GPUs use mixed precision.
+    return {"Precision": "mixed"} if name in ("CUDA", "OpenCL", "HIP") else {}
+
+
+class SingleRun:
+    """Drives one run directory; ``run()`` starts or resumes it and returns its summary."""
+
+    def __init__(self, run_dir: Path, settings: RunSettings, topology: Any, positions: np.ndarray, ff: Any,
+                 metadata: dict[str, Any], log=print) -> None:
+        self.dir = Path(run_dir)
+        self.s = settings
+        self.topology = topology
+        self.initial_positions = positions
+        self.ff = ff
+        self.metadata = metadata
+        self.log = log
+        masses = [a.element.mass._value for a in topology.atoms()]
+        self.total_mass = float(np.sum(masses))
+        self.molecules = [np.array([a.index for a in r.atoms()]) for r in topology.residues()]
+        self.masses = np.array(masses)
+
+    # ------------------------------------------------------------------ systems and contexts
+
+    def _system(self, barostat: bool):
+        import openmm
+
+        from .forcefield import build_system
+
+        system = build_system(self.topology, self.ff, cutoff_nm=self.s.cutoff_nm, charge_scale=self.s.charge_scale)
+        if barostat:
+            b = openmm.MonteCarloBarostat(self.s.pressure_bar, self.s.temperature_K, 25)
+            b.setRandomNumberSeed(self.s.openmm_seed(2))
+            system.addForce(b)
+        return system
+
+    def _context(self, barostat: bool):
+        import openmm
+
+        integrator = openmm.LangevinMiddleIntegrator(self.s.temperature_K, self.s.friction_per_ps, self.s.dt_ps)
+        integrator.setRandomNumberSeed(self.s.openmm_seed(1))
+        platform = openmm.Platform.getPlatformByName(self.s.platform)
+        return openmm.Context(self._system(barostat), integrator, platform, platform_properties(self.s.platform))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, context, progress: Progress) -> None:
+        header = json.dumps(asdict(progress)).encode() + b"\n"
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".checkpoint.")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(header + context.createCheckpoint())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, self.dir / CHECKPOINT)
+
+    def _load_checkpoint(self) -> tuple[Progress, bytes] | None:
+        path = self.dir / CHECKPOINT
+        if not path.exists():
+            return None
+        data = path.read_bytes()
+        header, _, chk = data.partition(b"\n")
+        try:
+            fields = json.loads(header)
+            fields["npt_volumes"] = [tuple(v) for v in fields["npt_volumes"]]
+            return Progress(**fields), chk
+        except (ValueError, TypeError) as exc:
+            raise AARunError(f"{path}: corrupt checkpoint ({exc}); rerun with --overwrite") from None
+
+    # ------------------------------------------------------------------ stages
+
+    def run(self) -> dict[str, Any]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        loaded = self._load_checkpoint()
+        if loaded is None:
+            context, progress = self._start()
+        else:
+            progress, chk = loaded
+            context = self._context(barostat=progress.stage == "npt")
+            context.loadCheckpoint(chk)
+            self.log(f"{self._tag()} resumed from {self.dir / CHECKPOINT} at step {context.getStepCount()} "
+                     f"({progress.stage}, {progress.frames_done} frames)")
+        if progress.stage == "npt":
+            context, progress = self._npt(context, progress)
+        self._production(context, progress)
+        return self._summary(progress)
+
+    def _tag(self) -> str:
+        return f"[aa {self.s.temperature_K:g} K]"
+
+    def _start(self):
+        import openmm
+
+        context = self._context(barostat=True)
+        context.setPositions(self.initial_positions)
+        before = context.getState(getEnergy=True).getPotentialEnergy()._value
+        openmm.LocalEnergyMinimizer.minimize(context, MINIMIZE_TOLERANCE, MINIMIZE_MAX_ITERATIONS)
+        after = context.getState(getEnergy=True).getPotentialEnergy()._value
+        if not math.isfinite(after):
+            raise AARunError(f"{self._tag()} energy is {after} after minimisation; lower the start density")
+        self.log(f"{self._tag()} minimised: potential energy {before:.4g} -> {after:.4g} kJ/mol")
+        context.setVelocitiesToTemperature(self.s.temperature_K, self.s.openmm_seed(3))
+        progress = Progress(stage="npt", npt_volumes=[])
+        self._save_checkpoint(context, progress)
+        return context, progress
+
+    def _step(self, context, n: int) -> None:
+        import openmm
+
+        try:
+            context.getIntegrator().step(n)
+        except openmm.OpenMMException as exc:
+            if "twice the nonbonded cutoff" in str(exc):
+                raise AARunError(f"{self._tag()} the box shrank below twice the cutoff ({self.s.cutoff_nm} nm) "
+                                 "during NPT; use a smaller --cutoff-nm or more --pairs") from None
+            raise AARunError(f"{self._tag()} OpenMM failed: {exc}") from None
+
+    def _report(self, context, stage: str, step: int, total: int, t0: float, steps0: int) -> None:
+        state = context.getState(getEnergy=True)
+        volume = state.getPeriodicBoxVolume()._value
+        dof = 3 * self.masses.size - context.getSystem().getNumConstraints() - 3
+        temperature = 2 * state.getKineticEnergy()._value / (dof * 0.00831446261815324)
+        rate = (time.perf_counter() - t0) / max(step - steps0, 1) * 1000
+        self.log(f"{self._tag()} {stage} {step * self.s.dt_ps:8.1f}/{total * self.s.dt_ps:.1f} ps  "
+                 f"T {temperature:6.1f} K  rho {density_kg_m3(self.total_mass, volume):7.1f} kg/m3  "
+                 f"PE {state.getPotentialEnergy()._value:11.1f} kJ/mol  {rate:6.2f} ms/step")
+
+    def _npt(self, context, progress: Progress):
+        total = self.s.npt_steps
+        step = context.getStepCount()
+        t0, steps0, last_ckpt = time.perf_counter(), step, time.perf_counter()
+        # Short equilibrations still get ~20 volume samples for the second-half mean.
+        sample_every = max(1, min(SAMPLE_EVERY_STEPS, total // 20))
+        due = _Reporter(total, sample_every)
+        while step < total:
+            n = min(sample_every, total - step)
+            self._step(context, n)
+            step += n
+            progress.npt_volumes.append((step, context.getState().getPeriodicBoxVolume()._value))
+            if due(step):
+                self._report(context, "NPT", step, total, t0, steps0)
+            if time.perf_counter() - last_ckpt > CHECKPOINT_EVERY_S and step < total:
+                self._save_checkpoint(context, progress)
+                last_ckpt = time.perf_counter()
+        if step > steps0:
+            progress.npt_ms_per_step = (time.perf_counter() - t0) / (step - steps0) * 1000
+        return self._switch_to_nvt(context, progress)
+
+    def _second_half_volumes(self, progress: Progress) -> np.ndarray:
+        half = self.s.npt_steps / 2
+        return np.array([v for step, v in progress.npt_volumes if step > half])
+
+    def _switch_to_nvt(self, context, progress: Progress):
+        """Rescale molecule centres to the cube of the mean NPT volume and continue without barostat."""
+        from openmm import Vec3
+
+        volumes = self._second_half_volumes(progress)
+        edge = float(np.mean(volumes)) ** (1.0 / 3.0)
+        state = context.getState(getPositions=True, getVelocities=True, enforcePeriodicBox=False)
+        positions = state.getPositions(asNumpy=True)._value
+        old_edge = state.getPeriodicBoxVectors()[0][0]._value
+        # NPT boxes stay cubic (isotropic barostat); whole molecules move with their centre.
+        for atoms in self.molecules:
+            centre = self.masses[atoms] @ positions[atoms] / self.masses[atoms].sum()
+            positions[atoms] += centre * (edge / old_edge - 1.0)
+        nvt = self._context(barostat=False)
+        nvt.setPeriodicBoxVectors(Vec3(edge, 0, 0), Vec3(0, edge, 0), Vec3(0, 0, edge))
+        nvt.setPositions(positions)
+        nvt.applyConstraints(1e-6)
+        nvt.setVelocities(state.getVelocities())
+        nvt.setTime(state.getTime())
+        nvt.setStepCount(state.getStepCount())
+        progress.stage, progress.nvt_edge_nm = "nvt", edge
+        self._write_npt_density(progress)
+        self._save_checkpoint(nvt, progress)
+        rho = density_kg_m3(self.total_mass, edge**3)
+        self.log(f"{self._tag()} NPT second-half mean density {self._density(progress):.1f} kg/m3; "
+                 f"NVT box edge {edge:.4f} nm ({rho:.1f} kg/m3)")
+        return nvt, progress
+
+    def _density(self, progress: Progress) -> float:
+        return float(np.mean([density_kg_m3(self.total_mass, v) for v in self._second_half_volumes(progress)]))
+
+    def _write_npt_density(self, progress: Progress) -> None:
+        lines = ["time_ps,volume_nm3,density_kg_m3"]
+        lines += [f"{step * self.s.dt_ps:.4f},{v:.6f},{density_kg_m3(self.total_mass, v):.3f}"
+                  for step, v in progress.npt_volumes]
+        _atomic_write(self.dir / NPT_DENSITY_CSV, "\n".join(lines) + "\n")
+
+    # ------------------------------------------------------------------ production
+
+    def _production(self, context, progress: Progress) -> None:
+        from openmm_cgnn.frames import FILENAME, FrameWriter, TopologyInfo
+
+        frames_path = self.dir / FILENAME
+        state = context.getState(getPositions=True, enforcePeriodicBox=False)
+        self.topology.setPeriodicBoxVectors(state.getPeriodicBoxVectors())
+        if not frames_path.exists() or not (self.dir / "topology.pdb").exists():
+            self._write_topology_pdb(state)
+        info = TopologyInfo.from_openmm(self.topology, context.getSystem(), state.getPositions())
+        metadata = dict(self.metadata, density_kg_m3=self._density(progress), nvt_box_edge_nm=progress.nvt_edge_nm)
+        writer = FrameWriter(frames_path, info, metadata, with_forces=True, resume=True)
+        try:
+            if writer.n_frames > progress.frames_done:  # only if frames.h5 outlived its checkpoint
+                writer.truncate(progress.frames_done)
+            if writer.n_frames == progress.frames_done - 1:  # checkpointed, not yet appended
+                self._append_frame(writer, context, progress.frames_done)
+            if writer.n_frames != progress.frames_done:
+                raise AARunError(f"{frames_path}: holds {writer.n_frames} frames but the checkpoint expects "
+                                 f"{progress.frames_done}; rerun with --overwrite")
+            total = self.s.n_frames
+            t0, steps0 = time.perf_counter(), context.getStepCount()
+            due = _Reporter(total, 1)
+            while progress.frames_done < total:
+                self._step(context, self.s.steps_per_frame)
+                progress.frames_done += 1
+                self._save_checkpoint(context, progress)
+                self._append_frame(writer, context, progress.frames_done)
+                if due(progress.frames_done):
+                    step = progress.frames_done * self.s.steps_per_frame
+                    self._report(context, "NVT", step, total * self.s.steps_per_frame, t0,
+                                 steps0 - self.s.npt_steps)
+            if context.getStepCount() > steps0:
+                progress.ms_per_step = (time.perf_counter() - t0) / (context.getStepCount() - steps0) * 1000
+                self._save_checkpoint(context, progress)
+        finally:
+            writer.close()
+        self._write_dcd()
+
+    def _append_frame(self, writer, context, frame_number: int) -> None:
+        # getState forces are -dU/dx of the System's potential energy at these positions: the
+        # force kernels only. Langevin friction and noise live in the integrator, and constraint
+        # forces are applied inside the integrator's step, so neither is part of these forces.
+        state = context.getState(getPositions=True, getForces=True, getEnergy=True, enforcePeriodicBox=False)
+        writer.append(
+            positions=state.getPositions(asNumpy=True)._value,
+            box=np.array(state.getPeriodicBoxVectors()._value),
+            time=frame_number * self.s.save_every_ps,
+            forces=state.getForces(asNumpy=True)._value,
+            potential_energy=state.getPotentialEnergy()._value,
+        )
+
+    def _write_topology_pdb(self, state) -> None:
+        import io
+
+        from openmm.app import PDBFile
+
+        out = io.StringIO()
+        PDBFile.writeFile(self.topology, state.getPositions(), out)
+        _atomic_write(self.dir / "topology.pdb", out.getvalue())
+
+    def _write_dcd(self) -> None:
+        """trajectory.dcd from frames.h5 (the frames file is the record; the DCD is derived)."""
+        import mdtraj
+
+        from openmm_cgnn.frames import read_frames
+
+        frames = read_frames(self.dir)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".trajectory.", suffix=".dcd")
+        os.close(fd)
+        lengths = np.linalg.norm(frames.box, axis=2) * 10.0  # Angstrom
+        angles = np.full_like(lengths, 90.0)
+        with mdtraj.formats.DCDTrajectoryFile(tmp, "w", force_overwrite=True) as dcd:
+            dcd.write(frames.positions * 10.0, cell_lengths=lengths, cell_angles=angles)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, self.dir / "trajectory.dcd")
+
+    def _summary(self, progress: Progress) -> dict[str, Any]:
+        volumes = self._second_half_volumes(progress)
+        densities = [density_kg_m3(self.total_mass, v) for v in volumes]
+        # Second half split in two: a large difference means NPT was too short to equilibrate.
+        halves = np.array_split(np.array(densities), 2) if len(densities) >= 2 else [densities, densities]
+        summary = {
+            "kind": "aa",
+            "n_pairs": self.s.n_pairs,
+            "composition": self.s.composition,
+            "n_atoms": int(self.masses.size),
+            "temperature_K": self.s.temperature_K,
+            "density_kg_m3": float(np.mean(densities)),
+            "density_std_kg_m3": float(np.std(densities)),
+            "density_samples": len(densities),
+            "density_drift_kg_m3": float(np.mean(halves[1]) - np.mean(halves[0])),
+            "nvt_box_edge_nm": progress.nvt_edge_nm,
+            "n_frames": progress.frames_done,
+            "platform": self.s.platform,
+            "ms_per_step": progress.ms_per_step,
+            "npt_ms_per_step": progress.npt_ms_per_step,
+            "charge_scale": self.s.charge_scale,
+            "cutoff_nm": self.s.cutoff_nm,
+            "dt_fs": self.s.dt_fs,
+            "seed": self.s.seed,
+            "equilibrate_ps": self.s.equilibrate_ps,
+            "production_ps": progress.frames_done * self.s.save_every_ps,
+            "save_every_ps": self.s.save_every_ps,
+            "forcefield": self.s.forcefield,
+            "files": {"frames": "frames.h5", "topology": "topology.pdb", "trajectory": "trajectory.dcd",
+                      "npt_density": NPT_DENSITY_CSV, "checkpoint": CHECKPOINT},
+        }
+        _atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+class _Reporter:
+    """True at every tenth of ``total`` (in units of ``unit``), at the end, and every REPORT_EVERY_S."""
+
+    def __init__(self, total: int, unit: int) -> None:
+        self.total, self.every, self.last_slot, self.last_time = total, max(total // 10, unit), -1, time.perf_counter()
+
+    def __call__(self, done: int) -> bool:
+        slot = done // self.every
+        if slot != self.last_slot or done >= self.total or time.perf_counter() - self.last_time > REPORT_EVERY_S:
+            self.last_slot, self.last_time = slot, time.perf_counter()
+            return True
+        return False
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def stdout_log(message: str) -> None:
+    print(message, flush=True, file=sys.stdout)

@@ -1,0 +1,60 @@
+"""``openmm-cgnn aa``: all-atom ground truth (CL&P ionic liquid) with forces saved per frame.
+
+Example (quick, CPU)::
+
+    openmm-cgnn aa --pairs 16 --temperature 450 500 --equilibrate-ps 20 --production-ps 20 \
+        --save-every-ps 0.5 --out runs/aa --platform CPU
+
+CPU threads follow ``OPENMM_CPU_THREADS``. The cutoff defaults to 1.0 nm, less for small boxes
+(half the start box edge after the largest compression NPT is allowed: see ``aa/run.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import CLIError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pairs", type=int, required=True, help="ion pairs (molecules of each residue)")
+    parser.add_argument("--temperature", type=float, nargs="+", required=True, metavar="T",
+                        help="temperature(s) in K; several give DIR/T<T>K/ sub-directories")
+    parser.add_argument("--equilibrate-ps", type=float, required=True, help="NPT length (ps); density from its 2nd half")
+    parser.add_argument("--production-ps", type=float, required=True, help="NVT production length (ps)")
+    parser.add_argument("--save-every-ps", type=float, required=True, help="frame interval (ps)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--charge-scale", type=float, default=1.0, help="scale all charges (default 1.0; 0.8 common)")
+    parser.add_argument("--platform", default=None, help="OpenMM platform (default: the fastest available)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (placement, velocities, thermostat)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    parser.add_argument("--cutoff-nm", type=float, default=None, help="nonbonded cutoff (default 1.0, less for small boxes)")
+    parser.add_argument("--dt-fs", type=float, default=2.0, help="time step in fs (X-H bonds constrained)")
+    parser.add_argument("--start-density", type=float, default=None,
+                        help="density (kg/m3) of the inserted start box before NPT (default: the densest of "
+                             "1000, 950, ... that random insertion fills)")
+    parser.add_argument("--residues", nargs="+", default=None,
+                        help="residues, one molecule of each per pair (default: all in the force-field data)")
+    parser.add_argument("--forcefield-dir", default=None,
+                        help="converted force-field data (default: the package's; see python -m openmm_cgnn.aa.convert)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from openmm_cgnn.aa.run import AAInputError, run_aa
+    from openmm_cgnn.aa.stages import AARunError
+
+    try:
+        summary = run_aa(
+            args.out, args.pairs, args.temperature, args.equilibrate_ps, args.production_ps, args.save_every_ps,
+            charge_scale=args.charge_scale, platform=args.platform, seed=args.seed, cutoff_nm=args.cutoff_nm,
+            dt_fs=args.dt_fs, resume=args.resume, overwrite=args.overwrite,
+            start_density_kg_m3=args.start_density, forcefield_dir=args.forcefield_dir,
+            residues=args.residues)
+    except (AAInputError, AARunError) as exc:
+        raise CLIError(str(exc)) from None
+    density = summary["density_kg_m3"]
+    densities = density if isinstance(density, list) else [density]
+    print(f"aa: wrote {args.out} (density {', '.join(f'{d:.1f}' for d in densities)} kg/m3)")
+    return 0
