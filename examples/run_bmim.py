@@ -118,7 +118,8 @@ def main() -> int:
     run_stage(
         "train",
         ["train", "--data", *map(str, aa_dirs), "--mapping", str(map_dir / "mapping.json"), "--out", str(model_dir),
-         "--device", device, "--seed", "1", "--temperature-input", *options(cfg["train"])],
+         "--device", device, "--seed", "1", "--temperature-input", *options(cfg["train"]),
+         *(["--resume"] if (model_dir / "checkpoint.pt").exists() else [])],
         model_dir / "model.pt",
     )
 
