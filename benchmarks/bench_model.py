@@ -12,19 +12,15 @@ Writes benchmarks/results/model_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from common import RESULTS, device_name, machine_info, pin_threads, synchronize, write_json
 from openmm_cgnn.model import CGModel, HybridGraphConfig, fit_priors, script_for_system, suggest_max_pairs_per_bead
 from openmm_cgnn.model.synthetic import ionic_liquid
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def time_calls(modules: dict, positions: torch.Tensor, box: torch.Tensor, repeats: int, budget_s: float) -> dict:
@@ -35,7 +31,6 @@ def time_calls(modules: dict, positions: torch.Tensor, box: torch.Tensor, repeat
         module(position, box).backward()
         return position.grad
 
-    cuda = positions.device.type == "cuda"
     for module in modules.values():
         for _ in range(3):  # TorchScript profiling runs and allocator warm-up
             call(module)
@@ -43,12 +38,10 @@ def time_calls(modules: dict, positions: torch.Tensor, box: torch.Tensor, repeat
     start = time.perf_counter()
     for _ in range(repeats):
         for name, module in modules.items():
-            if cuda:
-                torch.cuda.synchronize()
+            synchronize(positions.device)
             t0 = time.perf_counter()
             call(module)
-            if cuda:
-                torch.cuda.synchronize()
+            synchronize(positions.device)
             times[name].append(time.perf_counter() - t0)
         if time.perf_counter() - start > budget_s:
             break
@@ -67,7 +60,7 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per measurement at most")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     device = torch.device(args.device)
 
     rows = []
@@ -97,18 +90,14 @@ def main() -> int:
 
     result = {
         "benchmark": "scripted CG model, forward + backward per call (ms)",
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": device_name(device),
         "threads": args.threads,
         "torch": torch.__version__,
-        "machine": platform.machine(),
         # Other work on the machine skews CPU timings: keep the load next to the numbers.
-        "load_average_1min": os.getloadavg()[0],
+        "machine": machine_info(device),
         "results": rows,
     }
-    out = args.out or RESULTS / f"model_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out or RESULTS / f"model_{device.type}.json", result)
     return 0
 
 

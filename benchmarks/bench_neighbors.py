@@ -12,39 +12,15 @@ torchani (pip install torchani==2.9.0) is only a comparison; it is skipped if mi
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from common import RESULTS, device_name, machine_info, pin_threads, timed, write_json
 from openmm_cgnn.model.neighbors import CellNeighborSearch, DenseNeighborSearch, cell_grid_for_box
 from openmm_cgnn.model.synthetic import ionic_liquid
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def timed(function, repeats: int, device: torch.device, budget_s: float) -> dict:
-    """Median wall time per call; stops early once ``budget_s`` is spent."""
-    function()  # warm-up (allocations, TorchScript profiling)
-    function()
-    times = []
-    start = time.perf_counter()
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s:
-            break
-    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "calls": len(times)}
 
 
 def main() -> int:
@@ -59,7 +35,7 @@ def main() -> int:
     parser.add_argument("--dense-max", type=int, default=4096, help="largest N for our dense search (O(N^2) memory)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     device = torch.device(args.device)
 
     try:
@@ -112,19 +88,15 @@ def main() -> int:
 
     result = {
         "benchmark": "neighbour search, time per call (ms)",
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": device_name(device),
         "threads": args.threads,
         "cutoff_nm": args.cutoff,
         "torch": torch.__version__,
-        "machine": platform.machine(),
         # Other work on the machine skews CPU timings: keep the load next to the numbers.
-        "load_average_1min": os.getloadavg()[0],
+        "machine": machine_info(device),
         "results": rows,
     }
-    out = args.out or RESULTS / f"neighbors_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out or RESULTS / f"neighbors_{device.type}.json", result)
     return 0
 
 

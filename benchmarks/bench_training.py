@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import RESULTS, device_name, machine_info, pin_threads, synchronize, write_json
 from openmm_cgnn.mapping.spec import CGFrames
 from openmm_cgnn.model.synthetic import ionic_liquid
 from openmm_cgnn.training.data import split_runs
 from openmm_cgnn.training.pipeline import build_model
 from openmm_cgnn.training.trainer import TrainConfig, Trainer
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def synthetic_frames(n_beads: int, frames: int, seed: int = 0) -> CGFrames:
@@ -37,11 +34,6 @@ def synthetic_frames(n_beads: int, frames: int, seed: int = 0) -> CGFrames:
     fields = dataclasses.asdict(cg)
     fields["forces"] = rng.normal(scale=100.0, size=cg.positions.shape).astype(np.float32)
     return CGFrames(**fields)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_steps(trainer: Trainer, batch_size: int, steps: int, budget_s: float, create_graph: bool) -> dict:
@@ -84,7 +76,7 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=30.0, help="seconds per measurement at most")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     device = torch.device(args.device)
     # Reference-size training is a GPU job: on CPU it runs at a few frames/s even for 80 beads.
     sizes = args.sizes or ([80, 320] if device.type == "cpu" else [80, 320, 1500, 5000])
@@ -106,16 +98,13 @@ def main() -> int:
 
     result = {
         "benchmark": "force-matching training throughput (frames/s; train = forward + forces + backward + Adam)",
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": device_name(device),
         "threads": args.threads,
         "torch": torch.__version__,
-        "machine": platform.machine(),
+        "machine": machine_info(device),
         "results": rows,
     }
-    out = args.out or RESULTS / f"training_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out or RESULTS / f"training_{device.type}.json", result)
     return 0
 
 

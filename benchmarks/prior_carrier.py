@@ -6,27 +6,25 @@ Builds an ionic-liquid-like CG system (a 4-bead chain cation and a 1-bead anion 
 1200 kg/m3), an untrained CGModel of each size with a prior (excluded volume, bonds, angles), and
 times MD steps (VerletIntegrator, after warm-up) with the prior as native OpenMM forces and inside
 the TorchScript module. Untrained weights cost the same time as trained ones. Writes
-benchmarks/prior_carrier.json; openmm_cgnn.openmm.force.DEFAULT_PRIOR_CARRIER follows it.
+benchmarks/results/prior_carrier_<platform>.json; openmm_cgnn.openmm.force.DEFAULT_PRIOR_CARRIER follows it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform as host
 import tempfile
-import time
 from pathlib import Path
 
-import torch
+import torch  # noqa: F401  (torch before openmm)
 
 import openmm
+from common import RESULTS, best_of_blocks, machine_info, pin_threads, step_block, write_json
 from openmm_cgnn.mapping.spec import Mapping
 from openmm_cgnn.model import CGModel, HybridGraphConfig, PriorSet, save_checkpoint
 from openmm_cgnn.openmm.force import CGNNForce, versions
 from openmm_cgnn.openmm.topology import CGSystem, composition_for_pairs
 
-HERE = Path(__file__).resolve().parent
 TYPES = ["CAT:B0", "CAT:B1", "CAT:B2", "CAT:B3", "ANI:B0"]
 MAPPING = {
     "format": "openmm_cgnn.mapping/1",
@@ -67,13 +65,6 @@ def make_context(cg: CGSystem, source: Path, carrier: str, platform: str) -> tup
     return context, integrator
 
 
-def time_block(context, integrator, steps: int) -> float:
-    start = time.perf_counter()
-    integrator.step(steps)
-    context.getState(getEnergy=True)
-    return 1e3 * (time.perf_counter() - start) / steps
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, nargs="+", default=[64, 300])
@@ -82,9 +73,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks per carrier (the fastest counts)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fair on a shared machine)")
-    parser.add_argument("--out", type=Path, default=HERE / "prior_carrier.json")
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/prior_carrier_<platform>.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
 
     mapping = Mapping.from_dict(MAPPING)
     prior = PriorSet.from_dict(PRIOR, TYPES)
@@ -107,13 +98,11 @@ def main() -> int:
             # blocks of the two carriers alternate, and the fastest block counts, so load from other
             # processes on a shared machine biases neither
             contexts = {carrier: make_context(relaxed, source, carrier, args.platform) for carrier in ("openmm", "model")}
-            blocks: dict[str, list[float]] = {carrier: [] for carrier in contexts}
-            for _ in range(args.repeats):
-                for carrier, (context, integrator) in contexts.items():
-                    blocks[carrier].append(time_block(context, integrator, args.steps))
+            blocks = best_of_blocks({carrier: (lambda c=context: step_block(c, args.steps))
+                                     for carrier, (context, _) in contexts.items()}, args.repeats)
             for carrier, times in blocks.items():
                 row = {"pairs": pairs, "n_beads": cg.n_beads, "box_nm": float(cg.box[0, 0]), "size": size, "carrier": carrier,
-                       "ms_per_step": min(times), "ms_per_step_blocks": times}
+                       **times}
                 print(json.dumps(row))
                 results.append(row)
             del contexts
@@ -129,11 +118,11 @@ def main() -> int:
         "blocks": args.repeats,
         "results": results,
         "faster": faster,
-        "host": {"machine": host.machine(), "processor": host.processor(), "cpus": __import__("os").cpu_count()},
+        "machine": machine_info(),
         "versions": versions(),
     }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}: faster carrier per size {faster}")
+    write_json(args.out or RESULTS / f"prior_carrier_{args.platform.lower()}.json", report)
+    print(f"faster carrier per size {faster}")
     return 0
 
 

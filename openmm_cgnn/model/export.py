@@ -30,7 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from .hybridgraph import CGEnergy, CGModel
-from .neighbors import CellNeighborSearch, make_neighbor_search, pair_capacity
+from .neighbors import (
+    DEFAULT_SKIN_NM,
+    CellNeighborSearch,
+    VerletNeighborSearch,
+    make_neighbor_search,
+    make_verlet_search,
+    pair_capacity,
+)
 from .system import SystemTensors, build_system_tensors, check_topology
 
 METADATA_FILE = "metadata.json"
@@ -53,7 +60,11 @@ class SystemForce(nn.Module):
         self.host_checks = bool(host_checks)
         self.n_beads = int(system.bead_type.shape[0])
         self.capacity = pair_capacity(self.n_beads, energy.neighbors.max_pairs_per_bead)
-        self.neighbor_backend = "cell" if isinstance(energy.neighbors, CellNeighborSearch) else "dense"
+        search = energy.neighbors
+        self.neighbor_skin_nm = float(search.skin) if isinstance(search, VerletNeighborSearch) else 0.0
+        if isinstance(search, VerletNeighborSearch):
+            search = search.fallback
+        self.neighbor_backend = "cell" if isinstance(search, CellNeighborSearch) else "dense"
 
     def system(self) -> SystemTensors:
         return SystemTensors(self.bead_type, self.molecule_index, self.intra_i, self.intra_j,
@@ -116,13 +127,17 @@ class SystemForceWithTemperature(SystemForce):
 def script_for_system(
     model: CGModel, bead_type, molecule_index, temperature_K: float | None = None, include_prior: bool = True,
     neighbor_backend: str | None = None, box=None, host_checks: bool = True, temperature_parameter: bool = False,
-    max_pairs_per_bead: float | None = None,
+    max_pairs_per_bead: float | None = None, neighbor_skin_nm: float | None = None,
 ) -> torch.jit.ScriptModule:
     """Script ``model`` for one CG system (bead types and molecule of each bead, CG topology order).
 
     ``temperature_K`` is required for models with the 1/T input. ``neighbor_backend`` overrides the
     model's; "cell" needs ``box`` (3x3, nm) to fix its grid, and "auto" without a box gives "dense". ``temperature_parameter=True`` exports
     the 3-argument variant (T as an OpenMM global parameter).
+
+    ``neighbor_skin_nm``: with host checks and a ``box``, the pair list is built with this skin and
+    reused while it stays exact (``VerletNeighborSearch``; default ``DEFAULT_SKIN_NM``; 0 turns it
+    off). Without host checks (CUDA graphs) every call searches afresh.
     """
     config = model.config
     bead_type = torch.as_tensor(bead_type, dtype=torch.long).cpu()
@@ -140,11 +155,20 @@ def script_for_system(
         raise ValueError(f"box is smaller than twice the model cutoff ({model.cutoff_nm} nm)")
     device = torch.device("cpu")
     energy = copy.deepcopy(model.energy).to(device).eval()
-    energy.neighbors = make_neighbor_search(backend, model.search_cutoff,
-                                            max_pairs_per_bead or config.max_pairs_per_bead,
-                                            config.cell_capacity_factor, box_t, int(bead_type.shape[0])).to(device)
+    capacity_per_bead = max_pairs_per_bead or config.max_pairs_per_bead
+    skin = (DEFAULT_SKIN_NM if neighbor_skin_nm is None else float(neighbor_skin_nm)) if host_checks else 0.0
+    if skin < 0 or not math.isfinite(skin):
+        raise ValueError(f"neighbor_skin_nm must be >= 0, got {neighbor_skin_nm!r}")
+    if skin > 0 and box_t is not None:
+        energy.neighbors = make_verlet_search(backend, model.search_cutoff, capacity_per_bead, skin, box_t,
+                                              int(bead_type.shape[0]), config.cell_capacity_factor, model.dtype)
+    else:
+        energy.neighbors = make_neighbor_search(backend, model.search_cutoff, capacity_per_bead, config.cell_capacity_factor,
+                                                box_t, int(bead_type.shape[0]))
+    energy.neighbors = energy.neighbors.to(device)
     for parameter in energy.parameters():
         parameter.requires_grad_(False)
+    energy.trim_pairs = bool(host_checks)  # the host read is already paid for by the checks
     system = build_system_tensors(bead_type, molecule_index, model.prior if include_prior else None, device=device,
                                   dtype=model.dtype)
     cls = SystemForceWithTemperature if temperature_parameter else SystemForce
@@ -237,6 +261,7 @@ def export_for_frames(
     metadata = system_metadata(model, cg.bead_type, cg.molecule_index, list(cg.bead_name), cg.masses, mapping_sha256,
                                temperature_K, include_prior)
     metadata["neighbor_backend"] = module.neighbor_backend
+    metadata["neighbor_skin_nm"] = module.neighbor_skin_nm
     metadata["max_pairs_per_bead"] = float(script_kw.get("max_pairs_per_bead") or model.config.max_pairs_per_bead)
     metadata["host_checks"] = bool(script_kw.get("host_checks", True))
     metadata["temperature_parameter"] = bool(script_kw.get("temperature_parameter", False))

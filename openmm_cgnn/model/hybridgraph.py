@@ -65,8 +65,9 @@ class InteractionBlock(nn.Module):
         filters = self.filter_net(radial) * weight.unsqueeze(-1)
         h = self.to_filters(x)
         messages = torch.zeros_like(h)
-        messages = messages.index_add(0, index_i, h[index_j] * filters)
-        messages = messages.index_add(0, index_j, h[index_i] * filters)
+        # index_select, not h[index]: its backward (index_add) is faster than index_put's
+        messages = messages.index_add(0, index_i, h.index_select(0, index_j) * filters)
+        messages = messages.index_add(0, index_j, h.index_select(0, index_i) * filters)
         return x + self.to_features(messages)
 
 
@@ -138,12 +139,19 @@ class CGEnergy(nn.Module):
         self.angles = angles
         self.intra_cutoff = float(intra_cutoff)
         self.inter_cutoff = float(inter_cutoff)
+        # Where a host read is allowed (CPU, or exported with host checks), cut the pair list to the
+        # pairs actually found: the padding up to the static capacity costs as much as real pairs.
+        self.trim_pairs = False
 
     def forward(self, positions: Tensor, box: Tensor, system: SystemTensors, temperature_feature: Optional[Tensor],
                 use_network: bool, use_prior: bool) -> Tuple[Tensor, Tensor, Tensor]:
         """(energy (B,) float64, flags (B,) int bit mask, pair count (B,)) for positions (B, N, 3)."""
         batch = positions.shape[0]
         index_i, index_j, valid, count, flags = self.neighbors(positions, box, system.molecule_index)
+        if self.trim_pairs:
+            # Valid pairs come first (the search packs them), so a prefix holds them all.
+            used = max(1, min(int(count.max()), index_i.shape[1]))
+            index_i, index_j, valid = index_i[:, :used], index_j[:, :used], valid[:, :used]
         distance = safe_norm(pair_vectors(positions, box, index_i, index_j), valid, self.inter_cutoff)
         energy = torch.zeros(batch, dtype=torch.float64, device=positions.device)
         if use_network:
@@ -324,6 +332,7 @@ class CGModel(nn.Module):
         box = box.to(device=positions.device, dtype=self.dtype)
         self._prepare_neighbor_search(box, positions.shape[1])
         feature = self.temperature_feature(inverse_temperature, positions.shape[0], positions.device)
+        self.energy.trim_pairs = self.check_inputs  # the checks read the device anyway
         energy, flags, count = self.energy(positions, box, system, feature, use_network, use_prior)
         if self.check_inputs:
             bad = flags != 0

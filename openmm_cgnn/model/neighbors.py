@@ -14,6 +14,11 @@ scripted with host checks) or into a NaN energy (scripted, CUDA-graph mode).
   when the module is built (from a box), so a shrinking box is flagged, never silently wrong.
 
 Both are plain TorchScript (no custom operators), so a saved model needs nothing at load time.
+
+- ``VerletNeighborSearch`` wraps either for single-system use where a host read is allowed (the
+  exported module with host checks): it keeps a list built with ``cutoff + skin`` and reuses it
+  while no bead has moved more than half the skin, which finds exactly the pairs a fresh search
+  would (Verlet's argument), at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from torch import Tensor, nn
 # 4 cell overflow; see FLAG_* in geometry.py.
 from .geometry import (
     all_pair_distance2,
+    minimum_image,
+    pair_vectors,
     box_too_small,
     box_widths,
     fractional_coordinates,
@@ -50,15 +57,16 @@ def compact(selected: Tensor, capacity: int) -> Tuple[Tensor, Tensor, Tensor]:
     """
     batch = selected.shape[0]
     size = selected.shape[1]
-    slot = torch.cumsum(selected, dim=1) - 1
-    count = slot[:, -1] + 1 if size > 0 else torch.zeros(batch, dtype=torch.long, device=selected.device)
-    # Everything not kept goes to a throw-away column at index `capacity`.
-    target = torch.where(selected & (slot < capacity), slot, torch.full_like(slot, capacity))
+    rank = torch.cumsum(selected, dim=1)  # 1-based rank of each selected entry
+    count = rank[:, -1] if size > 0 else torch.zeros(batch, dtype=torch.long, device=selected.device)
+    # Kept entries go to column `rank`; unselected ones to the throw-away column 0, those past the
+    # capacity to the throw-away column capacity + 1. Few passes over the (large) candidate set.
+    target = torch.clamp(torch.where(selected, rank, 0), max=capacity + 1)
     source = torch.arange(size, device=selected.device).unsqueeze(0).expand(batch, size)
-    packed = torch.zeros(batch, capacity + 1, dtype=torch.long, device=selected.device)
-    packed = packed.scatter(1, target, source)[:, :capacity]
+    packed = torch.zeros(batch, capacity + 2, dtype=torch.long, device=selected.device)
+    # Columns past `count` are never written, so they keep pointing at entry 0.
+    packed = packed.scatter(1, target, source)[:, 1:capacity + 1]
     valid = torch.arange(capacity, device=selected.device).unsqueeze(0) < count.unsqueeze(1)
-    packed = torch.where(valid, packed, torch.zeros_like(packed))
     return packed, valid, count
 
 
@@ -167,8 +175,10 @@ class CellNeighborSearch(nn.Module):
             own_cell = (torch.arange(per_bead, device=device) < per_cell).reshape(1, 1, per_bead)
             usable = (candidate < n_beads) & ((candidate > owner) | ~own_cell)
             candidate_safe = torch.clamp(candidate, max=n_beads - 1)
-            usable = usable & (molecule_index[candidate_safe] != molecule_index.reshape(1, n_beads, 1))
             flat = candidate_safe.reshape(batch, n_beads * per_bead)
+            # gather, not advanced indexing: several times faster on CPU for this many candidates
+            candidate_molecule = torch.gather(molecule_index.unsqueeze(0).expand(batch, n_beads), 1, flat)
+            usable = usable & (candidate_molecule.reshape(batch, n_beads, per_bead) != molecule_index.reshape(1, n_beads, 1))
             distance2 = minimum_image_distance2(_candidate_difference(positions[..., 0], flat),
                                                 _candidate_difference(positions[..., 1], flat),
                                                 _candidate_difference(positions[..., 2], flat), box)
@@ -181,6 +191,77 @@ class CellNeighborSearch(nn.Module):
             # The grid is only valid while every cell is at least one cutoff wide.
             narrow = (box_widths(box) < self.cutoff * self.grid_sizes.to(box.dtype)).any(dim=1)
             flags = flags | torch.where(narrow | box_too_small(box, self.cutoff), 2, 0)
+        return index_i, index_j, valid, count, flags
+
+
+class VerletNeighborSearch(nn.Module):
+    """A pair list with a skin, rebuilt only when a bead has moved more than half the skin.
+
+    ``inner`` searches with ``cutoff + skin`` (its own capacity); each call keeps the listed pairs
+    that are within ``cutoff`` now, packed into the capacity of ``fallback`` (a search with
+    ``cutoff``), so the output is the pair set of a fresh search, possibly in another order. The
+    list is rebuilt when any bead moved more than ``skin / 2`` (minimum image) since it was built,
+    when the box changed, or when the positions are not finite. If the skin search overflows or
+    flags the box, ``fallback`` answers that call. One frame per call; the decision to rebuild is
+    read on the host, so this is for the exported module with host checks (never CUDA graphs).
+    The module changes its own buffers: one instance serves one trajectory at a time.
+    """
+
+    def __init__(self, inner: nn.Module, fallback: nn.Module, cutoff: float, skin: float, n_beads: int,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not skin > 0:
+            raise ValueError(f"VerletNeighborSearch: skin must be positive, got {skin}")
+        self.inner = inner
+        self.fallback = fallback
+        self.cutoff = float(cutoff)
+        self.skin = float(skin)
+        self.max_pairs_per_bead = float(fallback.max_pairs_per_bead)
+        self.n_beads = int(n_beads)
+        # Filled at the first call (empty until then, so a saved model stays small). In the model's
+        # dtype: the positions compared are exactly those the list was built from.
+        self.register_buffer("reference_positions", torch.zeros(1, 0, 3, dtype=dtype))
+        self.register_buffer("reference_box", torch.zeros(1, 3, 3, dtype=dtype))
+        self.register_buffer("list_i", torch.zeros(1, 0, dtype=torch.long))
+        self.register_buffer("list_j", torch.zeros(1, 0, dtype=torch.long))
+        self.register_buffer("list_valid", torch.zeros(1, 0, dtype=torch.bool))
+        self.register_buffer("has_list", torch.zeros(1, dtype=torch.bool))
+        # Calls and rebuilds so far (benchmarks report the reuse rate).
+        self.register_buffer("calls", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("rebuilds", torch.zeros(1, dtype=torch.long))
+
+    def forward(self, positions: Tensor, box: Tensor, molecule_index: Tensor) -> PairList:
+        if positions.shape[0] != 1 or positions.shape[1] != self.n_beads:
+            return self.fallback(positions, box, molecule_index)
+        positions = positions.detach()  # indices only: no graph needed
+        self.calls.add_(1)
+        rebuild = not bool(self.has_list[0]) or not torch.equal(box, self.reference_box.to(box.dtype))
+        if not rebuild:
+            moved = minimum_image(positions - self.reference_positions.to(positions.dtype), box)
+            limit = 0.5 * self.skin
+            # NaN compares false: non-finite positions count as moved and force a fresh search.
+            rebuild = not bool(((moved * moved).sum(-1) <= limit * limit).all())
+        use_list = True
+        if rebuild:
+            self.rebuilds.add_(1)
+            index_i, index_j, valid, count, flags = self.inner(positions, box, molecule_index)
+            use_list = int(flags[0]) == 0  # else the skin search overflowed or the box is too small for it
+            if use_list:
+                self.reference_positions = positions.to(self.reference_box.dtype).clone()
+                self.reference_box = box.to(self.reference_box.dtype).clone()
+                self.list_i = index_i
+                self.list_j = index_j
+                self.list_valid = valid
+            self.has_list.fill_(use_list)
+        if not use_list:
+            return self.fallback(positions, box, molecule_index)
+        vectors = pair_vectors(positions, box, self.list_i, self.list_j)
+        within = self.list_valid & ((vectors * vectors).sum(-1) < self.cutoff * self.cutoff)
+        capacity = pair_capacity(self.n_beads, self.max_pairs_per_bead)
+        source, valid, count = compact(within, capacity)
+        index_i = torch.gather(self.list_i, 1, source)
+        index_j = torch.gather(self.list_j, 1, source)
+        flags = torch.where(count > capacity, 1, 0) | torch.where(box_too_small(box, self.cutoff), 2, 0)
         return index_i, index_j, valid, count, flags
 
 
@@ -219,6 +300,27 @@ def make_neighbor_search(
         grid = cell_grid_for_box(box, cutoff)
         return CellNeighborSearch(cutoff, max_pairs_per_bead, grid, cell_capacity_factor)
     raise ValueError(f"neighbor_backend: unknown backend {backend!r}; choose 'auto', 'dense' or 'cell'")
+
+
+# Skin of the reused pair list (nm): the list grows by ((rc + skin) / rc)^3 and is rebuilt after a
+# bead moved skin / 2; measured in benchmarks/bench_md.py (CG liquids at 6-10 fs steps).
+DEFAULT_SKIN_NM = 0.1
+
+
+def make_verlet_search(
+    backend: str, cutoff: float, max_pairs_per_bead: float, skin: float, box: Tensor, n_beads: int,
+    cell_capacity_factor: float = 2.0, dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """The search for one exported system: a :class:`VerletNeighborSearch` when the box fits a
+    search with ``cutoff + skin`` (else the plain search with ``cutoff``)."""
+    plain = make_neighbor_search(backend, cutoff, max_pairs_per_bead, cell_capacity_factor, box, n_beads)
+    reach = cutoff + skin
+    if not skin > 0 or bool(box_too_small(box.reshape(-1, 3, 3).to(torch.float64), reach).any()):
+        return plain
+    inner_backend = backend if backend != "cell" else ("cell" if min(cell_grid_for_box(box, reach)) >= 3 else "dense")
+    inner = make_neighbor_search(inner_backend, reach, max_pairs_per_bead * (reach / cutoff) ** 3, cell_capacity_factor,
+                                 box, n_beads)
+    return VerletNeighborSearch(inner, plain, cutoff, skin, n_beads, dtype)
 
 
 def count_intermolecular_pairs(positions: Tensor, box: Tensor, molecule_index: Tensor, cutoff: float) -> Tensor:

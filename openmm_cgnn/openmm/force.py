@@ -3,7 +3,7 @@
 The network runs as an openmm-torch ``TorchForce`` (periodic). The prior either runs inside the
 same TorchScript module ("model") or as native OpenMM forces ("openmm", see ``prior_forces.py``);
 ``DEFAULT_PRIOR_CARRIER`` is the one measured faster (benchmarks/prior_carrier.py writes
-benchmarks/prior_carrier.json). Before anything is added, the model's metadata is checked against
+benchmarks/results/prior_carrier_<platform>.json). Before anything is added, the model's metadata is checked against
 the Topology and the System, because a model applied to beads in another order runs without
 complaint and gives nonsense.
 """
@@ -23,7 +23,7 @@ from .prior_forces import load_prior, prior_forces
 from .topology import CGSystem
 
 PRIOR_CARRIERS = ("auto", "openmm", "model", "none")
-# benchmarks/prior_carrier.json (CPU, real CGModel, 320 and 1500 beads): the prior inside the
+# benchmarks/results/prior_carrier_cpu.json (CPU, real CGModel, 320 and 1500 beads): the prior inside the
 # TorchScript module was 6-11% faster than native forces beside it for the quick network and level
 # within noise for the reference network (it shares the model's neighbour list, one force to
 # evaluate instead of four).
@@ -58,6 +58,9 @@ class CGNNForce:
     ``prior``: "auto" (model directory: ``DEFAULT_PRIOR_CARRIER``; model.pt: as it was scripted),
     "openmm" (native forces), "model" (inside the TorchScript module) or "none" (network only).
 
+    ``neighbor_skin_nm`` (model directories, host checks on): skin of the reused pair list
+    (``script_for_system``; None: its default, 0: search afresh at every step).
+
     Use: ``forces = CGNNForce(model_dir, cg_system, temperature=400); forces.add_to(system)``.
     """
 
@@ -71,12 +74,14 @@ class CGNNForce:
         host_checks: bool = True,
         prior_force_group: int = 1,
         model_force_group: int = 0,
+        neighbor_skin_nm: float | None = None,
     ) -> None:
         if prior not in PRIOR_CARRIERS:
             raise ValueError(f"prior must be one of {PRIOR_CARRIERS}, got {prior!r}")
         self.source = Path(source)
         self.temperature = None if temperature is None else float(temperature)
         self.host_checks = host_checks
+        self.neighbor_skin_nm = neighbor_skin_nm
         self.prior_force_group = prior_force_group
         self.model_force_group = model_force_group
         self.cg = topology if isinstance(topology, CGSystem) else None
@@ -155,14 +160,15 @@ class CGNNForce:
         def script(host_checks: bool) -> Any:
             try:
                 return script_for_system(model, cg.bead_type, cg.molecule_index, self.temperature, include_prior=include,
-                                         box=self.box, host_checks=host_checks)
+                                         box=self.box, host_checks=host_checks, neighbor_skin_nm=self.neighbor_skin_nm)
             except ValueError as exc:
                 raise ModelMismatchError(f"{model_dir}: {exc}") from None
 
         self._rescript = script
         self.module = script(self.host_checks)
         self.metadata = system_metadata(model, cg.bead_type, cg.molecule_index, cg.bead_names, cg.masses, mapping.sha256(),
-                                        self.temperature, include, host_checks=self.host_checks)
+                                        self.temperature, include, host_checks=self.host_checks,
+                                        neighbor_skin_nm=self.module.neighbor_skin_nm)
         self.cg = cg
         self.bead_type, self.molecule_index = cg.bead_type, cg.molecule_index
 
