@@ -25,3 +25,17 @@ def cg():
     from models.make_models import toy_cg_system
 
     return toy_cg_system()
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    """model.pt without prior + prior.json + mapping.json, as an export directory holds them."""
+    import shutil
+
+    from models.make_models import HERE as models
+
+    folder = tmp_path_factory.mktemp("toy")
+    shutil.copy(models / "pair_model.pt", folder / "model.pt")
+    shutil.copy(models / "toy_prior.json", folder / "prior.json")
+    shutil.copy(models / "toy_mapping.json", folder / "mapping.json")
+    return folder

@@ -42,16 +42,6 @@ def model64(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("model64"), use_temperature=True, dtype="float64")
 
 
-@pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory):
-    """model.pt without prior + prior.json + mapping.json, as an export directory holds them."""
-    folder = tmp_path_factory.mktemp("toy")
-    shutil.copy(MODELS / "pair_model.pt", folder / "model.pt")
-    shutil.copy(MODELS / "toy_prior.json", folder / "prior.json")
-    shutil.copy(MODELS / "toy_mapping.json", folder / "mapping.json")
-    return folder
-
-
 def test_committed_toy_models_are_current(cg, tmp_path):
     """tests/models/*.pt come from make_models.py; a regenerated one must give the same energy."""
     pos, box = torch.tensor(cg.positions), torch.tensor(cg.box)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 
 import numpy as np
@@ -11,22 +10,13 @@ import pytest
 import torch  # noqa: F401  (before openmm)
 
 import openmm
-from models.make_models import HERE as MODELS, make_model_dir, write_aa_run
+from models.make_models import make_model_dir, write_aa_run
 from openmm_cgnn.cli import main as cli_main
 from openmm_cgnn.frames import FrameWriter, TopologyInfo, read_frames
 from openmm_cgnn.openmm.force import CGNNForce
 from openmm_cgnn.openmm.simulation import CGRun, RunConfig, SimulationError, SimulationUnstable
 
 BOLTZMANN_KJ_MOL_K = 0.0083144626
-
-
-@pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("toy")
-    shutil.copy(MODELS / "pair_model.pt", folder / "model.pt")
-    shutil.copy(MODELS / "toy_prior.json", folder / "prior.json")
-    shutil.copy(MODELS / "toy_mapping.json", folder / "mapping.json")
-    return folder
 
 
 @pytest.fixture(scope="module")
