@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, device_name, machine_info, pin_threads, synchronize, write_json
+from common import RESULTS, pin_threads, synchronize, torch_result, write_json
 from openmm_cgnn.model import CGModel, HybridGraphConfig, fit_priors, script_for_system, suggest_max_pairs_per_bead
 from openmm_cgnn.model.synthetic import ionic_liquid
 
@@ -88,15 +88,7 @@ def main() -> int:
             print(f"N={row['n_beads']:6d} {name:9s} {row['backend']:5s} with_prior={row['with_prior']['min_ms']:.2f}ms "
                   f"network_only={row['network_only']['min_ms']:.2f}ms (min over calls)", flush=True)
 
-    result = {
-        "benchmark": "scripted CG model, forward + backward per call (ms)",
-        "device": device_name(device),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        # Other work on the machine skews CPU timings: keep the load next to the numbers.
-        "machine": machine_info(device),
-        "results": rows,
-    }
+    result = torch_result("scripted CG model, forward + backward per call (ms)", device, args.threads, rows)
     write_json(args.out or RESULTS / f"model_{device.type}.json", result)
     return 0
 

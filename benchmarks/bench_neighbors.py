@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, device_name, machine_info, pin_threads, timed, write_json
+from common import RESULTS, pin_threads, timed, torch_result, write_json
 from openmm_cgnn.model.neighbors import CellNeighborSearch, DenseNeighborSearch, cell_grid_for_box
 from openmm_cgnn.model.synthetic import ionic_liquid
 
@@ -86,16 +86,7 @@ def main() -> int:
         summary = {k: v["min_ms"] for k, v in row.items() if isinstance(v, dict) and "median_ms" in v}
         print(f"N={n:6d} pairs={row['pairs']:7d} min " + " ".join(f"{k}={v:.2f}ms" for k, v in summary.items()), flush=True)
 
-    result = {
-        "benchmark": "neighbour search, time per call (ms)",
-        "device": device_name(device),
-        "threads": args.threads,
-        "cutoff_nm": args.cutoff,
-        "torch": torch.__version__,
-        # Other work on the machine skews CPU timings: keep the load next to the numbers.
-        "machine": machine_info(device),
-        "results": rows,
-    }
+    result = torch_result("neighbour search, time per call (ms)", device, args.threads, rows, cutoff_nm=args.cutoff)
     write_json(args.out or RESULTS / f"neighbors_{device.type}.json", result)
     return 0
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import RESULTS, device_name, machine_info, pin_threads, synchronize, write_json
+from common import RESULTS, pin_threads, synchronize, torch_result, write_json
 from openmm_cgnn.mapping.spec import CGFrames
 from openmm_cgnn.model.synthetic import ionic_liquid
 from openmm_cgnn.training.data import split_runs
@@ -96,14 +96,7 @@ def main() -> int:
             print(f"N={row['n_beads']:6d} {name:9s} train {row['train_step']['frames_per_s']:8.1f} frames/s   "
                   f"validation {row['validation']['frames_per_s']:8.1f} frames/s", flush=True)
 
-    result = {
-        "benchmark": "force-matching training throughput (frames/s; train = forward + forces + backward + Adam)",
-        "device": device_name(device),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "machine": machine_info(device),
-        "results": rows,
-    }
+    result = torch_result("force-matching training throughput (frames/s; train = forward + forces + backward + Adam)", device, args.threads, rows)
     write_json(args.out or RESULTS / f"training_{device.type}.json", result)
     return 0
 

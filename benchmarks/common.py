@@ -104,6 +104,20 @@ def device_name(device: torch.device) -> str:
     return cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
 
 
+def torch_result(benchmark: str, device: torch.device, threads: int, rows: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
+    """The JSON layout shared by the PyTorch-level benchmarks: what, where, with which threads, results."""
+    return {
+        "benchmark": benchmark,
+        "device": device_name(device),
+        "threads": threads,
+        **settings,
+        "torch": torch.__version__,
+        # Other work on the machine skews CPU timings: keep the load next to the numbers.
+        "machine": machine_info(device),
+        "results": rows,
+    }
+
+
 def write_json(path: Path, result: dict[str, Any]) -> Path:
     """Write ``result`` (plus the load average at the end) to ``path`` atomically."""
     result = dict(result)
