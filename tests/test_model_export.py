@@ -9,10 +9,8 @@ import pytest
 import torch
 
 from openmm_cgnn.model import (
-    CGModel,
     HybridGraphConfig,
     export_for_frames,
-    fit_priors,
     load_model,
     read_checkpoint,
     read_metadata,
@@ -20,7 +18,7 @@ from openmm_cgnn.model import (
     save_scripted,
     script_for_system,
 )
-from openmm_cgnn.model.synthetic import ionic_liquid, tensors
+from openmm_cgnn.model.synthetic import ionic_liquid, synthetic_model, tensors
 
 CONTRACT_METADATA_KEYS = {
     "units", "cutoff_intra_nm", "cutoff_inter_nm", "bead_type_names", "bead_type", "bead_names", "masses", "n_beads",
@@ -35,13 +33,7 @@ def liquid():
 
 @pytest.fixture(scope="module")
 def model(liquid):
-    torch.manual_seed(0)
-    config = HybridGraphConfig.quick(4, bead_type_names=liquid.bead_type_names, max_pairs_per_bead=32.0)
-    model = CGModel(config, fit_priors(liquid))
-    with torch.no_grad():
-        for parameter in model.net.parameters():
-            parameter.mul_(2.0)
-    return model.eval()
+    return synthetic_model(liquid, seed=0, weight_scale=2.0, max_pairs_per_bead=32.0)
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.float64])

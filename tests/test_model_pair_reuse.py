@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_cgnn.model import CGModel, HybridGraphConfig, export_for_frames, fit_priors, read_metadata, script_for_system
+from openmm_cgnn.model import export_for_frames, read_metadata, script_for_system
 from openmm_cgnn.model.neighbors import DenseNeighborSearch, VerletNeighborSearch
-from openmm_cgnn.model.synthetic import ionic_liquid
+from openmm_cgnn.model.synthetic import ionic_liquid, synthetic_model
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +20,7 @@ def liquid():
 
 @pytest.fixture(scope="module")
 def model(liquid):
-    torch.manual_seed(0)
-    config = HybridGraphConfig.quick(4, bead_type_names=liquid.bead_type_names, max_pairs_per_bead=48.0)
-    model = CGModel(config, fit_priors(liquid))
-    with torch.no_grad():
-        for parameter in model.net.parameters():
-            parameter.mul_(2.0)
-    return model.eval()
+    return synthetic_model(liquid, seed=0, weight_scale=2.0, max_pairs_per_bead=48.0)
 
 
 def energy_and_forces(module, positions: torch.Tensor, box: torch.Tensor) -> tuple[float, torch.Tensor]:

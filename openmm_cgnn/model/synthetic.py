@@ -78,6 +78,27 @@ def tensors(cg: SyntheticCG, dtype=torch.float64):
             torch.as_tensor(cg.bead_type), torch.as_tensor(cg.molecule_index))
 
 
+def synthetic_model(cg: SyntheticCG, seed: int = 0, weight_scale: float = 2.0, max_pairs_per_bead: float = 32.0,
+                    **config_overrides):
+    """An untrained quick ``CGModel`` (priors fitted to ``cg``) in eval mode, for tests and benchmarks.
+
+    The random weights are scaled by ``weight_scale`` so the network's forces are visible next to
+    the prior's.
+    """
+    from .config import HybridGraphConfig
+    from .hybridgraph import CGModel
+    from .priors import fit_priors
+
+    torch.manual_seed(seed)
+    config = HybridGraphConfig.quick(len(cg.bead_type_names), bead_type_names=list(cg.bead_type_names),
+                                     max_pairs_per_bead=max_pairs_per_bead, **config_overrides)
+    model = CGModel(config, fit_priors(cg))
+    with torch.no_grad():
+        for parameter in model.net.parameters():
+            parameter.mul_(weight_scale)
+    return model.eval()
+
+
 def write_synthetic_model_dir(model_dir, n_pairs: int = 8, box_nm: float = 1.9, frames: int = 4, seed: int = 0,
                               use_temperature: bool = False, weight_scale: float = 2.0):
     """A complete, untrained MODELDIR (checkpoint.pt, hparams.json, prior.json, model.pt) for the
@@ -89,21 +110,12 @@ def write_synthetic_model_dir(model_dir, n_pairs: int = 8, box_nm: float = 1.9, 
     from pathlib import Path
 
     from .checkpoint import save_checkpoint
-    from .config import HybridGraphConfig
     from .export import export_for_frames
-    from .hybridgraph import CGModel
-    from .priors import fit_priors
 
     cg = ionic_liquid(n_pairs=n_pairs, box_nm=box_nm, frames=frames, seed=seed)
-    torch.manual_seed(seed)
-    config = HybridGraphConfig.quick(len(cg.bead_type_names), bead_type_names=list(cg.bead_type_names),
-                                     use_temperature=use_temperature, max_pairs_per_bead=32.0)
-    model = CGModel(config, fit_priors(cg))
-    with torch.no_grad():
-        for parameter in model.net.parameters():
-            parameter.mul_(weight_scale)
+    model = synthetic_model(cg, seed=seed, weight_scale=weight_scale, use_temperature=use_temperature)
     model_dir = Path(model_dir)
-    save_checkpoint(model_dir, model.eval(), epoch=0)
+    save_checkpoint(model_dir, model, epoch=0)
     export_for_frames(model, cg, model_dir / "model.pt", mapping_sha256=None,
                       temperature_K=float(cg.temperature_K[0]) if use_temperature else None)
     return model_dir, cg
