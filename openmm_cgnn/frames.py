@@ -269,6 +269,11 @@ def read_topology(path_or_dir: str | Path) -> TopologyInfo:
         return _read_topology(f, path)
 
 
+def evenly_spaced(n_frames: int, max_frames: int) -> np.ndarray:
+    """Sorted indices of at most ``max_frames`` frames spread evenly over ``range(n_frames)``."""
+    return np.unique(np.linspace(0, n_frames - 1, min(n_frames, max_frames)).round().astype(int))
+
+
 def count_frames(path_or_dir: str | Path) -> int:
     """Number of frames in a frames file, without reading them (for reading a long run in chunks)."""
     path = resolve_frames_path(path_or_dir)
@@ -284,9 +289,16 @@ def read_frames(
     stop: int | None = None,
     stride: int = 1,
     require_forces: bool = False,
+    max_frames: int | None = None,
 ) -> Frames:
-    """Read frames ``start:stop:stride``; errors name the file and the missing or bad field."""
+    """Read frames ``start:stop:stride``; errors name the file and the missing or bad field.
+
+    ``max_frames`` keeps at most that many frames of the range, evenly spaced over it (so a
+    time-block split still spans the whole run), and reads only those from disk.
+    """
     path = resolve_frames_path(path_or_dir)
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     h5py = _h5py()
     try:
         f = h5py.File(path, "r")
@@ -305,7 +317,11 @@ def read_frames(
         has_forces = "forces" in f and f["forces"].shape[0] == f["positions"].shape[0]
         if require_forces and not has_forces:
             raise FramesError(f"{path}: the run saved no forces, which this step needs (dataset 'forces')")
-        sl = slice(start, stop, stride)
+        sl: slice | np.ndarray = slice(start, stop, stride)
+        if max_frames is not None:
+            in_range = np.arange(f["positions"].shape[0])[sl]
+            if in_range.size > max_frames:
+                sl = in_range[evenly_spaced(in_range.size, max_frames)]
         frames = Frames(
             positions=np.asarray(f["positions"][sl]),
             box=np.asarray(f["box"][sl]),

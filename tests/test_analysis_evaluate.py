@@ -169,6 +169,8 @@ def test_bad_inputs_give_clear_errors_and_keep_old_report(runs, tmp_path, capsys
     assert "nope.json" in err
     err = _cli_error(["--aa", dirs["aa"][0], "--mapping", mapping, "--out", out, "--viscosity-pa-s", "-1"], capsys)
     assert "--viscosity-pa-s" in err
+    err = _cli_error(["--aa", dirs["aa"][0], "--mapping", mapping, "--out", out, "--viscosity-pa-s", "410=0.01"], capsys)
+    assert "--viscosity-pa-s" in err and "410 K matches no AA run" in err and "400 K" in err
 
     assert (out / "metrics.json").read_text() == "previous"
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]

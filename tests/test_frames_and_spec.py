@@ -74,6 +74,15 @@ def test_frames_round_trip_and_slicing(tmp_path):
     assert frames.topology.atom_name == top.atom_name
     assert frames.temperature_K == 300.0
 
+    # max_frames spreads the kept frames over the whole range (first and last included)
+    spread = read_frames(tmp_path, require_forces=True, max_frames=3)
+    np.testing.assert_allclose(spread.positions, pos[[0, 2, 4]], rtol=1e-6)
+    np.testing.assert_allclose(spread.forces, frc[[0, 2, 4]], rtol=1e-6)
+    assert read_frames(tmp_path, max_frames=50).n_frames == 5
+    np.testing.assert_allclose(read_frames(tmp_path, start=1, max_frames=2).time, [0.5, 2.0])
+    with pytest.raises(ValueError, match="max_frames"):
+        read_frames(tmp_path, max_frames=0)
+
 
 def test_frame_writer_resume_appends_and_refuses_overwrite(tmp_path):
     top = triatomic_topology(1)

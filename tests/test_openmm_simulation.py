@@ -165,3 +165,17 @@ def test_cli_simulate_user_errors(model_dir, tmp_path, capsys):
     assert cli_main(base + ["--forcefield", str(model_dir), "--pairs", "4", "--density", "800"]) == 2
     assert "twice the model cutoff" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_setup_failures_do_not_crash_libtorch(cg, tmp_path):
+    """A model that cannot evaluate the start fails set-up with a clear error, again and again.
+
+    libtorch used to crash the process when the scripted model raised in a second Context after
+    raising in a first; the set-up stages now run the model without host checks (NaN instead).
+    """
+    crowded = cg.with_positions(cg.positions * 0.3)  # far more pairs than the model's capacity
+    force = CGNNForce(make_model_dir(tmp_path / "small", max_pairs_per_bead=4.0), crowded)
+    for attempt in range(3):
+        run = CGRun(force, crowded, tmp_path / f"run{attempt}", config(dt_fs=None, minimize=attempt != 1), log=lambda m: None)
+        with pytest.raises(SimulationUnstable, match="NaN"):
+            run.run()

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..frames import evenly_spaced
 from . import plots
 from .arrhenius import fit_arrhenius
 from .density import composition, find_experimental_density, run_density
@@ -165,6 +166,22 @@ def _viscosity(value: float | dict[float, float] | None, temperature_K: float, t
     return None
 
 
+def _check_viscosity_temperatures(runs: Sequence[Run], settings: EvaluationSettings) -> None:
+    """Every T=VALUE viscosity entry must match a run of its kind: a typo would silently drop the correction."""
+    for kind, name in (("aa", "viscosity_pa_s"), ("cg", "cg_viscosity_pa_s")):
+        value = getattr(settings, name)
+        if not isinstance(value, dict):
+            continue
+        temperatures = sorted({run.temperature_K for run in runs if run.kind == kind})
+        for t in value:
+            if not any(abs(float(t) - run_t) <= settings.temperature_tolerance_K for run_t in temperatures):
+                have = ", ".join(f"{x:g}" for x in temperatures) or "none"
+                raise EvaluationError(
+                    f"{name} (--{name.replace('_', '-')}): {float(t):g} K matches no {kind.upper()} run "
+                    f"(their temperatures: {have} K)"
+                )
+
+
 def run_diffusion(run: Run, settings: EvaluationSettings) -> dict[str, tuple[MSDCurve, DiffusionResult]]:
     """MSD curve and D of every molecule type of one run (drift of the whole system removed)."""
     centres = run.centres
@@ -186,10 +203,6 @@ def run_diffusion(run: Run, settings: EvaluationSettings) -> dict[str, tuple[MSD
     return out
 
 
-def _frame_subset(n_frames: int, max_frames: int) -> np.ndarray:
-    return np.unique(np.linspace(0, n_frames - 1, min(n_frames, max_frames)).round().astype(int))
-
-
 def _rdf_sets(run: Run, frames: np.ndarray) -> tuple[dict, dict]:
     """Particle sets for RDFs: molecule centres per species, beads per bead type."""
     centres = run.centres
@@ -209,7 +222,7 @@ def compare_rdfs(aa: Run, cg: Run, settings: EvaluationSettings) -> tuple[dict, 
         r_max = min(r_max, settings.rdf_r_max_nm)
     sets = {}
     for run in (aa, cg):
-        frames = _frame_subset(run.cg.n_frames, settings.rdf_max_frames)
+        frames = evenly_spaced(run.cg.n_frames, settings.rdf_max_frames)
         sets[run.kind] = (frames, run.cg.box[frames], *_rdf_sets(run, frames))
     metrics: dict[str, dict] = {}
     panels: dict[str, list] = {"com": [], "bead": []}
@@ -428,6 +441,7 @@ def evaluate(
             say(f"reading {kind.upper()} run {d}")
             runs.append(load_run(d, mapping, kind, settings))
     _check_same_liquid(runs)
+    _check_viscosity_temperatures(runs, settings)
     table = _pair_by_temperature(runs, settings.temperature_tolerance_K)
 
     metrics: dict[str, Any] = {

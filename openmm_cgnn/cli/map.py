@@ -9,13 +9,11 @@ molecule one bead nobody asked for.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 
 from . import CLIError
 
@@ -67,20 +65,6 @@ def parse_beads(text: str) -> "OrderedDict[str, int]":
     return counts
 
 
-def _evenly_spaced(frames, max_frames: int):
-    if frames.n_frames <= max_frames:
-        return frames
-    keep = np.unique(np.linspace(0, frames.n_frames - 1, max_frames).round().astype(int))
-    return dataclasses.replace(
-        frames,
-        positions=frames.positions[keep],
-        box=frames.box[keep],
-        time=frames.time[keep],
-        forces=None if frames.forces is None else frames.forces[keep],
-        potential_energy=None if frames.potential_energy is None else frames.potential_energy[keep],
-    )
-
-
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -114,10 +98,9 @@ def run(args: argparse.Namespace) -> int:
     frames_list = []
     for directory in args.data:
         try:
-            frames = read_frames(directory, require_forces=True)
+            frames_list.append(read_frames(directory, require_forces=True, max_frames=args.max_frames))
         except FramesError as exc:
             raise CLIError(f"--data: {exc}") from exc
-        frames_list.append(frames if args.max_frames is None else _evenly_spaced(frames, args.max_frames))
 
     try:
         mapping, report = learn_mapping(

@@ -10,9 +10,10 @@ complaint and gives nonsense.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -96,6 +97,7 @@ class CGNNForce:
             raise ModelMismatchError(f"{self.source}: no model directory or model.pt there")
         self.check_topology(self.topology)
         self.torch_force: Any = None  # the TorchForce most recently added by add_to
+        self._torch_force_checked = host_checks  # whether that force's module raises on bad input
         self._system: Any = None
         self.cuda_graphs_report: dict[str, Any] | None = None
 
@@ -295,6 +297,7 @@ class CGNNForce:
         self.check_system(system)
         forces = self.make_forces()
         self.torch_force = forces[0]
+        self._torch_force_checked = self._module_checks_host()
         self._system = system
         return [system.addForce(force) for force in forces]
 
@@ -303,6 +306,35 @@ class CGNNForce:
         from ..model import save_scripted
 
         return save_scripted(self.module, path, self.metadata)
+
+    def _module_checks_host(self) -> bool:
+        if self._rescript is not None:
+            return self.host_checks
+        return bool(self.metadata.get("host_checks", True))
+
+    @contextlib.contextmanager
+    def without_host_checks(self, system: Any) -> Iterator[bool]:
+        """Within the block, ``system`` carries the model scripted without host-side checks.
+
+        libtorch can crash the process when a scripted module raises in a second OpenMM Context
+        after it raised in a first one, so set-up stages that try several Contexts (minimisation,
+        thermalisation, the time-step search) must not raise: there a pair-list overflow or a
+        non-finite coordinate shows as a NaN or non-conserved energy, which those stages test
+        anyway. Yields whether the swap happened (a scripted model.pt with checks cannot be
+        re-scripted; it is used as it is).
+        """
+        if self.torch_force is None:
+            raise RuntimeError("without_host_checks() needs the forces added first (add_to)")
+        if not self._torch_force_checked or self._rescript is None:
+            yield False
+            return
+        self._swap_torch_force(system, self._make_torch_force(self._rescript(False)))
+        self._torch_force_checked = False
+        try:
+            yield True
+        finally:
+            self._swap_torch_force(system, self._make_torch_force())
+            self._torch_force_checked = self._module_checks_host()
 
     # -- CUDA graphs ----------------------------------------------------------------------------
 
@@ -367,7 +399,9 @@ class CGNNForce:
         scale = max(float(np.abs(f_off).max()), 1.0)
         agree = abs(e_on - e_off) <= rtol * max(abs(e_off), 1.0) and float(np.abs(f_on - f_off).max()) <= rtol * scale
         use = bool(agree and ms_on < ms_off)
-        if not use:
+        if use:
+            self._torch_force_checked = False
+        else:
             self._swap_torch_force(system, self._make_torch_force())
         del plain_force
         report.update(

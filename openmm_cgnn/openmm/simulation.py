@@ -316,16 +316,20 @@ class CGRun:
             dt_fs = float(previous["dt_fs"])
             stability = previous.get("dt_stability")
         else:
-            if cfg.minimize:
-                positions = self._minimize(platform, properties)
-            positions, velocities = self._thermalize(positions, platform, properties)
+            # Set-up makes several Contexts; see CGNNForce.without_host_checks for why they must not raise.
+            with self.cgnn.without_host_checks(self.system):
+                if cfg.minimize:
+                    positions = self._minimize(platform, properties)
+                positions, velocities = self._thermalize(positions, platform, properties)
             if platform.getName() == "CUDA":
                 self.cgnn.tune_cuda_graphs(self.system, positions, platform, properties)
             if cfg.dt_fs is None:
                 self.log(f"choosing the CG time step (NVE energy conservation, {cfg.stability_steps} steps each):")
-                dt_fs, results = stability_check(
-                    self.system, positions, velocities, platform, properties, cfg.dt_candidates_fs, cfg.stability_steps, log=self.log
-                )
+                with self.cgnn.without_host_checks(self.system):
+                    dt_fs, results = stability_check(
+                        self.system, positions, velocities, platform, properties, cfg.dt_candidates_fs, cfg.stability_steps,
+                        log=self.log,
+                    )
                 stability = results
                 self.log(f"largest stable time step: {dt_fs:g} fs")
             else:

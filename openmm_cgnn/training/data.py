@@ -90,15 +90,13 @@ def load_run(path: str | Path, mapping: "Mapping", max_frames: int | None = None
     if not path.exists():
         raise TrainingDataError(f"{path}: data directory or file does not exist")
     try:
-        cg = load_cg_frames(path, mapping, require_forces=True)
+        cg = load_cg_frames(path, mapping, require_forces=True, max_frames=max_frames)
     except (KeyError, ValueError, OSError) as exc:
         # The readers name the bad field; prefix the run so several --data dirs stay distinguishable.
         message = str(exc)
         raise TrainingDataError(message if str(path) in message else f"{path}: {message}") from exc
     if cg.forces is None:
         raise TrainingDataError(f"{path}: the frames have no forces; force matching needs them")
-    if max_frames is not None and len(cg.positions) > max_frames:
-        cg = cg.select(np.unique(np.linspace(0, len(cg.positions) - 1, max_frames).round().astype(int)))
     check_finite(cg, str(path))
     return cg
 
