@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from openmm_cgnn.analysis.arrhenius import GAS_CONSTANT_KJ_MOL_K
-from openmm_cgnn.analysis.evaluate import EvaluationError, evaluate
+from openmm_cgnn.analysis.evaluate import EvaluationError, EvaluationSettings, target_verdict, evaluate
 from openmm_cgnn.analysis.synthetic import synthetic_mapping, write_brownian_run, write_mapping
 from openmm_cgnn.cli import main
 from openmm_cgnn.frames import FrameWriter, FramesError, TopologyInfo
@@ -120,7 +120,30 @@ def test_too_short_runs_are_not_converged(tmp_path):
             assert result["status"] == "not converged" and result["D_m2_s"] is None
             assert "too short" in result["reason"]
         assert metrics["d_ratio_cg_aa"][species]["400"]["ratio"] is None
-    assert "not converged: run too short" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| not converged [1] |" in report and "[1] AA CHN 400 K: run too short" in report
+    assert metrics["verdict"]["Ea"]["CHN"]["status"] == "not measured"
+
+
+def test_verdict_against_the_targets(evaluated):
+    _, metrics = evaluated
+    verdict = metrics["verdict"]
+    assert verdict["targets"] == {"Ea_relative": 0.15, "rdf_error": 0.05}
+    for species in COUNTS:  # the synthetic CG activation energies are 33-40% below AA's
+        judged = verdict["Ea"][species]
+        assert judged["status"] == "missed"
+        assert judged["relative_difference"] == metrics["arrhenius"][species]["Ea_relative_difference"]
+    com = verdict["rdf"]["com"]
+    worst = max(m["error"] for e in metrics["rdf"].values() if e["kind"] == "com" for m in e["by_temperature"].values())
+    assert com["worst_error"] == worst
+    # Hand-made RDF entries for every branch: under target, above target and the noise, and noise above target.
+    for error, floor, status in ((0.03, 0.01, "met"), (0.09, 0.02, "missed"), (0.09, 0.05, "not resolved")):
+        fake = {"arrhenius": {}, "rdf": {"com:A-B": {"kind": "com", "pair": ["A", "B"], "by_temperature": {
+            "400": {"error": error, "noise_floor": floor}, "500": {"error": error / 2, "noise_floor": floor}}}}}
+        judged = target_verdict(fake, EvaluationSettings())["rdf"]["com"]
+        assert (judged["status"], judged["temperature"], judged["pair"]) == (status, "400", "A–B")
+    report = (evaluated[0] / "report.md").read_text()
+    assert "| E_a of CHN |" in report and "**missed**" in report
 
 
 def _cli_error(args, capsys):
@@ -169,6 +192,8 @@ def test_bad_inputs_give_clear_errors_and_keep_old_report(runs, tmp_path, capsys
     assert "nope.json" in err
     err = _cli_error(["--aa", dirs["aa"][0], "--mapping", mapping, "--out", out, "--viscosity-pa-s", "-1"], capsys)
     assert "--viscosity-pa-s" in err
+    err = _cli_error(["--aa", dirs["aa"][0], "--mapping", mapping, "--out", out, "--target-ea", "0"], capsys)
+    assert "--target-ea" in err
     err = _cli_error(["--aa", dirs["aa"][0], "--mapping", mapping, "--out", out, "--viscosity-pa-s", "410=0.01"], capsys)
     assert "--viscosity-pa-s" in err and "410 K matches no AA run" in err and "400 K" in err
 

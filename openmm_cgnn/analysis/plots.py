@@ -79,7 +79,9 @@ def plot_rdfs(path: Path, title: str, panels: Sequence[RDFPanel]) -> Path:
             text = f"error {100 * panel.error:.1f}%"
             if panel.noise_floor is not None:
                 text += f"\n(noise alone {100 * panel.noise_floor:.1f}%)"
-            ax.text(0.97, 0.95, text, transform=ax.transAxes, ha="right", va="top", fontsize=8)
+            # Top left: inside the excluded core g(r) is 0, so no curve runs there.
+            ax.text(0.03, 0.95, text, transform=ax.transAxes, ha="left", va="top", fontsize=8,
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.5})
     handles, labels = axes[0].get_legend_handles_labels()
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
@@ -144,12 +146,20 @@ class ArrheniusSeries:
     D0_m2_s: float | None
 
 
-def plot_arrhenius(path: Path, data: dict[str, dict[str, ArrheniusSeries]]) -> Path:
-    """D (log scale) against 1000/T per species with the AA and CG fits and their E_a in the legend."""
+def plot_arrhenius(path: Path, data: dict[str, dict[str, ArrheniusSeries]],
+                   run_temperatures_K: Sequence[float] = ()) -> Path:
+    """D (log scale) against 1000/T per species with the AA and CG fits and their E_a in the legend.
+
+    Thin grey lines mark every temperature that was run, so a temperature without a point reads
+    as "D not converged there" rather than as never simulated.
+    """
     from .arrhenius import GAS_CONSTANT_KJ_MOL_K
 
     plt, fig, axes = _grid(len(data), panel_size=(4.6, 3.8))
+    run_x = 1000.0 / np.asarray(sorted(set(run_temperatures_K)), dtype=float)
     for ax, (species, by_kind) in zip(axes, data.items()):
+        for i, x in enumerate(run_x):
+            ax.axvline(x, color="0.85", linewidth=0.8, zorder=0, label="run temperatures" if i == 0 else None)
         for kind, style, marker in (("aa", AA_STYLE, "o"), ("cg", CG_STYLE, "s")):
             s = by_kind.get(kind)
             if s is None or len(s.temperature_K) == 0:
@@ -165,18 +175,26 @@ def plot_arrhenius(path: Path, data: dict[str, dict[str, ArrheniusSeries]]) -> P
                 label = f"{name}: no fit (too few temperatures)"
             ax.errorbar(x, s.D_m2_s, yerr=s.D_err_m2_s, fmt=marker, color=style["color"], capsize=3,
                         markersize=5, label=label)
-        if not ax.has_data():
-            ax.text(0.5, 0.5, "no converged D", transform=ax.transAxes, ha="center", va="center", color="0.4")
+        has_points = any(s is not None and len(s.temperature_K) for s in by_kind.values())
+        ax.set_xlabel("1000 / T (1/K)")
+        ax.set_title(species, fontsize=11)
+        if not has_points:
+            # No D axis to draw: a blank linear 0..1 axis with an exponent label reads as data.
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, "no converged D at any temperature\n(see the MSD plot)", transform=ax.transAxes,
+                    ha="center", va="center", color="0.4")
+            if run_x.size:
+                pad = 0.05 * max(float(np.ptp(run_x)), 0.2)
+                ax.set_xlim(run_x.min() - pad, run_x.max() + pad)
         else:
             ax.set_yscale("log")
+            ax.set_ylabel("D (m$^2$/s)")
             ax.legend(fontsize=8, frameon=False)
-        ax.set_xlabel("1000 / T (1/K)")
-        ax.set_ylabel("D (m$^2$/s)")
-        ax.set_title(species, fontsize=11)
-        top = ax.secondary_xaxis("top", functions=(lambda v: 1000.0 / np.maximum(v, 1e-9),
-                                                    lambda v: 1000.0 / np.maximum(v, 1e-9)))
-        top.set_xlabel("T (K)", fontsize=8)
-        top.tick_params(labelsize=7)
+        if ax.get_xlim()[0] > 0:  # T = 1000/x is only defined on positive 1000/T
+            top = ax.secondary_xaxis("top", functions=(lambda v: 1000.0 / np.maximum(v, 1e-9),
+                                                        lambda v: 1000.0 / np.maximum(v, 1e-9)))
+            top.set_xlabel("T (K)", fontsize=8)
+            top.tick_params(labelsize=7)
     return _save(plt, fig, path)
 
 

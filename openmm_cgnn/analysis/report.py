@@ -51,29 +51,66 @@ def _ea_cell(fit: dict | None) -> str:
     return f"{fit['Ea_kJ_mol']:.2f} ± {fit['Ea_err_kJ_mol']:.2f}"
 
 
+class _Notes:
+    """Numbered notes under a table, so long reasons do not stretch its cells."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def mark(self, text: str) -> str:
+        if text not in self.items:
+            self.items.append(text)
+        return f"[{self.items.index(text) + 1}]"
+
+    def lines(self, first: int = 0) -> list[str]:
+        """The notes from number ``first + 1`` on (those not yet printed under an earlier table)."""
+        new = [f"[{i}] {text}  " for i, text in enumerate(self.items, 1)][first:]
+        return new + ([""] if new else [])
+
+
+_VERDICT_WORDS = {"met": "**met**", "missed": "**missed**", "not measured": "not measured",
+                  "not resolved": "not resolved"}
+
+
 def _summary(metrics: dict[str, Any]) -> list[str]:
-    """The verdict in one table: activation energies, CG speed-up, worst RDF errors."""
+    """The verdict in one table: activation energies against their target, CG speed-up, worst RDF errors."""
+    verdict = metrics.get("verdict", {})
+    targets = verdict.get("targets", {})
+    notes = _Notes()
     rows = []
     for species, entry in metrics["arrhenius"].items():
-        rows.append([f"E_a of {species} (kJ/mol)", _ea_cell(entry.get("aa")), _ea_cell(entry.get("cg")),
-                     _pct(entry.get("Ea_relative_difference"))])
+        judged = verdict.get("Ea", {}).get(species, {})
+        fitted = [f"{k.upper()} {_ea_cell(entry[k])}" for k in ("aa", "cg") if entry.get(k, {}).get("status") == "ok"]
+        value = ", ".join(fitted) + " kJ/mol" if fitted else "—"
+        if entry.get("Ea_relative_difference") is not None:
+            value += f" ({100 * entry['Ea_relative_difference']:+.1f}%)"
+        status = _VERDICT_WORDS.get(judged.get("status", ""), "—")
+        if judged.get("detail"):
+            status += " " + notes.mark(judged["detail"])
+        target = f"within {_pct(targets['Ea_relative'])}" if "Ea_relative" in targets else "—"
+        rows.append([f"E_a of {species}", value, target, status])
     for species, by_t in metrics["d_ratio_cg_aa"].items():
         cells = [f"{key} K: {_ratio_cell(r)}" for key, r in by_t.items()]
-        rows.append([f"D_CG / D_AA of {species}", "", "", "; ".join(cells)])
+        rows.append([f"D_CG / D_AA of {species}", "; ".join(cells), "—", "—"])
     for group, label in (("com", "molecular centres"), ("bead", "bead types")):
-        entries = [(e["error"], name, e) for name, e in metrics["rdf"].items() if e["kind"] == group]
-        if entries:
-            error, _, worst = max(entries, key=lambda x: x[0])
-            at = max(worst["by_temperature"], key=lambda k: worst["by_temperature"][k]["error"])
-            rows.append([f"worst RDF error, {label}", "", "", f"{_pct(error)} ({'–'.join(worst['pair'])} at {at} K)"])
-    return ["## Summary", ""] + _table(["quantity", "AA", "CG", "CG vs AA"], rows)
+        judged = verdict.get("rdf", {}).get(group)
+        if not judged:
+            continue
+        value = (f"{_pct(judged['worst_error'])} ({judged['pair']} at {judged['temperature']} K; "
+                 f"noise floor {_pct(judged['noise_floor'])})")
+        status = _VERDICT_WORDS[judged["status"]]
+        if judged["status"] == "not resolved":
+            status += " " + notes.mark(f"the error is within a few counting-noise floors ({_pct(judged['noise_floor'])}):"
+                                       " sample more frames or a larger box to decide")
+        rows.append([f"worst RDF error, {label}", value, f"under {_pct(targets.get('rdf_error'))}", status])
+    return ["## Summary", ""] + _table(["quantity", "value", "target", "verdict"], rows) + notes.lines()
 
 
-def _diffusion_cell(result: dict | None) -> str:
+def _diffusion_cell(result: dict | None, notes: _Notes, where: str) -> str:
     if result is None:
         return "—"
     if result["status"] != "ok":
-        return f"not converged: {result['reason']}"
+        return "not converged " + notes.mark(f"{where}: {result['reason']}")
     return format_pm(result["D_m2_s"], result["D_err_m2_s"])
 
 
@@ -94,9 +131,11 @@ def _dynamics(metrics: dict[str, Any], plots: set[str]) -> list[str]:
     with_yh = any(r.get("D_yeh_hummer_m2_s") is not None for by_t in metrics["diffusion"].values()
                   for e in by_t.values() for r in e.values())
     rows = []
+    notes = _Notes()
     for species, by_t in metrics["diffusion"].items():
         for key, entry in by_t.items():
-            row = [species, key, _diffusion_cell(entry.get("aa")), _diffusion_cell(entry.get("cg")),
+            row = [species, key, _diffusion_cell(entry.get("aa"), notes, f"AA {species} {key} K"),
+                   _diffusion_cell(entry.get("cg"), notes, f"CG {species} {key} K"),
                    _ratio_cell(metrics["d_ratio_cg_aa"].get(species, {}).get(key)),
                    " / ".join(f"{entry[k]['box_nm']:.2f}" if k in entry else "—" for k in ("aa", "cg"))]
             if with_yh:
@@ -104,7 +143,8 @@ def _dynamics(metrics: dict[str, Any], plots: set[str]) -> list[str]:
                                       for k in ("aa", "cg")))
             rows.append(row)
     header = ["species", "T (K)", "D AA (m²/s)", "D CG (m²/s)", "D_CG / D_AA", "box AA / CG (nm)"]
-    out += _table(header + (["D Yeh–Hummer AA / CG"] if with_yh else []), rows)
+    out += _table(header + (["D Yeh–Hummer AA / CG"] if with_yh else []), rows) + notes.lines()
+    printed = len(notes.items)
 
     rows = []
     for species, entry in metrics["arrhenius"].items():
@@ -113,13 +153,14 @@ def _dynamics(metrics: dict[str, Any], plots: set[str]) -> list[str]:
             fit = entry.get(kind)
             ea = _ea_cell(fit)
             if fit is not None and fit["status"] != "ok":
-                ea += f" ({fit['reason']})"
+                ea += " " + notes.mark(f"{kind.upper()} {species}: {fit['reason']}")
             cells += [ea, format_pm(fit["D0_m2_s"], None) if fit and fit["status"] == "ok" else "—"]
         rows.append([species, cells[0], cells[2], _pct(entry.get("Ea_relative_difference")), cells[1], cells[3]])
     if rows:
         out += ["### Arrhenius fits ln D = ln D0 − E_a / RT", ""]
         out += _table(["species", "E_a AA (kJ/mol)", "E_a CG (kJ/mol)", "CG vs AA", "D0 AA (m²/s)",
                        "D0 CG (m²/s)"], rows)
+        out += notes.lines(first=printed)
     out += [f"![MSD {name[4:-4]}]({name})" for name in sorted(plots) if name.startswith("msd_")]
     if "arrhenius.png" in plots:
         out += ["", "![Arrhenius plot](arrhenius.png)"]
@@ -137,14 +178,23 @@ def _structure(metrics: dict[str, Any], plots: set[str]) -> list[str]:
     out += ["RDF error: ∫|g_CG − g_AA| dr / ∫ g_AA dr; first peak of the smoothed curve. "
             "Bead-type RDFs count only pairs in different molecules. The noise floor is the error that "
             "counting noise alone would give (a lower bound; frames are correlated).", ""]
-    rows = []
-    for entry in metrics["rdf"].values():
-        for key, m in entry["by_temperature"].items():
-            rows.append([entry["kind"], "–".join(entry["pair"]), key, _pct(m["error"]), _pct(m["noise_floor"]),
-                         f"{_num(m['peak_r_nm']['aa'])} / {_num(m['peak_r_nm']['cg'])}",
-                         f"{_num(m['peak_g']['aa'], '.2f')} / {_num(m['peak_g']['cg'], '.2f')}"])
-    out += _table(["RDF", "pair", "T (K)", "error", "noise floor", "first peak r AA / CG (nm)",
-                   "peak g AA / CG"], rows)
+    header = ["pair", "T (K)", "error", "noise floor", "first peak r AA / CG (nm)", "peak g AA / CG"]
+    for group in ("com", "bead"):
+        rows = []
+        for entry in metrics["rdf"].values():
+            if entry["kind"] != group:
+                continue
+            for key, m in entry["by_temperature"].items():
+                rows.append(["–".join(entry["pair"]), key, _pct(m["error"]), _pct(m["noise_floor"]),
+                             f"{_num(m['peak_r_nm']['aa'])} / {_num(m['peak_r_nm']['cg'])}",
+                             f"{_num(m['peak_g']['aa'], '.2f')} / {_num(m['peak_g']['cg'], '.2f')}"])
+        if not rows:
+            continue
+        if group == "com":
+            out += ["### Molecular centres of mass", ""] + _table(header, rows)
+        else:  # many pairs: folded so the molecular table and the bond checks stay in view
+            out += ["<details><summary>Bead-type RDFs (intermolecular pairs)</summary>", ""]
+            out += _table(header, rows) + ["</details>", ""]
     rows = []
     for key, bonded in metrics["structure"].items():
         for group, unit, fmt in (("bonds", "nm", ".3f"), ("angles", "deg", ".1f")):

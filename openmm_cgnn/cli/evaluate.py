@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rdf-max-frames", type=int, default=250, help="frames per run used for RDFs (evenly spaced)")
     parser.add_argument("--slope-tolerance", type=float, default=0.15,
                         help="diffusive regime: log-log MSD slope within 1 +/- this")
+    parser.add_argument("--target-ea", type=float, default=0.15, metavar="FRACTION",
+                        help="verdict: CG activation energy within this fraction of AA's (default 0.15)")
+    parser.add_argument("--target-rdf-error", type=float, default=0.05, metavar="FRACTION",
+                        help="verdict: worst RDF error under this (default 0.05)")
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -59,11 +63,15 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--start-ps must be >= 0, got {args.start_ps}")
     if args.rdf_max_frames < 1 or args.rdf_bin_nm <= 0:
         raise CLIError("--rdf-max-frames and --rdf-bin-nm must be positive")
+    for flag, value in (("--target-ea", args.target_ea), ("--target-rdf-error", args.target_rdf_error)):
+        if not value > 0:
+            raise CLIError(f"{flag} must be a positive fraction, got {value}")
     settings = EvaluationSettings(
         start_ps=args.start_ps, stride=args.stride, rdf_bin_nm=args.rdf_bin_nm, rdf_r_max_nm=args.rdf_r_max_nm,
         rdf_max_frames=args.rdf_max_frames, slope_tolerance=args.slope_tolerance,
         viscosity_pa_s=_viscosity(args.viscosity_pa_s, "--viscosity-pa-s"),
         cg_viscosity_pa_s=_viscosity(args.cg_viscosity_pa_s, "--cg-viscosity-pa-s"),
+        target_ea_relative=args.target_ea, target_rdf_error=args.target_rdf_error,
     )
     log = None if args.quiet else (lambda message: print(message, file=sys.stderr))
     try:
