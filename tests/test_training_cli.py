@@ -40,11 +40,14 @@ def train_cli(capsys, *args):
 def test_cli_trains_and_refuses_to_overwrite(run_dir, tmp_path, capsys):
     out = tmp_path / "model"
     code = main(["train", "--data", str(run_dir), "--mapping", str(run_dir / "mapping.json"), "--out", str(out),
-                 "--quick", "--epochs", "1", "--no-progress", "--device", "cpu"])
+                 "--quick", "--epochs", "1", "--no-progress", "--device", "cpu",
+                 "--model-option", "features=12", "inter_cutoff_nm=0.65"])
     assert code == 0
     assert "validation force RMSE" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_completed"] == 1 and metrics["train_config"]["quick"]
+    hparams = json.loads((out / "hparams.json").read_text())
+    assert (hparams["features"], hparams["inter_cutoff_nm"], hparams["filters"]) == (12, 0.65, 32)  # rest: --quick
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
     code, err = train_cli(capsys, "--data", run_dir, "--mapping", run_dir / "mapping.json", "--out", out, "--epochs", "1")
@@ -119,3 +122,17 @@ def test_cli_cuda_without_device(run_dir, tmp_path, capsys):
     code, err = train_cli(capsys, "--data", run_dir, "--mapping", run_dir / "mapping.json", "--out", tmp_path / "m",
                           "--device", "cuda")
     assert code == 2 and "cuda" in err.lower()
+
+
+@pytest.mark.parametrize("option, message", [
+    ("width=3", "NAME=VALUE with NAME one of"),
+    ("features", "NAME=VALUE"),
+    ("features=many", "'many' is not a valid int"),
+    ("features=0", "HybridGraphConfig.features"),
+    ("energy_scale=2", "NAME one of"),  # set from the data, not by hand
+])
+def test_cli_model_option_errors(run_dir, tmp_path, capsys, option, message):
+    code, err = train_cli(capsys, "--data", run_dir, "--mapping", run_dir / "mapping.json", "--out", tmp_path / "m",
+                          "--epochs", "1", "--model-option", option)
+    assert code == 2 and "--model-option" in err and message in err
+    assert not (tmp_path / "m").exists()

@@ -44,7 +44,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tail fraction of each run used for validation (default {DEFAULT_VALIDATION_FRACTION})")
     parser.add_argument("--patience", type=int, default=defaults.early_stopping_patience,
                         help=f"stop after this many epochs without validation improvement (default {defaults.early_stopping_patience})")
+    parser.add_argument("--model-option", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="override a network hyper-parameter of the --quick or reference size, e.g. "
+                             "features=64 filters=64 inter_cutoff_nm=0.9 (names as in hparams.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# Set from the data or the other options, never by hand.
+_DERIVED_FIELDS = ("n_bead_types", "bead_type_names", "use_temperature", "energy_scale", "extra")
+
+
+def model_options(pairs: list[str]) -> dict[str, object]:
+    """``NAME=VALUE`` strings as HybridGraphConfig overrides, each value of its field's type."""
+    import dataclasses
+
+    from ..model import HybridGraphConfig
+
+    fields = {f.name: f for f in dataclasses.fields(HybridGraphConfig) if f.name not in _DERIVED_FIELDS}
+    options: dict[str, object] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in fields:
+            raise CLIError(f"--model-option {pair!r}: expected NAME=VALUE with NAME one of {', '.join(sorted(fields))}")
+        kind = type(fields[name].default)
+        try:
+            options[name] = int(text) if kind is int else float(text) if kind is float else text
+        except ValueError:
+            raise CLIError(f"--model-option {name}: {text!r} is not a valid {kind.__name__}") from None
+    return options
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -71,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training import TrainConfig, TrainingDataError, TrainingError, train
 
     _check_arguments(args)
+    overrides = model_options(args.model_option)
     defaults = TrainConfig()
     config = TrainConfig(
         epochs=args.epochs or (QUICK_EPOCHS if args.quick else defaults.epochs),
@@ -85,10 +113,14 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick,
     )
     try:
-        metrics = train(args.data, args.mapping, args.out, config, resume=args.resume, overwrite=args.overwrite,
-                        show_progress=not args.no_progress)
+        metrics = train(args.data, args.mapping, args.out, config, model_overrides=overrides, resume=args.resume,
+                        overwrite=args.overwrite, show_progress=not args.no_progress)
     except (TrainingDataError, TrainingError, MappingError, FramesError) as exc:
         raise CLIError(str(exc)) from exc
+    except ValueError as exc:
+        if "HybridGraphConfig." in str(exc):  # a --model-option value the network rejects
+            raise CLIError(f"--model-option: {exc}") from exc
+        raise
     validation = metrics["validation"]["overall"]
     constant = metrics["baselines"]["constant_per_type"]["validation"]["overall"]
     prior = metrics["baselines"]["prior_only"]["validation"]["overall"]
