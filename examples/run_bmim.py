@@ -44,7 +44,7 @@ SETTINGS = {
         "map": {"--epochs": 300, "--restarts": 3, "--max-frames": 200},
         "train": {"--quick": None, "--epochs": 25, "--max-frames": 300, "--patience": 8,
                   "--model-option": "features=64 filters=64 n_gaussians=32"},
-        "cg_steps": 60_000,
+        "cg_steps": 40_000,
         "cg_save_every_steps": 50,
         "platform": "CPU",
         "device": "cpu",
@@ -89,21 +89,21 @@ def run_stages(stages: list[tuple[str, list[str], Path]], jobs: int = 1, log_dir
     env = dict(os.environ, OPENMM_CPU_THREADS=threads, OMP_NUM_THREADS=threads)
     assert log_dir is not None
     log_dir.mkdir(parents=True, exist_ok=True)
-    running: list[tuple[str, subprocess.Popen, float]] = []
+    running: list[tuple[str, subprocess.Popen, float, Path]] = []
     failures = []
     while pending or running:
         while pending and len(running) < jobs:
             name, args, _ = pending.pop(0)
             log = log_dir / (name.replace(" ", "_") + ".log")
             print(f"[{name}] running, output in {log}", flush=True)
-            running.append((name, _start(name, args, env, log), time.perf_counter()))
+            running.append((name, _start(name, args, env, log), time.perf_counter(), log))
         time.sleep(2)
         for item in [r for r in running if r[1].poll() is not None]:
             running.remove(item)
             try:
-                _wait(*item)
+                _wait(*item[:3])
             except SystemExit as exc:
-                failures.append(str(exc))
+                failures.append(f"{exc} (its output: {item[3]})")
     if failures:
         raise SystemExit("; ".join(failures))
 
