@@ -142,6 +142,13 @@ def test_verdict_against_the_targets(evaluated):
             "400": {"error": error, "noise_floor": floor}, "500": {"error": error / 2, "noise_floor": floor}}}}}
         judged = target_verdict(fake, EvaluationSettings())["rdf"]["com"]
         assert (judged["status"], judged["temperature"], judged["pair"]) == (status, "400", "A–B")
+    # E_a: a difference beyond the target is "missed" only when its own error is within the target.
+    for difference, error, status in ((0.10, 0.03, "met"), (0.40, 0.05, "missed"), (0.40, 0.30, "not resolved")):
+        aa = {"status": "ok", "Ea_kJ_mol": 20.0, "Ea_err_kJ_mol": 0.0}
+        fake = {"rdf": {}, "arrhenius": {"X": {"aa": aa, "cg": dict(aa, Ea_kJ_mol=20.0 * (1 + difference)),
+                                               "Ea_relative_difference": difference,
+                                               "Ea_relative_difference_err": error}}}
+        assert target_verdict(fake, EvaluationSettings())["Ea"]["X"]["status"] == status
     report = (evaluated[0] / "report.md").read_text()
     assert "| E_a of CHN |" in report and "**missed**" in report
 

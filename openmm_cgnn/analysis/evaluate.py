@@ -360,14 +360,17 @@ def _arrhenius(metrics: dict) -> dict[str, dict[str, plots.ArrheniusSeries]]:
         if all(entry.get(k, {}).get("status") == "ok" for k in KINDS):
             aa_ea, cg_ea = entry["aa"]["Ea_kJ_mol"], entry["cg"]["Ea_kJ_mol"]
             entry["Ea_relative_difference"] = (cg_ea - aa_ea) / aa_ea
+            aa_err, cg_err = entry["aa"]["Ea_err_kJ_mol"], entry["cg"]["Ea_err_kJ_mol"]
+            entry["Ea_relative_difference_err"] = math.hypot(cg_err / aa_ea, cg_ea * aa_err / aa_ea ** 2)
     return series
 
 
 def target_verdict(metrics: dict, settings: EvaluationSettings) -> dict:
     """Each target met, missed or not measured, with the numbers that decide it.
 
-    An RDF error above the target but within a few noise floors may be counting noise alone: that
-    reads "not resolved", not "missed", so a user knows to sample more rather than retrain.
+    An RDF error above the target but within a few noise floors may be counting noise alone, and an
+    E_a difference whose uncertainty exceeds the target says nothing either way: both read "not
+    resolved", not "missed", so a user knows to sample more rather than retrain.
     """
     verdict: dict[str, Any] = {"targets": {"Ea_relative": settings.target_ea_relative,
                                            "rdf_error": settings.target_rdf_error}, "Ea": {}, "rdf": {}}
@@ -378,8 +381,13 @@ def target_verdict(metrics: dict, settings: EvaluationSettings) -> dict:
             verdict["Ea"][species] = {"status": "not measured",
                                       "detail": f"no Arrhenius fit for {' and '.join(missing)}"}
         else:
-            met = abs(difference) <= settings.target_ea_relative
-            verdict["Ea"][species] = {"status": "met" if met else "missed", "relative_difference": difference}
+            error = entry["Ea_relative_difference_err"]
+            if error > settings.target_ea_relative:
+                status = "not resolved"  # the fits' errors alone are wider than the target
+            else:
+                status = "met" if abs(difference) <= settings.target_ea_relative else "missed"
+            verdict["Ea"][species] = {"status": status, "relative_difference": difference,
+                                      "relative_difference_err": error}
     for group in ("com", "bead"):
         cases = [(m["error"], m["noise_floor"], "–".join(e["pair"]), key)
                  for e in metrics["rdf"].values() if e["kind"] == group for key, m in e["by_temperature"].items()]

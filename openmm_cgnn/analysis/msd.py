@@ -227,7 +227,7 @@ def fit_diffusion(
     if span < min_span_decades:
         return refuse(
             f"diffusive regime too short: slope 1 +/- {slope_tolerance} only from {t_start:g} to "
-            f"{t_end:g} ps ({span:.2f} decades, need {min_span_decades}); run longer"
+            f"{t_end:g} ps ({span:.3f} decades, need {min_span_decades:g}); run longer"
         )
     window = (curve.lag_ps >= t_start) & (curve.lag_ps <= t_end)
     result.update(fit_start_ps=t_start, fit_end_ps=t_end)

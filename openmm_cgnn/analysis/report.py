@@ -83,10 +83,14 @@ def _summary(metrics: dict[str, Any]) -> list[str]:
         fitted = [f"{k.upper()} {_ea_cell(entry[k])}" for k in ("aa", "cg") if entry.get(k, {}).get("status") == "ok"]
         value = ", ".join(fitted) + " kJ/mol" if fitted else "—"
         if entry.get("Ea_relative_difference") is not None:
-            value += f" ({100 * entry['Ea_relative_difference']:+.1f}%)"
+            value += (f" ({100 * entry['Ea_relative_difference']:+.0f} ± "
+                      f"{100 * entry['Ea_relative_difference_err']:.0f}%)")
         status = _VERDICT_WORDS.get(judged.get("status", ""), "—")
         if judged.get("detail"):
             status += " " + notes.mark(judged["detail"])
+        elif judged.get("status") == "not resolved":
+            status += " " + notes.mark("the uncertainty of the E_a difference is wider than the target: "
+                                       "more temperatures with a converged D, or longer runs, are needed")
         target = f"within {_pct(targets['Ea_relative'])}" if "Ea_relative" in targets else "—"
         rows.append([f"E_a of {species}", value, target, status])
     for species, by_t in metrics["d_ratio_cg_aa"].items():
