@@ -1,7 +1,7 @@
 """The whole openmm_cgnn chain for [BMIM][BF4], one stage after another.
 
     python examples/run_bmim.py --quick              # 2-core CPU, about 10 minutes, tiny sizes
-    python examples/run_bmim.py --size cpu --jobs 2  # CPU-sized verdict, 550-700 K, about 2 hours on 2 cores
+    python examples/run_bmim.py --size cpu --jobs 2  # CPU-sized verdict, 550-700 K, about 1.5 hours on 2 cores
     python examples/run_bmim.py                      # full size, meant for a CUDA GPU
 
 Stages: all-atom ground truth at several temperatures -> learned mapping (CGAE) -> Hybridgraph
