@@ -208,3 +208,16 @@ def test_corrupt_forcefield_data_is_reported(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--forcefield-dir" in err and "forcefield.xml" in err
     assert not out.exists()
+
+
+def test_density_convergence_tells_noise_from_drift():
+    from openmm_cgnn.aa.stages import density_convergence
+
+    rng = np.random.default_rng(3)
+    noise = 1000.0 + rng.normal(0.0, 20.0, 400)
+    flat = density_convergence(noise)
+    assert flat["density_converged"] and flat["density_kg_m3"] == pytest.approx(1000.0, abs=5.0)
+    assert 0.3 < flat["density_sem_kg_m3"] < 3.0  # about 20 / sqrt(400) for uncorrelated samples
+    ramp = density_convergence(noise + np.linspace(0.0, 60.0, 400))  # still compressing
+    assert ramp["density_converged"] is False and ramp["density_drift_kg_m3"] == pytest.approx(30.0, abs=5.0)
+    assert density_convergence(noise[:5])["density_sem_kg_m3"] is None  # too few samples to judge

@@ -214,3 +214,14 @@ def test_evaluate_needs_aa_runs(runs, tmp_path):
         evaluate([], dirs["cg"], mapping, tmp_path)
     with pytest.raises(FramesError):
         evaluate([tmp_path / "missing"], [], mapping, tmp_path)
+
+
+def test_npt_density_error_reaches_the_report(tmp_path):
+    """An AA box fixed from an NPT mean carries that mean's error, not zero."""
+    mapping = write_mapping(tmp_path / "mapping.json")
+    aa = write_brownian_run(tmp_path / "aa", "aa", 400, {"CHN": 0.01, "ION": 0.01}, COUNTS, n_frames=30,
+                            metadata={"density_sem_kg_m3": 12.5})
+    metrics = evaluate([aa], [], mapping, tmp_path / "out")
+    density = metrics["density"]["runs"]["400"]
+    assert density["box_fixed"] and density["err_kg_m3"] == 12.5 and density["err_from"] == "NPT"
+    assert "12.5 (of the NPT mean that fixed the box)" in (tmp_path / "out" / "report.md").read_text()

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -85,6 +85,36 @@ class Progress:
     nvt_edge_nm: float | None = None
     ms_per_step: float | None = None  # production, including frame and checkpoint writing
     npt_ms_per_step: float | None = None
+
+
+DENSITY_BLOCKS = 4
+DENSITY_DRIFT_SIGMAS = 3.0  # a half-to-half change beyond this many standard errors is a trend, not noise
+
+
+def density_convergence(densities: Sequence[float]) -> dict[str, Any]:
+    """Mean, block standard error and drift of NPT densities, and whether the drift is noise.
+
+    The samples are correlated, so errors come from the spread of ``DENSITY_BLOCKS`` block means.
+    Drift is the change from the first to the second half. It is judged against the block error
+    of the detrended series, since a trend would otherwise inflate the error it is tested against;
+    beyond ``DENSITY_DRIFT_SIGMAS`` times the error of a half-to-half difference it is a trend.
+    """
+    from ..analysis.density import block_standard_error
+
+    values = np.asarray(densities, dtype=float)
+    sem = block_standard_error(values, DENSITY_BLOCKS)
+    if sem is None:
+        return {"density_kg_m3": float(values.mean()), "density_sem_kg_m3": None,
+                "density_drift_kg_m3": None, "density_converged": None}
+    halves = np.array_split(values, 2)
+    drift = float(halves[1].mean() - halves[0].mean())
+    index = np.arange(values.size)
+    detrended = values - np.polyval(np.polyfit(index, values, 1), index)
+    noise = block_standard_error(detrended, DENSITY_BLOCKS) or 0.0
+    # A half's mean has about sqrt(2) times the error of the whole; their difference twice it.
+    converged = abs(drift) <= DENSITY_DRIFT_SIGMAS * 2.0 * max(noise, 1e-12)
+    return {"density_kg_m3": float(values.mean()), "density_sem_kg_m3": sem,
+            "density_drift_kg_m3": drift, "density_converged": bool(converged)}
 
 
 def platform_properties(name: str) -> dict[str, str]:
@@ -261,8 +291,14 @@ class SingleRun:
         self._write_npt_density(progress)
         self._save_checkpoint(nvt, progress)
         rho = density_kg_m3(self.total_mass, edge**3)
-        self.log(f"{self._tag()} NPT second-half mean density {self._density(progress):.1f} kg/m3; "
+        check = density_convergence([density_kg_m3(self.total_mass, v) for v in self._second_half_volumes(progress)])
+        error = "" if check["density_sem_kg_m3"] is None else f" ± {check['density_sem_kg_m3']:.1f}"
+        self.log(f"{self._tag()} NPT second-half mean density {self._density(progress):.1f}{error} kg/m3; "
                  f"NVT box edge {edge:.4f} nm ({rho:.1f} kg/m3)")
+        if check["density_converged"] is False:
+            self.log(f"{self._tag()} WARNING: the NPT density still drifts ({check['density_drift_kg_m3']:+.1f} kg/m3 "
+                     f"between the halves of the averaging window, standard error {check['density_sem_kg_m3']:.1f}); "
+                     "the NVT box may be off: use a longer --equilibrate-ps")
         return nvt, progress
 
     def _density(self, progress: Progress) -> float:
@@ -285,7 +321,9 @@ class SingleRun:
         if not frames_path.exists() or not (self.dir / "topology.pdb").exists():
             self._write_topology_pdb(state)
         info = TopologyInfo.from_openmm(self.topology, context.getSystem(), state.getPositions())
-        metadata = dict(self.metadata, density_kg_m3=self._density(progress), nvt_box_edge_nm=progress.nvt_edge_nm)
+        npt = density_convergence([density_kg_m3(self.total_mass, v) for v in self._second_half_volumes(progress)])
+        metadata = dict(self.metadata, density_kg_m3=self._density(progress), nvt_box_edge_nm=progress.nvt_edge_nm,
+                        density_sem_kg_m3=npt["density_sem_kg_m3"])
         writer = FrameWriter(frames_path, info, metadata, with_forces=True, resume=True)
         try:
             if writer.n_frames > progress.frames_done:  # only if frames.h5 outlived its checkpoint
@@ -355,18 +393,15 @@ class SingleRun:
     def _summary(self, progress: Progress) -> dict[str, Any]:
         volumes = self._second_half_volumes(progress)
         densities = [density_kg_m3(self.total_mass, v) for v in volumes]
-        # Second half split in two: a large difference means NPT was too short to equilibrate.
-        halves = np.array_split(np.array(densities), 2) if len(densities) >= 2 else [densities, densities]
         summary = {
             "kind": "aa",
             "n_pairs": self.s.n_pairs,
             "composition": self.s.composition,
             "n_atoms": int(self.masses.size),
             "temperature_K": self.s.temperature_K,
-            "density_kg_m3": float(np.mean(densities)),
+            **density_convergence(densities),  # a large drift means NPT was too short to equilibrate
             "density_std_kg_m3": float(np.std(densities)),
             "density_samples": len(densities),
-            "density_drift_kg_m3": float(np.mean(halves[1]) - np.mean(halves[0])),
             "nvt_box_edge_nm": progress.nvt_edge_nm,
             "n_frames": progress.frames_done,
             "platform": self.s.platform,

@@ -111,15 +111,22 @@ class DensityResult:
         return asdict(self)
 
 
+def block_standard_error(values: Sequence[float], n_blocks: int) -> float | None:
+    """Standard error of the mean of a correlated series from ``n_blocks`` consecutive block means.
+
+    None with fewer than two samples per block: too few to tell fluctuation from drift.
+    """
+    values = np.asarray(values, dtype=float)
+    if n_blocks < 2 or values.size < 2 * n_blocks:
+        return None
+    blocks = np.array([b.mean() for b in np.array_split(values, n_blocks)])
+    return float(blocks.std(ddof=1) / np.sqrt(n_blocks))
+
+
 def run_density(total_mass_amu: float, box: np.ndarray, n_blocks: int = 5) -> DensityResult:
     """Mean mass density of a run from its box volumes, with a block-average error."""
     lengths = orthorhombic_lengths(box)
     density = total_mass_amu * AMU_PER_NM3_TO_KG_PER_M3 / np.prod(lengths, axis=1)
     fixed = bool(np.ptp(density) <= 1e-9 * density.mean())
-    err: float | None = 0.0
-    if not fixed and density.size >= 2 * n_blocks:
-        blocks = np.array([b.mean() for b in np.array_split(density, n_blocks)])
-        err = float(blocks.std(ddof=1) / np.sqrt(n_blocks))
-    elif not fixed:
-        err = None  # too few frames to tell fluctuation from drift
+    err = 0.0 if fixed else block_standard_error(density, n_blocks)
     return DensityResult(float(density.mean()), err, fixed, int(density.size))

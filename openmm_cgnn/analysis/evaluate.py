@@ -69,6 +69,8 @@ class Run:
     molecule_formulae: dict[str, int] | None = None  # AA only: formula -> number of molecules
     total_mass_amu: float = 0.0
     n_molecules: dict[str, int] = field(default_factory=dict)
+    # AA runs with a box fixed from NPT: the standard error of that NPT density (frames metadata)
+    npt_density_sem_kg_m3: float | None = None
 
     def summary(self) -> dict:
         return {
@@ -131,6 +133,7 @@ def load_run(path: str | Path, mapping: Any, kind: str, settings: EvaluationSett
         box_nm=float(np.mean(np.prod(lengths, axis=1)) ** (1 / 3)), molecule_formulae=formulae,
         total_mass_amu=float(np.sum(cg.masses)),
         n_molecules={s: int(centres.indices(s).size) for s in species},
+        npt_density_sem_kg_m3=first.metadata.get("density_sem_kg_m3"),
     )
 
 
@@ -442,6 +445,9 @@ def _density(aa_runs: Sequence[Run], metrics: dict) -> tuple[Any, list]:
     points = []
     for run in aa_runs:
         d = run_density(run.total_mass_amu, run.cg.box).to_dict()
+        if d["box_fixed"] and run.npt_density_sem_kg_m3 is not None:
+            # The NVT box is the NPT mean: its uncertainty is the NPT one, not zero.
+            d.update(err_kg_m3=float(run.npt_density_sem_kg_m3), err_from="NPT")
         if reference is not None:
             exp, extrapolated = reference.at(run.temperature_K)
             d.update(experiment_kg_m3=exp, experiment_extrapolated=extrapolated,

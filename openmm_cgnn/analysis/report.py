@@ -224,7 +224,10 @@ def _density(metrics: dict[str, Any], plots: set[str]) -> list[str]:
         out += [density.get("note", "No experimental reference."), ""]
     rows = []
     for key, d in density["runs"].items():
-        err = "box fixed (NVT)" if d["box_fixed"] else _num(d["err_kg_m3"], ".1f")
+        if d.get("err_from") == "NPT":
+            err = f"{d['err_kg_m3']:.1f} (of the NPT mean that fixed the box)"
+        else:
+            err = "box fixed (NVT)" if d["box_fixed"] else _num(d["err_kg_m3"], ".1f")
         exp = "—"
         if "experiment_kg_m3" in d:
             exp = f"{d['experiment_kg_m3']:.1f}" + ("*" if d["experiment_extrapolated"] else "")

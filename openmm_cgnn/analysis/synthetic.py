@@ -83,8 +83,11 @@ def write_brownian_run(
     wrap: bool = False,
     vibration_nm: float = 0.005,
     seed: int = 0,
+    metadata: dict | None = None,
 ) -> Path:
     """Write ``directory/frames.h5`` of Brownian rigid molecules; returns the directory.
+
+    ``metadata`` adds entries to the run's metadata (e.g. what an AA run records of its NPT stage).
 
     ``wrap=True`` puts every particle back into the box each frame (the worst case for the
     unwrapping and molecule-rebuilding code); otherwise trajectories are continuous, as the
@@ -138,7 +141,7 @@ def write_brownian_run(
     topology = TopologyInfo(atom_name=names, element=elements, mass=np.asarray(masses), residue_name=residue_names,
                             residue_index=np.asarray(residue_index), bonds=np.asarray(bonds).reshape(-1, 2))
     metadata = {"kind": kind, "temperature_K": float(temperature_K), "forcefield": "synthetic Brownian rigid molecules",
-                "seed": seed}
+                "seed": seed, **(metadata or {})}
     directory = Path(directory)
     box = np.eye(3) * box_nm
     with FrameWriter(directory / "frames.h5", topology, metadata, with_forces=False) as writer:
