@@ -6,7 +6,8 @@ token production stage, then writes a JSON verdict::
     OPENMM_CPU_THREADS=1 python scripts/validate_aa_density.py \
         --out results/validation/aa_density_298K --json results/validation/density_298K.json
 
-Reference: 1200 kg/m3 at 298 K (shared/reference/bmim_bf4.md; linear fit 1408.9 - 0.700 T).
+Reference: the experimental table of openmm_cgnn.analysis.density (1200 kg/m3 at 298 K, as in
+shared/reference/bmim_bf4.md), the same the evaluation report uses.
 The goal is agreement within 3 %. The error bar is a block average over the second half of NPT.
 """
 
@@ -20,14 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def experimental_density(temperature_K: float) -> float:
-    return 1408.9 - 0.700 * temperature_K  # kg/m3, fit to the reference table (283-353 K)
-
-
-def block_error(values: np.ndarray, n_blocks: int = 5) -> float:
-    blocks = [b.mean() for b in np.array_split(values, n_blocks) if len(b)]
-    return float(np.std(blocks, ddof=1) / np.sqrt(len(blocks))) if len(blocks) > 1 else float("nan")
+BMIM_BF4 = {"C8H15N2": 1, "BF4": 1}  # molecule formulae, as the experimental density table lists them
 
 
 def main() -> int:
@@ -46,6 +40,7 @@ def main() -> int:
 
     import openmm_cgnn  # noqa: F401  (torch before openmm)
     from openmm_cgnn.aa import run_aa
+    from openmm_cgnn.analysis.density import block_standard_error, find_experimental_density
 
     t0 = time.time()
     summary = run_aa(args.out, args.pairs, args.temperature, args.equilibrate_ps, production_ps=1.0,
@@ -54,7 +49,7 @@ def main() -> int:
     with open(Path(args.out) / "npt_density.csv") as fh:
         rows = [(float(r["time_ps"]), float(r["density_kg_m3"])) for r in csv.DictReader(fh)]
     second_half = np.array([rho for t, rho in rows if t > args.equilibrate_ps / 2])
-    reference = experimental_density(args.temperature)
+    reference, _ = find_experimental_density(BMIM_BF4).at(args.temperature)
     density = summary["density_kg_m3"]
     result = {
         "temperature_K": args.temperature,
@@ -62,7 +57,7 @@ def main() -> int:
         "charge_scale": args.charge_scale,
         "npt_ps": args.equilibrate_ps,
         "density_kg_m3": density,
-        "density_block_error_kg_m3": block_error(second_half),
+        "density_block_error_kg_m3": block_standard_error(second_half, 5),
         "density_drift_kg_m3": summary["density_drift_kg_m3"],
         "experimental_kg_m3": reference,
         "relative_deviation": density / reference - 1.0,

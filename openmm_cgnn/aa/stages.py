@@ -291,9 +291,9 @@ class SingleRun:
         self._write_npt_density(progress)
         self._save_checkpoint(nvt, progress)
         rho = density_kg_m3(self.total_mass, edge**3)
-        check = density_convergence([density_kg_m3(self.total_mass, v) for v in self._second_half_volumes(progress)])
+        check = density_convergence(self._npt_densities(progress))
         error = "" if check["density_sem_kg_m3"] is None else f" ± {check['density_sem_kg_m3']:.1f}"
-        self.log(f"{self._tag()} NPT second-half mean density {self._density(progress):.1f}{error} kg/m3; "
+        self.log(f"{self._tag()} NPT second-half mean density {check['density_kg_m3']:.1f}{error} kg/m3; "
                  f"NVT box edge {edge:.4f} nm ({rho:.1f} kg/m3)")
         if check["density_converged"] is False:
             self.log(f"{self._tag()} WARNING: the NPT density still drifts ({check['density_drift_kg_m3']:+.1f} kg/m3 "
@@ -301,8 +301,9 @@ class SingleRun:
                      "the NVT box may be off: use a longer --equilibrate-ps")
         return nvt, progress
 
-    def _density(self, progress: Progress) -> float:
-        return float(np.mean([density_kg_m3(self.total_mass, v) for v in self._second_half_volumes(progress)]))
+    def _npt_densities(self, progress: Progress) -> np.ndarray:
+        """Densities of the second half of NPT: what the NVT box and its error are taken from."""
+        return density_kg_m3(self.total_mass, self._second_half_volumes(progress))
 
     def _write_npt_density(self, progress: Progress) -> None:
         lines = ["time_ps,volume_nm3,density_kg_m3"]
@@ -321,8 +322,8 @@ class SingleRun:
         if not frames_path.exists() or not (self.dir / "topology.pdb").exists():
             self._write_topology_pdb(state)
         info = TopologyInfo.from_openmm(self.topology, context.getSystem(), state.getPositions())
-        npt = density_convergence([density_kg_m3(self.total_mass, v) for v in self._second_half_volumes(progress)])
-        metadata = dict(self.metadata, density_kg_m3=self._density(progress), nvt_box_edge_nm=progress.nvt_edge_nm,
+        npt = density_convergence(self._npt_densities(progress))
+        metadata = dict(self.metadata, density_kg_m3=npt["density_kg_m3"], nvt_box_edge_nm=progress.nvt_edge_nm,
                         density_sem_kg_m3=npt["density_sem_kg_m3"])
         writer = FrameWriter(frames_path, info, metadata, with_forces=True, resume=True)
         try:
@@ -391,8 +392,7 @@ class SingleRun:
         os.replace(tmp, self.dir / "trajectory.dcd")
 
     def _summary(self, progress: Progress) -> dict[str, Any]:
-        volumes = self._second_half_volumes(progress)
-        densities = [density_kg_m3(self.total_mass, v) for v in volumes]
+        densities = self._npt_densities(progress)
         summary = {
             "kind": "aa",
             "n_pairs": self.s.n_pairs,

@@ -56,15 +56,17 @@ class _Notes:
 
     def __init__(self) -> None:
         self.items: list[str] = []
+        self.printed = 0
 
     def mark(self, text: str) -> str:
         if text not in self.items:
             self.items.append(text)
         return f"[{self.items.index(text) + 1}]"
 
-    def lines(self, first: int = 0) -> list[str]:
-        """The notes from number ``first + 1`` on (those not yet printed under an earlier table)."""
-        new = [f"[{i}] {text}  " for i, text in enumerate(self.items, 1)][first:]
+    def lines(self) -> list[str]:
+        """The notes not yet printed (under an earlier table that shares the numbering)."""
+        new = [f"[{i}] {text}  " for i, text in enumerate(self.items, 1)][self.printed:]
+        self.printed = len(self.items)
         return new + ([""] if new else [])
 
 
@@ -148,7 +150,6 @@ def _dynamics(metrics: dict[str, Any], plots: set[str]) -> list[str]:
             rows.append(row)
     header = ["species", "T (K)", "D AA (m²/s)", "D CG (m²/s)", "D_CG / D_AA", "box AA / CG (nm)"]
     out += _table(header + (["D Yeh–Hummer AA / CG"] if with_yh else []), rows) + notes.lines()
-    printed = len(notes.items)
 
     rows = []
     for species, entry in metrics["arrhenius"].items():
@@ -164,7 +165,7 @@ def _dynamics(metrics: dict[str, Any], plots: set[str]) -> list[str]:
         out += ["### Arrhenius fits ln D = ln D0 − E_a / RT", ""]
         out += _table(["species", "E_a AA (kJ/mol)", "E_a CG (kJ/mol)", "CG vs AA", "D0 AA (m²/s)",
                        "D0 CG (m²/s)"], rows)
-        out += notes.lines(first=printed)
+        out += notes.lines()
     out += [f"![MSD {name[4:-4]}]({name})" for name in sorted(plots) if name.startswith("msd_")]
     if "arrhenius.png" in plots:
         out += ["", "![Arrhenius plot](arrhenius.png)"]

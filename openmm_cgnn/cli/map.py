@@ -14,7 +14,6 @@ import re
 from collections import OrderedDict
 from pathlib import Path
 
-
 from . import CLIError
 
 _BEAD_ITEM = re.compile(r"^\s*([A-Za-z0-9_+\-]+)\s*=\s*(\d+)\s*$")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..frames import evenly_spaced
 from .geometry import pair_vectors, safe_norm
 from .system import SystemTensors, molecule_tables, residue_layout
 
@@ -437,7 +438,7 @@ def _fit_sigma(positions: Tensor, box: Tensor, bead_type: np.ndarray, molecule_i
                cutoff: float, percentile: float, max_frames: int) -> Tensor:
     from .neighbors import DenseNeighborSearch
 
-    frames = np.unique(np.linspace(0, len(positions) - 1, min(max_frames, len(positions))).round().astype(int))
+    frames = evenly_spaced(len(positions), max_frames)
     types = torch.as_tensor(bead_type)
     molecules = torch.as_tensor(molecule_index)
     # Generous capacity: about 6x the neighbours of a dense liquid; overflow is reported below.

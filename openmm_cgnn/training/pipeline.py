@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..frames import evenly_spaced
 from .data import TrainingData, TrainingDataError, load_training_data
 from .metrics import constant_model_errors, mean_force_per_type, plot_loss_curve, write_json_atomic
 from .trainer import CHECKPOINT, OUTPUT_FILES, TrainConfig, Trainer, TrainingError, resolve_device
@@ -56,7 +57,7 @@ def _sizing_sample(data: TrainingData, use_temperature: bool) -> dict[str, torch
         return np.concatenate([getattr(data.train, field), getattr(data.validation, field)])
 
     n = len(data.train.positions) + len(data.validation.positions)
-    pick = np.unique(np.linspace(0, n - 1, min(SIZING_FRAMES, n)).round().astype(int))
+    pick = evenly_spaced(n, SIZING_FRAMES)
 
     def tensor(field: str) -> torch.Tensor:
         return torch.as_tensor(both(field)[pick], dtype=torch.float64)
