@@ -44,6 +44,10 @@ FOURIER_TERMS = 4  # OPLS V1..V4
 # fftool's AngleTol: an angle this far from its il.ff equilibrium in the z-matrix geometry is not
 # meant to carry that term (the trans F-P-F pairs of PF6 sit at 180 degrees, the term at 90).
 ANGLE_TOLERANCE_DEG = 15.0
+# fftool's BondTol: a bond this far from its il.ff length in the z-matrix geometry is reported (the
+# term is kept); one more than BOND_ERROR_NM off is taken for a wrong z-matrix reference or 'connect'.
+BOND_TOLERANCE_NM = 0.025
+BOND_ERROR_NM = 0.05
 # The outer-atom orders tried against il.ff, as positions in (i, j, l) of an improper i j k l, in
 # fftool's order: identity first, so atoms of equal class keep the z-matrix's order.
 _IMPROPER_ORDERS = ((0, 1, 2), (1, 0, 2), (0, 2, 1), (2, 0, 1), (1, 2, 0), (2, 1, 0))
@@ -486,17 +490,22 @@ def type_molecule(zmat: ZMatrix, ff: ForceFieldFile) -> TypedMolecule:
     bonds = bond_graph(zmat)
     angle_idx, dihedral_idx = angles_and_dihedrals(len(types), bonds)
     coords = zmat_coordinates(zmat)
-    typed_bonds = [(*idx, p) for idx, p in resolve("BONDS", bonds, lambda idx: ff.bond(*(cls[i] for i in idx)))]
-    for i, j, p in typed_bonds:
-        d = np.linalg.norm(coords[i] - coords[j])
-        if abs(d - p.length_nm) > 0.05:
-            raise ClandpError(f"{zmat.path}: atoms {i + 1} and {j + 1} are bonded but {d:.3f} nm apart in the "
-                              f"z-matrix geometry (bond length {p.length_nm:.3f} nm); check 'connect' lines")
     notes: list[str] = []
 
     def note(message: str) -> None:
         notes.append(message)
         warnings.warn(message, ClandpWarning, stacklevel=3)
+
+    typed_bonds = [(*idx, p) for idx, p in resolve("BONDS", bonds, lambda idx: ff.bond(*(cls[i] for i in idx)))]
+    for i, j, p in typed_bonds:
+        d = np.linalg.norm(coords[i] - coords[j])
+        if abs(d - p.length_nm) > BOND_ERROR_NM:
+            raise ClandpError(f"{zmat.path}: atoms {i + 1} and {j + 1} are bonded but {d:.3f} nm apart in the "
+                              f"z-matrix geometry (bond length {p.length_nm:.3f} nm); check 'connect' lines")
+        if abs(d - p.length_nm) >= BOND_TOLERANCE_NM:
+            note(f"{zmat.path.name} ({zmat.title}): bond {'-'.join(p.classes)} of atoms {i + 1}-{j + 1} is "
+                 f"{d * 10:.3f} A in the z-matrix geometry, il.ff length {p.length_nm * 10:.3f} A (the term is kept; "
+                 "only the starting geometry is strained)")
 
     typed_angles, dropped = [], []
     for (i, j, k), p in resolve("ANGLES", angle_idx, lambda idx: ff.angle(*(cls[n] for n in idx))):
