@@ -36,9 +36,8 @@ from pathlib import Path
 
 from .clandp import ClandpError, ClandpWarning, ForceFieldFile, TypedMolecule, fourier_to_periodic, parse_forcefield, parse_zmat, type_molecule
 
-# The molecules shipped with the package (the ions of [BMIM][BF4], [EMIM][BF4] and [BMIM][PF6]);
-# other ions are named with --molecule.
-DEFAULT_MOLECULES = {"c4c1im.zmat": "BMIM", "BF4.zmat": "BF4", "c2c1im.zmat": "EMIM", "PF6.zmat": "PF6"}
+# The molecules of the package's default data (aa/data); other ions are named with --molecule.
+DEFAULT_MOLECULES = {"c4c1im.zmat": "BMIM", "BF4.zmat": "BF4"}
 FORCEFIELD_XML = "forcefield.xml"
 LJ14_SCALE = COULOMB14_SCALE = 0.5
 
@@ -91,7 +90,7 @@ def build_xml(ff: ForceFieldFile, molecules: dict[str, TypedMolecule], command: 
                                              "110, 19586 (2006)")
     ET.SubElement(info, "Command").text = command
     ET.SubElement(info, "Note").text = ("Use openmm_cgnn.aa.build_system: CL&P mixes LJ geometrically and has the "
-                                        "impropers and constraints of the CLandP element, which plain "
+                                        "impropers, constraints and dropped angles of the CLandP element, which plain "
                                         "ForceField.createSystem does not apply.")
     types_el = ET.SubElement(root, "AtomTypes")
     residues_el = ET.SubElement(root, "Residues")
