@@ -241,6 +241,17 @@ def test_automatic_impropers_on_three_neighbour_atoms():
     assert [tuple(n + 1 for n in t[:4]) for t in listed.impropers][0] == (2, 5, 1, 6)
 
 
+def test_automatic_improper_without_parameters_is_skipped_with_a_warning(tmp_path):
+    """A three-neighbour centre il.ff has no improper for (here a CH3 fragment) gets none, and the run says so."""
+    (tmp_path / "ch3.zmat").write_text("methyl\n\n1 CT\n2 HC 1 1.09\n3 HC 1 1.09 2 109.5\n"
+                                       "4 HC 1 1.09 2 109.5 3 120.0\n\nil.ff\n")
+    ff = clandp.parse_forcefield(CLANDP / "il.ff")
+    with pytest.warns(clandp.ClandpWarning, match=r"ch3\.zmat \(methyl\): no improper on atom 1 \(CT, three "
+                      r"neighbours\): il\.ff has no IMPROPER entry for classes HC HC CT HC"):
+        mol = clandp.type_molecule(clandp.parse_zmat(tmp_path / "ch3.zmat"), ff)
+    assert mol.impropers == [] and len(mol.angles) == 3
+
+
 def test_unnumbered_and_commented_zmatrices_read_like_numbered_ones(tmp_path):
     numbered = "# a comment before the title\nthiocyanate\n\n1 SK\n2 CK 1 1.66\n3 NK 2 1.19 1 180.0\n\nil.ff\n"
     (tmp_path / "a.zmat").write_text(numbered)

@@ -16,6 +16,7 @@ import importlib.machinery
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,6 @@ def main(fftool_path: str, clandp_dir: str) -> None:
            "molecules": {}}
     here = Path.cwd()
     try:
-        import os
         os.chdir(clandp_dir)  # fftool opens the force-field file named in the z-matrix
         for name in MOLECULES:
             log = io.StringIO()
