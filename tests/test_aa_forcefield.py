@@ -12,9 +12,10 @@ import pytest
 
 import openmm_cgnn  # noqa: F401  (torch before openmm)
 
-# The CL&P files live next to the checkout (../shared/data/clandp), as in the project's layout.
-CLANDP = Path(__file__).resolve().parents[2] / "shared" / "data" / "clandp"
-pytestmark = pytest.mark.skipif(not (CLANDP / "il.ff").exists(), reason="CL&P data not found")
+# The CL&P repository's files, kept in the checkout (data/clandp/README.md).
+CLANDP = Path(__file__).resolve().parents[1] / "data" / "clandp"
+# Converting the default molecules drops PF6's trans F-P-F angles with a warning (tested in test_aa_clandp.py).
+pytestmark = pytest.mark.filterwarnings("ignore::openmm_cgnn.aa.clandp.ClandpWarning")
 
 openmm = pytest.importorskip("openmm")
 from openmm import app  # noqa: E402
@@ -261,7 +262,8 @@ def test_any_ion_with_a_zmat_converts(tmp_path):
         "PF6-\n\n1 P\n2 FP 1 1.606\n3 FP 1 1.606 2 90.0\n4 FP 1 1.606 2 90.0 3 90.0\n"
         "5 FP 1 1.606 2 90.0 3 180.0\n6 FP 1 1.606 2 90.0 3 -90.0\n7 FP 1 1.606 3 90.0 2 180.0\n\nil.ff\n")
     out = tmp_path / "data"
-    convert.convert(tmp_path, out, {"c4c1im.zmat": "BMIM", "PF6.zmat": "PF6"})
+    with pytest.warns(clandp.ClandpWarning, match="angle F-P-F of atoms 3-1-5 dropped: 180.00 deg"):
+        convert.convert(tmp_path, out, {"c4c1im.zmat": "BMIM", "PF6.zmat": "PF6"})
     ff = forcefield.load_forcefield(out)
     assert list(ff.residues) == ["BMIM", "PF6"] and ff.residues["PF6"].charge == pytest.approx(-1.0)
     top, _ = build_box(ff, {"BMIM": 2, "PF6": 2}, density=800.0)
@@ -270,7 +272,7 @@ def test_any_ion_with_a_zmat_converts(tmp_path):
 
 
 def _corrupt(tmp_path: Path, old: str, new: str) -> Path:
-    for name in ("il.ff", "c4c1im.zmat", "BF4.zmat"):
+    for name in ("il.ff", *convert.DEFAULT_MOLECULES):
         shutil.copy(CLANDP / name, tmp_path / name)
     path = tmp_path / "il.ff"
     text = path.read_text()

@@ -11,26 +11,54 @@ File formats (those of the CL&P distribution, as read by its ``fftool``):
   charges in e. Bonds and angles are ``k/2 (x - x0)^2``; a ``cons`` bond is constrained.
   Dihedrals and impropers are OPLS Fourier series
   ``E = 1/2 [V1 (1 + cos p) + V2 (1 - cos 2p) + V3 (1 + cos 3p) + V4 (1 - cos 4p)]``.
-* ``*.zmat``: a title line, then one line per atom ``index type [i r [j angle [k dihedral]]]``
-  (the atom is bonded to ``i``), optional ``name = value`` variables usable in place of numbers,
-  ``connect i j`` (extra bonds closing rings), ``improper i j k l`` (central atom third) and the
-  force-field file name.
+* ``*.zmat``: a title line (``#`` comment lines may come first), then a block of atom lines
+  ``[index] type [i r [j angle [k dihedral]]]`` ending at the first blank line (the atom is
+  bonded to ``i``; the index is optional, as in fftool), then optional ``name = value``
+  variables usable in place of numbers, ``connect i j`` (extra bonds closing rings),
+  ``improper i j k l`` (central atom third) and the force-field file name.
+
+CL&P conventions applied when a molecule is typed (those of the CL&P authors' ``fftool``):
+
+* Bonds come from the z-matrix and ``connect`` lines; angles and proper dihedrals from the bond
+  graph. A missing bond, angle or dihedral parameter is an error (fftool drops the term).
+* An angle whose z-matrix geometry is ``ANGLE_TOLERANCE_DEG`` or more from its il.ff equilibrium
+  is dropped with a warning: the bond graph of an octahedron (PF6) has trans F-P-F angles at
+  180 degrees that the 90 degree F-P-F term was never meant for.
+* Impropers: those of the z-matrix, or, when it lists none, one on every atom with exactly three
+  bonded neighbours. Either way the central atom is third and the outer atoms are put in the
+  order of the il.ff entry they match (any order of the outer atoms may match). An automatic
+  improper with no il.ff entry is skipped with a warning (a pyramidal centre has none).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 FOURIER_TERMS = 4  # OPLS V1..V4
+# fftool's AngleTol: an angle this far from its il.ff equilibrium in the z-matrix geometry is not
+# meant to carry that term (the trans F-P-F pairs of PF6 sit at 180 degrees, the term at 90).
+ANGLE_TOLERANCE_DEG = 15.0
+# fftool's BondTol: a bond this far from its il.ff length in the z-matrix geometry is reported (the
+# term is kept); one more than BOND_ERROR_NM off is taken for a wrong z-matrix reference or 'connect'.
+BOND_TOLERANCE_NM = 0.025
+BOND_ERROR_NM = 0.05
+# The outer-atom orders tried against il.ff, as positions in (i, j, l) of an improper i j k l, in
+# fftool's order: identity first, so atoms of equal class keep the z-matrix's order.
+_IMPROPER_ORDERS = ((0, 1, 2), (1, 0, 2), (0, 2, 1), (2, 0, 1), (1, 2, 0), (2, 1, 0))
 
 
 class ClandpError(ValueError):
     """A parameter or molecule file is malformed or lacks a parameter; names the file and line."""
+
+
+class ClandpWarning(UserWarning):
+    """A CL&P convention changed a term of the molecule (a dropped angle, a skipped improper)."""
 
 
 # --------------------------------------------------------------------------- il.ff
@@ -93,15 +121,19 @@ class ForceFieldFile:
     def dihedral(self, a: str, b: str, c: str, d: str) -> TorsionType | None:
         return self.dihedrals.get((a, b, c, d)) or self.dihedrals.get((d, c, b, a))
 
-    def improper(self, a: str, b: str, central: str, d: str) -> TorsionType | None:
-        """The exact order first, then any order of the three outer atoms (central stays third)."""
-        exact = self.impropers.get((a, b, central, d))
-        if exact is not None:
-            return exact
-        for p, q, r in itertools.permutations((a, b, d)):
+    def improper(self, a: str, b: str, central: str, d: str) -> tuple[TorsionType, tuple[int, int, int, int]] | None:
+        """The il.ff entry for an improper of these classes and the atom order that matches it.
+
+        The outer atoms may be in any order (central stays third); the order returned, as
+        positions in ``(a, b, central, d)``, lists the atoms as the il.ff entry does.
+        """
+        outer = (a, b, d)
+        for order in _IMPROPER_ORDERS:
+            p, q, r = (outer[n] for n in order)
             found = self.impropers.get((p, q, central, r))
             if found is not None:
-                return found
+                positions = (0, 1, 3)
+                return found, (positions[order[0]], positions[order[1]], 2, positions[order[2]])
         return None
 
 
@@ -214,47 +246,71 @@ class ZMatrix:
 
 
 def parse_zmat(path: str | Path) -> ZMatrix:
+    """Read a z-matrix file; anything this converter cannot represent is a one-line error."""
     path = Path(path)
+    if path.suffix.lower() != ".zmat":
+        raise ClandpError(f"{path}: unsupported molecule file format {path.suffix or '(none)'!r}: only z-matrix "
+                          "(.zmat) files convert; .xyz/.mol/.pdb files would need bonds guessed from distances")
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
         raise ClandpError(f"{path}: cannot read z-matrix file ({exc.strerror})") from None
     except UnicodeDecodeError:
         raise ClandpError(f"{path}: not a text file") from None
-    if not lines or not lines[0].strip():
-        raise ClandpError(f"{path}:1: the first line must be the molecule's title")
-    title = lines[0].split("#", 1)[0].strip()
+    numbered = [(n, raw) for n, raw in enumerate(lines, start=1)]
+    # The title is the first line that is not a comment; blank lines and comments may follow it.
+    while numbered and numbered[0][1].lstrip().startswith("#"):
+        numbered.pop(0)
+    if not numbered or not numbered[0][1].strip():
+        raise ClandpError(f"{path}:{numbered[0][0] if numbered else 1}: the first line (after comments) must be "
+                          "the molecule's title")
+    title = numbered.pop(0)[1].split("#", 1)[0].strip()
+    while numbered and not numbered[0][1].split("#", 1)[0].strip():
+        numbered.pop(0)
+    # The atom block runs up to the first blank line (comment lines inside it are skipped).
+    atom_lines: list[tuple[int, list[str]]] = []
+    while numbered and numbered[0][1].strip():
+        lineno, raw = numbered.pop(0)
+        fields = raw.split("#", 1)[0].split()
+        if fields:
+            atom_lines.append((lineno, fields))
+    if not atom_lines:
+        raise ClandpError(f"{path}: no atom lines after the title")
     variables: dict[str, float] = {}
-    atoms: list[ZmatAtom] = []
     connects: list[tuple[int, int]] = []
     impropers: list[tuple[int, int, int, int]] = []
     ff_file = None
-    pending: list[tuple[int, list[str]]] = []  # atom lines, resolved once all variables are known
-    for lineno, raw in enumerate(lines[1:], start=2):
+    for lineno, raw in numbered:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        fields = line.split()
+        fields = line.replace("=", " = ").split()
         where = f"{path}:{lineno}"
         if len(fields) == 3 and fields[1] == "=":
             variables[fields[0]] = _floats([fields[2]], where, "variable value")[0]
+        elif fields[0].lower() in ("var", "variables") and len(fields) == 1:
+            continue  # optional header of the variables (fftool)
         elif fields[0] in ("connect", "improper"):
             n = 2 if fields[0] == "connect" else 4
             if len(fields) != n + 1:
                 raise ClandpError(f"{where}: '{fields[0]}' needs {n} atom indices")
             idx = _indices(fields[1:], where)
             (connects if n == 2 else impropers).append(tuple(idx))
-        elif fields[0].isdigit():
-            pending.append((lineno, fields))
+        elif fields[0] == "reconnect":
+            raise ClandpError(f"{where}: unsupported construct 'reconnect' (bonds guessed from distances); "
+                              "list the bonds with 'connect' lines instead")
         elif len(fields) == 1 and ff_file is None and "." in fields[0]:
             ff_file = fields[0]
         else:
-            raise ClandpError(f"{where}: cannot read {line!r} (expected an atom line, 'connect', "
-                              "'improper', 'name = value' or the force-field file name)")
-    for lineno, fields in pending:
-        atoms.append(_zmat_atom(fields, len(atoms), variables, f"{path}:{lineno}", lineno))
-    if not atoms:
-        raise ClandpError(f"{path}: no atom lines")
+            raise ClandpError(f"{where}: cannot read {line!r} (after the atom block, which ends at the first blank "
+                              "line: 'connect', 'improper', 'name = value' or the force-field file name)")
+    with_index = atom_lines[0][1][0].isdigit()
+    atoms = []
+    for lineno, fields in atom_lines:
+        where = f"{path}:{lineno}"
+        if fields[0].isdigit() != with_index:
+            raise ClandpError(f"{where}: atom lines must all start with their index or none may")
+        atoms.append(_zmat_atom(fields, with_index, len(atoms), variables, where, lineno))
     for kind, group in (("connect", connects), ("improper", impropers)):
         for idx in group:
             if max(idx) >= len(atoms) or len(set(idx)) != len(idx):
@@ -272,23 +328,28 @@ def _indices(values: list[str], where: str) -> list[int]:
     return idx
 
 
-def _zmat_atom(fields: list[str], n_before: int, variables: dict[str, float], where: str, lineno: int) -> ZmatAtom:
-    if int(fields[0]) != n_before + 1:
-        raise ClandpError(f"{where}: atom index {fields[0]} out of order (expected {n_before + 1})")
-    expected = 2 + 2 * min(n_before, 3)
+def _zmat_atom(fields: list[str], with_index: bool, n_before: int, variables: dict[str, float], where: str,
+               lineno: int) -> ZmatAtom:
+    if with_index:
+        if int(fields[0]) != n_before + 1:
+            raise ClandpError(f"{where}: atom index {fields[0]} out of order (expected {n_before + 1})")
+        fields = fields[1:]
+    expected = 1 + 2 * min(n_before, 3)
     if len(fields) != expected:
-        raise ClandpError(f"{where}: atom {n_before + 1} needs {expected} fields (index type"
-                          + " ref value" * min(n_before, 3) + ")")
-    refs = _indices(fields[2::2], where) if n_before else []
+        raise ClandpError(f"{where}: atom {n_before + 1} needs {expected + with_index} fields ("
+                          + "index " * with_index + "type" + " ref value" * min(n_before, 3) + ")")
+    refs = _indices(fields[1::2], where) if n_before else []
     values = []
-    for v in fields[3::2]:
+    for v in fields[2::2]:
         if v in variables:
             values.append(variables[v])
+        elif v[0].isalpha():
+            raise ClandpError(f"{where}: variable {v!r} is not defined ('{v} = value' after the atom block)")
         else:
             values.extend(_floats([v], where, "bond length, angle and dihedral"))
     if any(r >= n_before for r in refs) or len(set(refs)) != len(refs):
         raise ClandpError(f"{where}: atom {n_before + 1} refers to a later or repeated atom")
-    return ZmatAtom(fields[1], refs, values, lineno)
+    return ZmatAtom(fields[0], refs, values, lineno)
 
 
 def zmat_coordinates(zmat: ZMatrix) -> np.ndarray:
@@ -335,8 +396,12 @@ class TypedMolecule:
     bonds: list[tuple[int, int, BondType]]
     angles: list[tuple[int, int, int, AngleType]]
     dihedrals: list[tuple[int, int, int, int, TorsionType]]
-    impropers: list[tuple[int, int, int, int, TorsionType]]
+    impropers: list[tuple[int, int, int, int, TorsionType]]  # central atom third, in il.ff's order
     coordinates_nm: np.ndarray
+    # Bonded triples whose angle term was dropped (geometry far from il.ff): (i, j, k, term, angle rad)
+    dropped_angles: list[tuple[int, int, int, AngleType, float]] = field(default_factory=list)
+    automatic_impropers: bool = False  # the z-matrix listed none; one per three-neighbour atom
+    notes: list[str] = field(default_factory=list)  # the warnings issued while typing
 
     @property
     def charge(self) -> float:
@@ -365,8 +430,36 @@ def angles_and_dihedrals(n_atoms: int, bonds: list[tuple[int, int]]):
     return angles, dihedrals
 
 
+def automatic_impropers(zmat: ZMatrix) -> list[tuple[int, int, int, int]]:
+    """One improper per atom with exactly three bonded neighbours, central atom third.
+
+    The outer atoms are listed as fftool lists them (z-matrix bonds by atom index, then the
+    ``connect`` partners in file order); matching il.ff reorders them, so this order only decides
+    between atoms of the same class.
+    """
+    neighbours: list[list[int]] = [[] for _ in zmat.atoms]
+    for i, atom in enumerate(zmat.atoms):
+        if atom.refs:
+            neighbours[i].append(atom.refs[0])
+            neighbours[atom.refs[0]].append(i)
+    for i, j in zmat.connects:
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    return [(n[0], n[1], centre, n[2]) for centre, n in enumerate(neighbours) if len(n) == 3]
+
+
+def _bond_angle(xyz: np.ndarray, i: int, j: int, k: int) -> float:
+    u, v = xyz[i] - xyz[j], xyz[k] - xyz[j]
+    return math.acos(float(np.clip(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)), -1.0, 1.0)))
+
+
 def type_molecule(zmat: ZMatrix, ff: ForceFieldFile) -> TypedMolecule:
-    """Resolve every atom type and bonded term; a missing one is an error naming file, atoms and types."""
+    """Resolve every atom type and bonded term with CL&P's conventions (module docstring).
+
+    A missing parameter is a one-line error naming the files, atoms, types and classes; a
+    convention that changes a term (a dropped angle, a skipped automatic improper) issues a
+    ``ClandpWarning`` naming the molecule and the atoms.
+    """
     types = []
     for i, atom in enumerate(zmat.atoms):
         if atom.type_name not in ff.atoms:
@@ -375,45 +468,77 @@ def type_molecule(zmat: ZMatrix, ff: ForceFieldFile) -> TypedMolecule:
         types.append(ff.atoms[atom.type_name])
     cls = [t.bonded_class for t in types]
 
-    def missing(section: str, idx: tuple[int, ...]) -> ClandpError:
-        atoms = "-".join(str(i + 1) for i in idx)
-        names = "-".join(zmat.atoms[i].type_name for i in idx)
-        return ClandpError(f"{ff.path}: no {section} entry for classes {' '.join(cls[i] for i in idx)} "
-                           f"(atoms {atoms}, types {names} in {zmat.path})")
+    def label(idx: tuple[int, ...]) -> str:
+        return (f"atoms {'-'.join(str(i + 1) for i in idx)}, "
+                f"types {'-'.join(zmat.atoms[i].type_name for i in idx)} in {zmat.path}")
+
+    def resolve(section: str, terms: list[tuple[int, ...]], lookup) -> list:
+        """Typed terms; every missing class combination reported in one line."""
+        found, missing = [], {}
+        for idx in terms:
+            p = lookup(idx)
+            if p is None:
+                missing.setdefault(" ".join(cls[i] for i in idx), idx)
+            else:
+                found.append((idx, p))
+        if missing:
+            (classes, idx), *more = missing.items()
+            also = f"; also {', '.join(c for c, _ in more)}" if more else ""
+            raise ClandpError(f"{ff.path}: no {section} entry for classes {classes} ({label(idx)}){also}")
+        return found
 
     bonds = bond_graph(zmat)
     angle_idx, dihedral_idx = angles_and_dihedrals(len(types), bonds)
-    typed_bonds = []
-    for i, j in bonds:
-        p = ff.bond(cls[i], cls[j])
-        if p is None:
-            raise missing("BONDS", (i, j))
-        typed_bonds.append((i, j, p))
-    typed_angles = []
-    for i, j, k in angle_idx:
-        p = ff.angle(cls[i], cls[j], cls[k])
-        if p is None:
-            raise missing("ANGLES", (i, j, k))
-        typed_angles.append((i, j, k, p))
-    typed_dihedrals = []
-    for idx in dihedral_idx:
-        p = ff.dihedral(*(cls[i] for i in idx))
-        if p is None:
-            raise missing("DIHEDRALS", idx)
-        typed_dihedrals.append((*idx, p))
-    typed_impropers = []
-    for idx in zmat.impropers:
-        p = ff.improper(*(cls[i] for i in idx))
-        if p is None:
-            raise missing("IMPROPER", idx)
-        typed_impropers.append((*idx, p))
     coords = zmat_coordinates(zmat)
+    notes: list[str] = []
+
+    def note(message: str) -> None:
+        notes.append(message)
+        warnings.warn(message, ClandpWarning, stacklevel=3)
+
+    typed_bonds = [(*idx, p) for idx, p in resolve("BONDS", bonds, lambda idx: ff.bond(*(cls[i] for i in idx)))]
     for i, j, p in typed_bonds:
         d = np.linalg.norm(coords[i] - coords[j])
-        if abs(d - p.length_nm) > 0.05:
+        if abs(d - p.length_nm) > BOND_ERROR_NM:
             raise ClandpError(f"{zmat.path}: atoms {i + 1} and {j + 1} are bonded but {d:.3f} nm apart in the "
                               f"z-matrix geometry (bond length {p.length_nm:.3f} nm); check 'connect' lines")
-    return TypedMolecule(zmat, types, typed_bonds, typed_angles, typed_dihedrals, typed_impropers, coords)
+        if abs(d - p.length_nm) >= BOND_TOLERANCE_NM:
+            note(f"{zmat.path.name} ({zmat.title}): bond {'-'.join(p.classes)} of atoms {i + 1}-{j + 1} is "
+                 f"{d * 10:.3f} A in the z-matrix geometry, il.ff length {p.length_nm * 10:.3f} A (the term is kept; "
+                 "only the starting geometry is strained)")
+
+    typed_angles, dropped = [], []
+    for (i, j, k), p in resolve("ANGLES", angle_idx, lambda idx: ff.angle(*(cls[n] for n in idx))):
+        theta = _bond_angle(coords, i, j, k)
+        if abs(math.degrees(theta - p.theta_rad)) >= ANGLE_TOLERANCE_DEG:
+            dropped.append((i, j, k, p, theta))
+            note(f"{zmat.path.name} ({zmat.title}): angle {'-'.join(p.classes)} of atoms {i + 1}-{j + 1}-{k + 1} "
+                 f"dropped: {math.degrees(theta):.2f} deg in the z-matrix geometry, il.ff equilibrium "
+                 f"{math.degrees(p.theta_rad):.2f} deg (tolerance {ANGLE_TOLERANCE_DEG:g} deg)")
+        else:
+            typed_angles.append((i, j, k, p))
+    typed_dihedrals = [(*idx, p) for idx, p in
+                       resolve("DIHEDRALS", dihedral_idx, lambda idx: ff.dihedral(*(cls[i] for i in idx)))]
+
+    def improper(idx: tuple[int, ...]):
+        match = ff.improper(*(cls[i] for i in idx))
+        return None if match is None else (tuple(idx[n] for n in match[1]), match[0])
+
+    automatic = not zmat.impropers
+    if automatic:
+        typed_impropers = []
+        for idx in automatic_impropers(zmat):
+            match = improper(idx)
+            if match is None:
+                note(f"{zmat.path.name} ({zmat.title}): no improper on atom {idx[2] + 1} ({types[idx[2]].name}, "
+                     f"three neighbours): il.ff has no IMPROPER entry for classes {' '.join(cls[i] for i in idx)} "
+                     "in any order of the outer atoms")
+            else:
+                typed_impropers.append((*match[0], match[1]))
+    else:
+        typed_impropers = [(*order, p) for _, (order, p) in resolve("IMPROPER", zmat.impropers, improper)]
+    return TypedMolecule(zmat, types, typed_bonds, typed_angles, typed_dihedrals, typed_impropers, coords,
+                         dropped, automatic, notes)
 
 
 def fourier_to_periodic(v: tuple[float, ...]) -> list[tuple[int, float, float]]:

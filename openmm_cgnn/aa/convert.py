@@ -2,16 +2,21 @@
 
 Regenerate the shipped data with::
 
-    python -m openmm_cgnn.aa.convert --clandp-dir ../shared/data/clandp --out openmm_cgnn/aa/data
+    python -m openmm_cgnn.aa.convert --clandp-dir data/clandp --out openmm_cgnn/aa/data
 
-Any ion with a z-matrix and parameters in ``il.ff`` converts; name its residue with
-``--molecule FILE=RESNAME`` (repeatable). Output in ``--out``:
+``data/clandp`` holds the CL&P repository's files (MIT licence; see its README). Any ion with a
+z-matrix and parameters in ``il.ff`` converts; name its residue with ``--molecule FILE=RESNAME``
+(repeatable). A construct the converter cannot represent (a missing il.ff parameter, bonds to be
+guessed from distances, a non-z-matrix file) is a one-line error naming the file. Conventions
+that change a term (a dropped angle) are printed as warnings. Output in ``--out``:
 
 * ``forcefield.xml``: an OpenMM ``ForceField`` file (atom types, residue templates, bonds,
   angles, proper torsions, charges and LJ parameters) plus a ``<CLandP>`` element that OpenMM's
-  own loader ignores: the residue list, the constrained bonds and the z-matrix impropers.
+  own loader ignores: the residue list, the constrained bonds, the impropers (z-matrix or
+  automatic, in il.ff's atom order) and the dropped angles (bonded triples far from their il.ff
+  equilibrium, e.g. trans F-P-F in PF6; see ``openmm_cgnn.aa.clandp``).
   ``openmm_cgnn.aa.build_system`` applies all of CL&P (geometric mixing, impropers,
-  constraints); plain ``ForceField.createSystem`` on this file does not.
+  constraints, dropped angles); plain ``ForceField.createSystem`` on this file does not.
 * ``RES.pdb``: each residue's geometry built from its z-matrix (PDB keeps only 3 characters of
   a residue name; the XML holds the full one).
 """
@@ -25,12 +30,13 @@ import os
 import shlex
 import sys
 import tempfile
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .clandp import ClandpError, ForceFieldFile, TypedMolecule, fourier_to_periodic, parse_forcefield, parse_zmat, type_molecule
+from .clandp import ClandpError, ClandpWarning, ForceFieldFile, TypedMolecule, fourier_to_periodic, parse_forcefield, parse_zmat, type_molecule
 
-# The molecules shipped with the package; other ions are named with --molecule.
+# The molecules of the package's default data (aa/data); other ions are named with --molecule.
 DEFAULT_MOLECULES = {"c4c1im.zmat": "BMIM", "BF4.zmat": "BF4"}
 FORCEFIELD_XML = "forcefield.xml"
 LJ14_SCALE = COULOMB14_SCALE = 0.5
@@ -84,7 +90,7 @@ def build_xml(ff: ForceFieldFile, molecules: dict[str, TypedMolecule], command: 
                                              "110, 19586 (2006)")
     ET.SubElement(info, "Command").text = command
     ET.SubElement(info, "Note").text = ("Use openmm_cgnn.aa.build_system: CL&P mixes LJ geometrically and has the "
-                                        "impropers and constraints of the CLandP element, which plain "
+                                        "impropers, constraints and dropped angles of the CLandP element, which plain "
                                         "ForceField.createSystem does not apply.")
     types_el = ET.SubElement(root, "AtomTypes")
     residues_el = ET.SubElement(root, "Residues")
@@ -133,6 +139,9 @@ def build_xml(ff: ForceFieldFile, molecules: dict[str, TypedMolecule], command: 
             if once(p.classes):
                 ET.SubElement(angles_el, "Angle", class1=p.classes[0], class2=p.classes[1], class3=p.classes[2],
                               angle=_fmt(p.theta_rad), k=_fmt(p.k_kj_mol_rad2))
+        for i, j, k, p, theta in mol.dropped_angles:
+            ET.SubElement(clandp_el, "DroppedAngle", residue=resname, atomName1=names[i], atomName2=names[j],
+                          atomName3=names[k], geometry=_fmt(round(theta, 6)), equilibrium=_fmt(p.theta_rad))
         for *_, p in mol.dihedrals:
             attrib = _torsion_attrib(p.v)
             if attrib and once(p.classes):  # all-zero series add nothing
@@ -218,11 +227,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     argv_used = sys.argv[1:] if argv is None else argv
     command = "python -m openmm_cgnn.aa.convert " + shlex.join(argv_used)
-    try:
-        written = convert(args.clandp_dir, args.out, dict(args.molecule) if args.molecule else None,
-                          args.forcefield, command)
-    except ClandpError as exc:
-        print(f"convert: error: {exc}", file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ClandpWarning)
+        try:
+            written = convert(args.clandp_dir, args.out, dict(args.molecule) if args.molecule else None,
+                              args.forcefield, command)
+        except ClandpError as exc:
+            error = exc
+        else:
+            error = None
+    for w in caught:
+        if issubclass(w.category, ClandpWarning):
+            print(f"convert: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if error is not None:
+        print(f"convert: error: {error}", file=sys.stderr)
         return 2
     for path in written:
         print(path)

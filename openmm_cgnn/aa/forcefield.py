@@ -11,7 +11,9 @@ cannot express:
   factorises into per-atom coefficients, which keeps the custom kernel cheap.
 * 1-4 pairs: exceptions with LJ and Coulomb scaled by 0.5 and geometric sigma; 1-2 and 1-3
   pairs excluded (both forces exclude every exception pair).
-* The z-matrix impropers and the ``cons`` bonds as constraints (their length from il.ff).
+* The impropers and the ``cons`` bonds as constraints (their length from il.ff).
+* The dropped angles: OpenMM's class-based angle templates cover every bonded triple, so the
+  triples the converter dropped (e.g. trans F-P-F in PF6, see ``openmm_cgnn.aa.clandp``) get k = 0.
 * ``charge_scale`` multiplies every charge (1-4 charge products by its square).
 """
 
@@ -58,6 +60,8 @@ class AAForceField:
     # (residue, atom name 1, atom name 2, length nm)
     constraints: list[tuple[str, str, str, float]]
     description: str
+    # (residue, atom names) of bonded triples that carry no angle term
+    dropped_angles: list[tuple[str, tuple[str, str, str]]] = field(default_factory=list)
 
     def openmm_forcefield(self):
         from openmm.app import ForceField
@@ -103,6 +107,8 @@ def load_forcefield(directory: str | Path | None = None) -> AAForceField:
             impropers.append((el.attrib["residue"], names, terms))
         constraints = [(el.attrib["residue"], el.attrib["atomName1"], el.attrib["atomName2"], float(el.attrib["length"]))
                        for el in spec.findall("Constraint")]
+        dropped_angles = [(el.attrib["residue"], tuple(el.attrib[f"atomName{n}"] for n in range(1, 4)))
+                          for el in spec.findall("DroppedAngle")]
         lj14, coul14 = float(spec.attrib["lj14scale"]), float(spec.attrib["coulomb14scale"])
         if spec.attrib.get("mixing") != "geometric":
             raise ForceFieldDataError(f"{xml_path}: mixing {spec.attrib.get('mixing')!r} unsupported (geometric only)")
@@ -112,11 +118,13 @@ def load_forcefield(directory: str | Path | None = None) -> AAForceField:
         raise ForceFieldDataError(f"{xml_path}: malformed <CLandP> element ({exc!r})") from None
     if not residues:
         raise ForceFieldDataError(f"{xml_path}: the <CLandP> element lists no residues")
-    for res, *names in [(r, *n) for r, n, _ in impropers] + [(r, a, b) for r, a, b, _ in constraints]:
+    for res, *names in ([(r, *n) for r, n, _ in impropers] + [(r, a, b) for r, a, b, _ in constraints]
+                        + [(r, *n) for r, n in dropped_angles]):
         if res not in residues or any(n not in residues[res].atom_names for n in names):
-            raise ForceFieldDataError(f"{xml_path}: improper/constraint names unknown residue or atoms {res} {names}")
+            raise ForceFieldDataError(f"{xml_path}: improper/constraint/dropped angle names unknown residue or atoms "
+                                      f"{res} {names}")
     source = root.findtext("Info/Source", default="CL&P")
-    return AAForceField(directory, xml_path, residues, lj14, coul14, impropers, constraints, source)
+    return AAForceField(directory, xml_path, residues, lj14, coul14, impropers, constraints, source, dropped_angles)
 
 
 def molecule_template(ff: AAForceField, residue: str):
@@ -160,6 +168,7 @@ def build_system(topology: Any, ff: AAForceField | None = None, cutoff_nm: float
     _move_lj_to_geometric_force(system, nonbonded, ff, cutoff_nm if periodic else None)
     _scale_charges(nonbonded, charge_scale)
     _add_impropers(topology, forces["PeriodicTorsionForce"], ff)
+    _drop_angles(topology, forces.get("HarmonicAngleForce"), ff)
     _constrain_bonds(system, topology, forces["HarmonicBondForce"], ff)
     for f in system.getForces():
         f.setForceGroup(FORCE_GROUPS.get(type(f).__name__, 5))
@@ -220,6 +229,20 @@ def _add_impropers(topology, torsions, ff: AAForceField) -> None:
                 atoms = [index[n] for n in names]
                 for periodicity, phase, k in terms:
                     torsions.addTorsion(*atoms, periodicity, phase, k)
+
+
+def _drop_angles(topology, angles, ff: AAForceField) -> None:
+    if not ff.dropped_angles:
+        return
+    dropped = set()
+    for resname, index in _atoms_by_residue_and_name(topology):
+        for res, (a, b, c) in ff.dropped_angles:
+            if res == resname:
+                dropped.add((min(index[a], index[c]), index[b], max(index[a], index[c])))
+    for n in range(angles.getNumAngles()):
+        i, j, k, theta, _ = angles.getAngleParameters(n)
+        if (min(i, k), j, max(i, k)) in dropped:
+            angles.setAngleParameters(n, i, j, k, theta, 0.0)
 
 
 def _constrain_bonds(system, topology, bonds, ff: AAForceField) -> None:
