@@ -100,19 +100,27 @@ class World:
 def process_group(world: World, device: torch.device) -> Iterator[None]:
     """Join the torchrun process group for the run (NCCL on CUDA, gloo on CPU), and leave it after.
 
-    A group set up by the caller is used as it is and left alone.
+    A group set up by the caller is used and left to the caller: one torchrun process cannot
+    reliably set up a second group after destroying a first (torchrun's store still holds the
+    first group's addresses), so a script that trains more than once sets up the group itself.
     """
-    if not world.distributed or torch.distributed.is_initialized():
+    if not world.distributed:
         yield
         return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    try:
-        torch.distributed.init_process_group(backend=backend, rank=world.rank, world_size=world.size)
-    except (ValueError, RuntimeError) as exc:  # missing MASTER_ADDR/PORT, unreachable rendezvous
-        raise DistributedSetupError(f"cannot join the {backend} process group of rank {world.rank}: {exc}") from exc
+    joined = not torch.distributed.is_initialized()
+    if joined:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            torch.distributed.init_process_group(backend=backend, rank=world.rank, world_size=world.size)
+        except (ValueError, RuntimeError) as exc:  # missing MASTER_ADDR/PORT, unreachable rendezvous
+            raise DistributedSetupError(f"cannot join the {backend} process group of rank {world.rank}: {exc}") from exc
     try:
         yield
+        # No rank returns before rank 0 has written its files: a caller may read them (or resume
+        # from them) as soon as its own process is back.
+        torch.distributed.barrier()
     finally:
-        torch.distributed.destroy_process_group()
+        if joined:
+            torch.distributed.destroy_process_group()
