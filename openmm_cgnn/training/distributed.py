@@ -120,7 +120,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         yield
         # No rank returns before rank 0 has written its files: a caller may read them (or resume
         # from them) as soon as its own process is back.
-        torch.distributed.barrier()
+        torch.distributed.barrier(device_ids=[device.index] if device.type == "cuda" else None)
     finally:
         if joined:
             torch.distributed.destroy_process_group()
