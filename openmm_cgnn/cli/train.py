@@ -5,6 +5,10 @@ holds out the last ``--validation-fraction`` of each run (contiguous time blocks
 fits the priors to the training frames, trains the network on the remainder of the force and
 writes MODELDIR (docs/contracts.md §3): checkpoint.pt, hparams.json, prior.json, metrics.json,
 loss_curve.png, mapping.json and model.pt.
+
+Runs unchanged under ``torchrun --nproc_per_node N`` (data-parallel, see README "More than one GPU"):
+``--batch-size`` is then the global batch, shared out over the processes, and rank 0 alone writes
+MODELDIR and prints the summary.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tiny network (tests, smoke runs); --epochs then defaults to {QUICK_EPOCHS}")
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"maximum epochs (default {defaults.epochs}, {QUICK_EPOCHS} with --quick)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"frames per step (default {defaults.batch_size})")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"frames per optimiser step, over all processes under torchrun (default {defaults.batch_size})")
     parser.add_argument("--lr", type=float, default=None,
                         help=f"Adam learning rate (default {defaults.lr}; 1e-3 with --quick)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="torch device (default: cuda when present)")
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from ..frames import FramesError
     from ..mapping.spec import MappingError
     from ..training import TrainConfig, TrainingDataError, TrainingError, train
+    from ..training.distributed import DistributedSetupError, World
 
     _check_arguments(args)
     overrides = model_options(args.model_option)
@@ -115,12 +120,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         metrics = train(args.data, args.mapping, args.out, config, model_overrides=overrides, resume=args.resume,
                         overwrite=args.overwrite, show_progress=not args.no_progress)
-    except (TrainingDataError, TrainingError, MappingError, FramesError) as exc:
+    except (TrainingDataError, TrainingError, MappingError, FramesError, DistributedSetupError) as exc:
         raise CLIError(str(exc)) from exc
     except ValueError as exc:
         if "HybridGraphConfig." in str(exc):  # a --model-option value the network rejects
             raise CLIError(f"--model-option: {exc}") from exc
         raise
+    if not World.from_env().is_main:  # under torchrun one summary, from rank 0
+        return 0
     validation = metrics["validation"]["overall"]
     constant = metrics["baselines"]["constant_per_type"]["validation"]["overall"]
     prior = metrics["baselines"]["prior_only"]["validation"]["overall"]

@@ -13,10 +13,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .distributed import World
 
 
 class ForceErrorAccumulator:
@@ -42,6 +45,13 @@ class ForceErrorAccumulator:
         self.sum_ref_sq.index_add_(0, types, per_bead_ref)
         per_type_beads = torch.bincount(types, minlength=self.n_types).double()
         self.count += per_type_beads * error.shape[0] * error.shape[2]
+
+    def all_reduce(self, world: "World", device: torch.device) -> None:
+        """Sum the accumulated errors over all ranks (nothing to do in a world of one)."""
+        if not world.distributed:
+            return
+        stacked = torch.stack([self.sum_sq, self.sum_abs, self.sum_ref_sq, self.count])
+        self.sum_sq, self.sum_abs, self.sum_ref_sq, self.count = world.all_reduce_sum(stacked, device).unbind(0)
 
     def mse(self) -> float:
         return float(self.sum_sq.sum() / self.count.sum().clamp(min=1))

@@ -4,6 +4,9 @@
 so far, its ``train_state`` the latest weights and everything needed to resume exactly),
 ``hparams.json`` and ``prior.json`` (via the model's ``save_checkpoint``), ``metrics.json``,
 ``loss_curve.png``, a copy of ``mapping.json`` and ``model.pt`` (TorchScript for the training system).
+
+Under ``torchrun`` every process runs this same function (see ``distributed.py``): all read the
+data and build the same model, train on their shares of each batch, and only rank 0 writes MODELDIR.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from ..frames import evenly_spaced
 from .data import TrainingData, TrainingDataError, load_training_data
+from .distributed import World, process_group
 from .metrics import constant_model_errors, mean_force_per_type, plot_loss_curve, write_json_atomic
 from .trainer import CHECKPOINT, OUTPUT_FILES, TrainConfig, Trainer, TrainingError, resolve_device
 
@@ -194,16 +198,29 @@ def train(
 
     ``stop_after_epochs`` ends the call after that many epochs *of this call* without finishing the
     model directory, as an interruption would (used to test exact resumption).
+
+    Started by ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set), this process trains as one
+    rank of a data-parallel run, and only rank 0 writes files; every rank returns the metrics.
     """
+    config = config or TrainConfig()
+    out_dir = Path(out_dir)
+    world = World.from_env()
+    world.check_batch_size(config.batch_size)
+    device = world.device(resolve_device(config.device))
+    config.device = str(device)
+    check_output_dir(out_dir, resume, overwrite)
+    with process_group(world, device):
+        return _train(data_paths, mapping_path, out_dir, config, model_overrides, resume, show_progress,
+                      stop_after_epochs, world, device)
+
+
+def _train(data_paths: Sequence[str | Path], mapping_path: str | Path, out_dir: Path, config: TrainConfig,
+           model_overrides: dict[str, Any] | None, resume: bool, show_progress: bool,
+           stop_after_epochs: int | None, world: World, device: torch.device) -> dict:
     from openmm_cgnn.mapping.spec import Mapping, MappingError
     from openmm_cgnn.model import read_checkpoint
     from openmm_cgnn.model.checkpoint import model_from_checkpoint
 
-    config = config or TrainConfig()
-    out_dir = Path(out_dir)
-    device = resolve_device(config.device)
-    config.device = str(device)
-    check_output_dir(out_dir, resume, overwrite)
     try:
         mapping = Mapping.load(mapping_path)
     except MappingError as exc:
@@ -222,20 +239,23 @@ def train(
             raise TrainingError(f"cannot resume: {exc}") from exc
         if "train_state" not in saved:
             raise TrainingError(f"{out_dir / CHECKPOINT}: holds no training state (finished model from elsewhere?)")
-        trainer = Trainer(model, data, config, device)
+        trainer = Trainer(model, data, config, device, world)
         trainer.load_resume_state(saved["train_state"], saved["optimizer"], saved["state_dict"])
     else:
         model = build_model(data, config.quick, config.use_temperature, config.seed, model_overrides)
-        trainer = Trainer(model, data, config, device)
-    # Only now, with data and model known to be usable, is anything in MODELDIR replaced.
-    prepare_output_dir(out_dir, resume)
-    mapping.save(out_dir / "mapping.json")
+        trainer = Trainer(model, data, config, device, world)
+    # Only now, with data and model known to be usable, is anything in MODELDIR replaced; the other
+    # ranks have read all they need (building the Trainer waited for all of them).
+    if world.is_main:
+        prepare_output_dir(out_dir, resume)
+        mapping.save(out_dir / "mapping.json")
 
     epochs_this_call = 0
 
     def after_epoch(t: Trainer) -> None:
         nonlocal epochs_this_call
-        save_progress(t, out_dir)
+        if world.is_main:
+            save_progress(t, out_dir)
         epochs_this_call += 1
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
             raise _Interrupt
@@ -246,7 +266,8 @@ def train(
         return {}
     if trainer.state.epoch == 0:
         raise TrainingError("no epoch was run (epochs must be >= 1)")
-    save_progress(trainer, out_dir)  # also covers a resumed run that had nothing left to do
+    if world.is_main:
+        save_progress(trainer, out_dir)  # also covers a resumed run that had nothing left to do
     return finish(trainer, data, mapping, out_dir, time.perf_counter() - started)
 
 
@@ -255,7 +276,7 @@ class _Interrupt(Exception):
 
 
 def finish(trainer: Trainer, data: TrainingData, mapping, out_dir: Path, seconds: float) -> dict:
-    """Best weights, metrics, loss curve and the TorchScript export."""
+    """Best weights, metrics, loss curve and the TorchScript export (evaluated by all ranks, written by rank 0)."""
     from openmm_cgnn.model import export_for_frames
 
     model = trainer.model
@@ -280,8 +301,11 @@ def finish(trainer: Trainer, data: TrainingData, mapping, out_dir: Path, seconds
             "seconds_this_call": seconds,
             "seconds_training_total": float(sum(h["seconds"] for h in state.history)),
             "train_frames_per_second": _frames_per_second(state.history, len(trainer.train_frames)),
+            "processes": trainer.world.size,
         },
     }
+    if not trainer.world.is_main:
+        return metrics
     write_json_atomic(out_dir / "metrics.json", metrics)
     plot_loss_curve(state.history, out_dir / "loss_curve.png", {
         "constant per type (validation)": metrics["baselines"]["constant_per_type"]["validation"]["overall"]["mse"],

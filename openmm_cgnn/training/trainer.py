@@ -9,6 +9,13 @@ Resuming is exact: the checkpoint written after every epoch holds the latest wei
 scheduler and early-stopping state, the loss history and the RNG states, and each epoch's shuffling
 comes from a generator seeded by (seed, epoch). An interrupted run resumed with ``resume=True``
 therefore ends with the same weights as one that was never interrupted.
+
+Under ``torchrun`` (see ``distributed.py``) ``batch_size`` is the global batch: each rank computes
+its share of every batch, the loss is weighted so that DistributedDataParallel's average of the
+ranks' gradients is the gradient of the whole batch's mean squared error, and the loss and
+validation sums are all-reduced, so W processes follow the trajectory of one process to float
+rounding. The batch order depends only on (seed, epoch), so a run can resume on another number of
+processes: bit for bit on the same number, to float rounding on another.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -23,6 +31,7 @@ import numpy as np
 import torch
 
 from .data import FrameTensors, TrainingData
+from .distributed import World
 from .metrics import ForceErrorAccumulator
 
 CHECKPOINT = "checkpoint.pt"
@@ -94,11 +103,27 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
+class _Forces(torch.nn.Module):
+    """The model's forces as ``forward``: DistributedDataParallel hooks into a module's forward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, positions: torch.Tensor, box: torch.Tensor, bead_type: torch.Tensor,
+                molecule_index: torch.Tensor, inverse_temperature: torch.Tensor | None,
+                create_graph: bool, terms: str) -> torch.Tensor:
+        _, forces = self.model.energy_and_forces(positions, box, bead_type, molecule_index, inverse_temperature,
+                                                 create_graph=create_graph, terms=terms)
+        return forces
+
+
 class Trainer:
     """Owns a model, its optimizer and scheduler, and the frames it trains on.
 
     ``model`` must provide ``energy_and_forces(positions, box, bead_type, molecule_index,
-    inverse_temperature, create_graph)``; the prior parameters in it are not optimised.
+    inverse_temperature, create_graph)``; the prior parameters in it are not optimised. With a
+    ``world`` of several processes the torch.distributed process group must already be set up.
     """
 
     def __init__(
@@ -107,11 +132,14 @@ class Trainer:
         data: TrainingData,
         config: TrainConfig,
         device: torch.device,
+        world: World = World(),
     ) -> None:
         self.model = model.to(device)
         self.data = data
         self.config = config
         self.device = device
+        self.world = world
+        self.rank_batch_size = world.check_batch_size(config.batch_size)
         self.train_frames = FrameTensors.from_cg(data.train, device)
         self.validation_frames = FrameTensors.from_cg(data.validation, device)
         self.bead_type = torch.as_tensor(data.train.bead_type, dtype=torch.int64, device=device)
@@ -123,6 +151,16 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise TrainingError("the model has no trainable parameters")
+        self._forces = _Forces(self.model)
+        # Training steps go through DDP, which averages the gradients over the ranks during
+        # backward (and makes every rank start from rank 0's weights). The buffers are fixed or
+        # per-process caches, so they are not broadcast at every step. Some parameters never get
+        # a gradient from a force loss (the read-out bias only shifts the energy), hence
+        # find_unused_parameters; their gradients stay None, as in a single process.
+        self._training_forces = self._forces if not world.distributed else torch.nn.parallel.DistributedDataParallel(
+            self._forces, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=True,
+        )
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=config.lr_decay_factor, patience=config.lr_patience, min_lr=config.min_lr
@@ -140,15 +178,16 @@ class Trainer:
     def predict_forces(
         self, frames: FrameTensors, index: torch.Tensor, create_graph: bool, terms: str = "all"
     ) -> torch.Tensor:
+        module = self._training_forces if create_graph else self._forces
         try:
-            _, forces = self.model.energy_and_forces(
+            forces = module(
                 frames.positions[index],
                 frames.box[index],
                 self.bead_type,
                 self.molecule_index,
                 self._inverse_temperature(frames, index),
-                create_graph=create_graph,
-                terms=terms,
+                create_graph,
+                terms,
             )
         except RuntimeError as exc:
             if "frame" in str(exc) and ("capacity" in str(exc) or "cell" in str(exc)):
@@ -163,23 +202,33 @@ class Trainer:
         generator = _epoch_generator(self.config.seed, self.state.epoch)
         total, count = 0.0, 0
         norms: list[float] = []
-        for index in self.train_frames.batches(self.config.batch_size, generator):
+        # Every rank draws the same global batches; each takes its share of every one.
+        for batch in self.train_frames.batches(self.config.batch_size, generator):
+            index, weight = batch[self.world.share(len(batch))], 1.0
+            if len(index) == 0:
+                # The epoch's last batch has fewer frames than there are ranks. This rank must still
+                # join DDP's gradient all-reduce: it computes one frame that counts zero.
+                index, weight = batch[:1], 0.0
             predicted = self.predict_forces(self.train_frames, index, create_graph=True)
-            mse = torch.mean((predicted - self.train_frames.forces[index]) ** 2)
-            if not torch.isfinite(mse):
+            squared_error = torch.sum((predicted - self.train_frames.forces[index]) ** 2) * weight
+            # The loss is the mean over the components of the whole global batch; DDP averages the
+            # ranks' gradients, so each rank's share of the sum is scaled by the number of ranks.
+            components = len(batch) * predicted[0].numel()
+            batch_sum = self.world.all_reduce_sum(squared_error.detach().double(), self.device)
+            if not torch.isfinite(batch_sum):  # the same verdict on every rank: all stop together
                 raise TrainingError(
-                    f"force loss became {mse.item()} at epoch {self.state.epoch + 1}; "
+                    f"force loss became {float(batch_sum) / components} at epoch {self.state.epoch + 1}; "
                     "lower the learning rate (--lr) or check the data"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            (mse * self.loss_scale).backward()
+            (squared_error * (self.world.size * self.loss_scale / components)).backward()
             limit = self.config.grad_clip_norm or math.inf
             norms.append(float(torch.nn.utils.clip_grad_norm_(self.trainable, limit)))
             self.optimizer.step()
-            total += mse.item() * len(index)
-            count += len(index)
+            total += float(batch_sum) / components * len(batch)
+            count += len(batch)
             if progress is not None:
-                progress.update(len(index))
+                progress.update(len(batch))
         limit = self.config.grad_clip_norm or math.inf
         self.last_gradient_norms = {
             "median": float(np.median(norms)),
@@ -189,12 +238,19 @@ class Trainer:
         return total / count
 
     def evaluate(self, frames: FrameTensors, terms: str = "all") -> ForceErrorAccumulator:
-        """Force errors of the current model (or of its ``terms``) over all ``frames``."""
+        """Force errors of the current model (or of its ``terms``) over all ``frames``.
+
+        Each rank evaluates its share of the frames; the sums are all-reduced, so every rank gets
+        the errors over all frames.
+        """
         self.model.eval()
         accumulator = ForceErrorAccumulator(self.n_types)
-        for index in frames.batches(self.config.batch_size):
+        share = self.world.share(len(frames))
+        for start in range(share.start, share.stop, self.rank_batch_size):
+            index = torch.arange(start, min(start + self.rank_batch_size, share.stop), device=self.device)
             predicted = self.predict_forces(frames, index, create_graph=False, terms=terms)
             accumulator.add(predicted, frames.forces[index], self.bead_type)
+        accumulator.all_reduce(self.world, self.device)
         return accumulator
 
     def end_epoch(self, train_mse: float, validation_mse: float, seconds: float) -> None:
@@ -229,7 +285,7 @@ class Trainer:
             initial=min(self.state.epoch, self.config.epochs) * frames_per_epoch,
             unit="frame",
             desc="force matching",
-            disable=not show_progress,
+            disable=not (show_progress and self.world.is_main),
             dynamic_ncols=True,
             # In a log file (no terminal) a line every few seconds is plenty.
             mininterval=0.1 if sys.stderr.isatty() else 10.0,
@@ -255,6 +311,7 @@ class Trainer:
         return {
             "format": "openmm_cgnn.train_state/1",
             "train_config": asdict(self.config),
+            "world_size": self.world.size,
             "data_fingerprint": self.data.fingerprint,
             "state": asdict(self.state),
             # A copy: the caller may load other weights into the model before this is saved.
@@ -282,6 +339,12 @@ class Trainer:
         self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state = TrainState(**saved["state"])
+        saved_world = saved.get("world_size", 1)
+        if saved_world != self.world.size and self.world.is_main:
+            warnings.warn(
+                f"resuming a run of {saved_world} process(es) on {self.world.size}: the global batches are the "
+                "same, so training continues as it would have, to float rounding rather than bit for bit"
+            )
         # A run resumed with more epochs than it stopped early at gets its patience back only if
         # the patience was raised; otherwise it stays stopped.
         if self.state.epochs_since_improvement < self.config.early_stopping_patience:
