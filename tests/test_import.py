@@ -282,3 +282,25 @@ def test_unwrapper_follows_a_molecule_across_a_triclinic_box():
     out = np.concatenate([unwrapper(wrapped_positions[:10], boxes[:10]), unwrapper(wrapped_positions[10:], boxes[10:])])
     np.testing.assert_allclose(out - out[0, 0], true - true[0, 0], atol=1e-9)  # one lattice shift overall
     assert unwrapper.atoms_moved > 0
+
+
+def test_gro_topology_without_bonds_or_masses(source, tmp_path, capsys):
+    frames, _ = source
+    pdb, trr = write_gromacs(frames, tmp_path / "gmx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        u = mda.Universe(str(pdb))
+        u.atoms.write(tmp_path / "conf.gro")  # names A, B, X: no element, so no mass, can be told from them
+        code, _, err = import_cli(capsys, "--topology", tmp_path / "conf.gro", "--trajectory", trr, "--temperature", 300,
+                                  "--out", tmp_path / "out")
+        assert code == 2 and "conf.gro: atom 1 has no mass" in err
+        u.atoms.names = [{"A": "C1", "B": "C2", "X": "C3"}[a] for a in u.atoms.names]  # carbon: 12.011 amu; no bond at 0.3 nm
+        u.atoms.write(tmp_path / "carbon.gro")
+    out = tmp_path / "carbon"
+    code, printed, err = import_cli(capsys, "--topology", tmp_path / "carbon.gro", "--trajectory", trr, "--temperature", 300,
+                                    "--out", out)
+    assert code == 0, err
+    assert "made whole around their first atom" in printed
+    imported = read_frames(out, require_forces=True)
+    assert_same_frames(imported, frames, position_tol=2e-5, force_rtol=1e-6)  # dimers are whole all the same
+    np.testing.assert_allclose(imported.topology.mass, 12.011) and imported.topology.bonds.size == 0

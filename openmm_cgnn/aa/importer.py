@@ -113,8 +113,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def open_universe(source: str, topology: Path, trajectory: Path, atom_style: str | None = None) -> Any:
-    """An MDAnalysis Universe with native units; file problems become one-line errors."""
+def open_universe(source: str, topology: Path, trajectory: Path, atom_style: str | None = None) -> tuple[Any, list[str]]:
+    """An MDAnalysis Universe with native units, and notes on what was guessed; file problems
+    become one-line errors."""
     mda = _mdanalysis()
     for label, path in (("--topology", topology), ("--trajectory", trajectory)):
         if not Path(path).is_file():
@@ -128,13 +129,37 @@ def open_universe(source: str, topology: Path, trajectory: Path, atom_style: str
         # MDAnalysis warns about every attribute it guesses; what we use is stated in the metadata.
         warnings.simplefilter("ignore")
         try:
-            return mda.Universe(str(topology), str(trajectory), **kwargs)
+            u = mda.Universe(str(topology), str(trajectory), **kwargs)
+            notes = []
+            if (not hasattr(u, "bonds") or not len(u.bonds)) and _guess_bonds(mda, u, topology, kwargs):
+                notes.append(f"bonds guessed from distances in {topology} (it lists none)")
+            return u, notes
+        except TrajectoryImportError:
+            raise
         except ValueError as exc:
             if "number of atoms" in str(exc).lower():
                 raise TrajectoryImportError(_count_mismatch(mda, source, topology, trajectory, kwargs)) from None
             raise TrajectoryImportError(f"{trajectory} with {topology}: MDAnalysis cannot read them: {_first_line(exc)}") from None
         except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input file
             raise TrajectoryImportError(f"{trajectory} with {topology}: MDAnalysis cannot read them: {_first_line(exc)}") from None
+
+
+def _guess_bonds(mda: Any, u: Any, topology: Path, kwargs: dict[str, Any]) -> bool:
+    """Bonds from distances (MDAnalysis's guesser, periodic box) in the topology file's own
+    coordinates, read in Å as the guesser's radii are, for topologies without bonds (.gro, plain PDB)."""
+    top_kw = {k: v for k, v in kwargs.items() if k in ("topology_format", "atom_style")}
+    try:
+        reference = mda.Universe(str(topology), **top_kw)
+        dims = reference.dimensions
+        if dims is None or not np.all(np.asarray(dims[:3]) > 0) or reference.atoms.n_atoms != u.atoms.n_atoms:
+            return False
+        reference.guess_TopologyAttrs(to_guess=["bonds"], box=dims)
+        bonds = reference.bonds.indices
+    except Exception:  # noqa: BLE001 - no coordinates or no radii: molecules fall back to their first atom
+        return False
+    if len(bonds):
+        u.add_TopologyAttr("bonds", [tuple(b) for b in bonds])
+    return bool(len(bonds))
 
 
 def _count_mismatch(mda: Any, source: str, topology: Path, trajectory: Path, kwargs: dict[str, Any]) -> str:
@@ -173,7 +198,9 @@ def _hill_formula(elements: list[str]) -> str:
     counts: dict[str, int] = {}
     for e in elements:
         counts[e or "X"] = counts.get(e or "X", 0) + 1
-    order = (["C", "H"] if "C" in counts else []) + sorted(k for k in counts if k not in ("C", "H") or "C" not in counts)
+    # Hill order: C, then H, then the rest alphabetically; without carbon, all alphabetically.
+    first = [k for k in ("C", "H") if k in counts] if "C" in counts else []
+    order = first + sorted(k for k in counts if k not in first)
     return "".join(f"{k}{counts[k] if counts[k] > 1 else ''}" for k in order)
 
 
@@ -249,6 +276,10 @@ def build_topology(
         raise TrajectoryImportError(
             f"{where}: atoms {i + 1} and {j + 1} are bonded but in different {unit}; the frames format needs one residue per molecule")
     masses = np.asarray(atoms.masses, dtype=np.float64) if hasattr(atoms, "masses") else np.zeros(n)
+    if n and not np.all(masses > 0):
+        bad = int(np.flatnonzero(~(masses > 0))[0])
+        raise TrajectoryImportError(
+            f"{where}: atom {bad + 1} has no mass (MDAnalysis could not tell it from the name); use a topology with masses (.tpr, LAMMPS data)")
     if source == "lammps":
         elements = _elements_from_masses(masses)
         notes.append("elements from the masses in the data file; atom names are element + index in the molecule")
@@ -500,8 +531,9 @@ def import_trajectory(
         raise TrajectoryImportError(f"--out {out}: already exists (choose another or give --overwrite)")
 
     mda = _mdanalysis()
-    u = open_universe(source, topology, trajectory, atom_style)
-    top, kinds, notes = build_topology(u, source, residue_map, mapping, where=str(topology))
+    u, notes = open_universe(source, topology, trajectory, atom_style)
+    top, kinds, topology_notes = build_topology(u, source, residue_map, mapping, where=str(topology))
+    notes += topology_notes
     log(f"import: {topology.name} + {trajectory.name} ({source}), {top.n_particles} atoms, {top.n_residues} molecules")
     for kind in kinds:
         log(f"  {kind.describe()}")
