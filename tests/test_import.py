@@ -243,6 +243,8 @@ def test_errors_are_one_line_and_leave_nothing(source, tmp_path, capsys):
           expect=["--residue-map: malformed item"])
     fails("--topology", data, "--trajectory", dump, "--units", "real", "--mapping", mapping, "--residue-map", "MOL1=DIM",
           expect=["MOL1 -> DIM has atoms Ar1 Ar2", "mapping's DIM has A B"])
+    fails("--topology", data, "--trajectory", dump, "--units", "real", "--residue-map", "MOL1=MON,MOL2=MON",
+          expect=["MOL1 and MOL2 are both named MON but have different atoms"])
     fails("--topology", pdb, "--trajectory", trr, "--residue-map", "DIM=BMIM", "--mapping", mapping,
           expect=["named BMIM, which the mapping does not have"])
 

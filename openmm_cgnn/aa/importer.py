@@ -32,7 +32,7 @@ from ..mapping.spec import make_molecules_whole, minimum_image
 SOURCES = ("gromacs", "lammps")
 GROMACS_SUFFIXES = (".trr",)
 LAMMPS_SUFFIXES = (".lammpstrj", ".lammpsdump", ".dump")
-CHUNK_FRAMES = 64  # frames unwrapped together: bounded memory for long trajectories
+CHUNK_VALUES = 1 << 23  # coordinates unwrapped together (64 MiB per float64 array): bounded memory
 EV_IN_KJ_MOL = 96.48533212331  # CODATA 2018: e * N_A / 1000
 
 
@@ -131,7 +131,9 @@ def open_universe(source: str, topology: Path, trajectory: Path, atom_style: str
         try:
             u = mda.Universe(str(topology), str(trajectory), **kwargs)
             notes = []
-            if (not hasattr(u, "bonds") or not len(u.bonds)) and _guess_bonds(mda, u, topology, kwargs):
+            # A LAMMPS data file lists every bond there is; .gro and plain PDB files list none.
+            no_bonds = not hasattr(u, "bonds") or not len(u.bonds)
+            if source == "gromacs" and no_bonds and _guess_bonds(mda, u, topology):
                 notes.append(f"bonds guessed from distances in {topology} (it lists none)")
             return u, notes
         except TrajectoryImportError:
@@ -144,12 +146,15 @@ def open_universe(source: str, topology: Path, trajectory: Path, atom_style: str
             raise TrajectoryImportError(f"{trajectory} with {topology}: MDAnalysis cannot read them: {_first_line(exc)}") from None
 
 
-def _guess_bonds(mda: Any, u: Any, topology: Path, kwargs: dict[str, Any]) -> bool:
+def _topology_only(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k in ("topology_format", "atom_style")}
+
+
+def _guess_bonds(mda: Any, u: Any, topology: Path) -> bool:
     """Bonds from distances (MDAnalysis's guesser, periodic box) in the topology file's own
     coordinates, read in Å as the guesser's radii are, for topologies without bonds (.gro, plain PDB)."""
-    top_kw = {k: v for k, v in kwargs.items() if k in ("topology_format", "atom_style")}
     try:
-        reference = mda.Universe(str(topology), **top_kw)
+        reference = mda.Universe(str(topology))
         dims = reference.dimensions
         if dims is None or not np.all(np.asarray(dims[:3]) > 0) or reference.atoms.n_atoms != u.atoms.n_atoms:
             return False
@@ -163,9 +168,8 @@ def _guess_bonds(mda: Any, u: Any, topology: Path, kwargs: dict[str, Any]) -> bo
 
 
 def _count_mismatch(mda: Any, source: str, topology: Path, trajectory: Path, kwargs: dict[str, Any]) -> str:
-    top_kw = {k: v for k, v in kwargs.items() if k in ("topology_format", "atom_style")}
     try:
-        n_top = mda.Universe(str(topology), **top_kw).atoms.n_atoms
+        n_top = mda.Universe(str(topology), **_topology_only(kwargs)).atoms.n_atoms
         fmt = kwargs.get("format")
         reader = mda.coordinates.core.get_reader_for(str(trajectory), format=fmt)
         n_traj = reader(str(trajectory), convert_units=False).n_atoms
@@ -348,7 +352,7 @@ def build_topology(
 
 def _apply_residue_names(kinds: list[MoleculeType], residue_map: dict[str, str], mapping: Any | None) -> None:
     """Rename molecule types: ``--residue-map`` keys are source names or formulas; with a mapping,
-    unnamed LAMMPS types take the mapping residue whose atom list they have."""
+    see :func:`_match_mapping`. Two types may share a name only if they have the same atoms."""
     by_key: dict[str, list[MoleculeType]] = {}
     for kind in kinds:
         by_key.setdefault(kind.source_name, []).append(kind)
@@ -364,11 +368,21 @@ def _apply_residue_names(kinds: list[MoleculeType], residue_map: dict[str, str],
                 f"--residue-map {key}={new}: several molecule types have formula {key} "
                 f"({', '.join(k.source_name for k in matched)}); name them by those")
         matched[0].name = new
-    if mapping is None:
-        return
-    mapped = {k.source_name for key in residue_map for k in by_key[key]}
+    if mapping is not None:
+        _match_mapping(kinds, {k.source_name for key in residue_map for k in by_key[key]}, mapping)
+    named: dict[str, MoleculeType] = {}
     for kind in kinds:
-        if kind.source_name in mapped or kind.name in mapping.residues:
+        other = named.setdefault(kind.name, kind)
+        if other.atom_names != kind.atom_names:
+            raise TrajectoryImportError(
+                f"--residue-map: {other.source_name} and {kind.source_name} are both named {kind.name} but have different atoms")
+
+
+def _match_mapping(kinds: list[MoleculeType], renamed: set[str], mapping: Any) -> None:
+    """Types not renamed whose name the mapping lacks take the mapping residue with exactly their
+    atom list; then every type must be a mapping residue with the same atoms."""
+    for kind in kinds:
+        if kind.source_name in renamed or kind.name in mapping.residues:
             continue
         fits = [name for name, rm in mapping.residues.items() if list(rm.atoms) == kind.atom_names]
         if len(fits) == 1:
@@ -559,6 +573,7 @@ def import_trajectory(
         "versions": {"MDAnalysis": mda.__version__},
     }
     unwrapper = Unwrapper(top.residue_index, top.bonds)
+    chunk_frames = max(1, min(64, CHUNK_VALUES // (3 * max(top.n_particles, 1))))
     skipped = 0
     writer: FrameWriter | None = None
     chunk = _Chunk()
@@ -585,7 +600,7 @@ def import_trajectory(
             if not (np.isfinite(positions).all() and np.isfinite(forces).all()):
                 raise TrajectoryImportError(f"{trajectory}: frame at t = {time:g} ps has NaN or infinite positions or forces")
             chunk.positions.append(positions), chunk.forces.append(forces), chunk.box.append(box), chunk.time.append(time)
-            if len(chunk.time) >= CHUNK_FRAMES:
+            if len(chunk.time) >= chunk_frames:
                 flush()
         flush()
         if writer is None:

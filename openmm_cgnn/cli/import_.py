@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             mapping = Mapping.load(args.mapping)
         except (MappingError, OSError, ValueError) as exc:
-            raise CLIError(f"--mapping {args.mapping}: {exc}") from None
+            raise CLIError(f"--mapping: {exc}") from None
     try:
         summary = import_trajectory(
             args.topology, args.trajectory, args.out, args.temperature, source=args.format, units=args.units,
