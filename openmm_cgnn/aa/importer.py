@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from .. import __version__
 from ..frames import FILENAME, FrameWriter, TopologyInfo
 from ..mapping.spec import make_molecules_whole, minimum_image
 
@@ -570,7 +571,7 @@ def import_trajectory(
                                        "atoms": len(k.atom_names)} for k in kinds],
                    "notes": notes},
         "unwrapped": "molecules made whole along bonds and continuous in time (lattice shifts only)",
-        "versions": {"MDAnalysis": mda.__version__},
+        "versions": {"MDAnalysis": mda.__version__, "openmm_cgnn": __version__},
     }
     unwrapper = Unwrapper(top.residue_index, top.bonds)
     chunk_frames = max(1, min(64, CHUNK_VALUES // (3 * max(top.n_particles, 1))))
