@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import warnings
 
+import MDAnalysis as mda  # in the test extra: the import command's tests must run in CI
 import numpy as np
 import pytest
 
-mda = pytest.importorskip("MDAnalysis")
-
-from openmm_cgnn.aa.importer import UNIT_STYLES, Unwrapper  # noqa: E402
-from openmm_cgnn.cli import main  # noqa: E402
-from openmm_cgnn.frames import read_frames  # noqa: E402
-from openmm_cgnn.training.synthetic import SyntheticSystem  # noqa: E402
+from openmm_cgnn.aa.importer import UNIT_STYLES, Unwrapper
+from openmm_cgnn.cli import main
+from openmm_cgnn.frames import read_frames
+from openmm_cgnn.training.synthetic import SyntheticSystem
 
 LAMMPS_DT_FS = 5.0  # the synthetic run's 0.005 ps step
 
@@ -309,3 +308,12 @@ def test_gro_topology_without_bonds_or_masses(source, tmp_path, capsys):
     imported = read_frames(out, require_forces=True)
     assert_same_frames(imported, frames, position_tol=2e-5, force_rtol=1e-6)  # dimers are whole all the same
     np.testing.assert_allclose(imported.topology.mass, 12.011) and imported.topology.bonds.size == 0
+
+
+def test_without_mdanalysis_the_error_says_how_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "MDAnalysis", None)  # as if not installed
+    (tmp_path / "t.pdb").write_text("END\n")
+    (tmp_path / "t.trr").write_bytes(b"")
+    code, _, err = import_cli(capsys, "--topology", tmp_path / "t.pdb", "--trajectory", tmp_path / "t.trr", "--temperature", 300,
+                              "--out", tmp_path / "out")
+    assert code == 2 and "pip install 'openmm_cgnn[import]'" in err and not (tmp_path / "out").exists()
