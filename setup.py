@@ -32,8 +32,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "MDAnalysis"],
         "bench": ["torchani==2.9.0"],
+        # `openmm-cgnn import` reads GROMACS and LAMMPS files with MDAnalysis.
+        "import": ["MDAnalysis"],
     },
     entry_points={"console_scripts": ["openmm-cgnn=openmm_cgnn.cli:main"]},
 )

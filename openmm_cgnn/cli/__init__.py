@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "aa": ("aa", "all-atom ground truth: build, equilibrate (NPT) and run NVT production, saving forces"),
+    "import": ("import_", "bring your own all-atom data: a GROMACS or LAMMPS trajectory with forces into frames.h5"),
     "map": ("map", "learn the CG mapping (auto-encoder) from all-atom frames"),
     "train": ("train", "train the Hybridgraph CG force field by force matching"),
     "export": ("export", "export a trained model as a self-contained OpenMM force-field directory"),
