@@ -183,15 +183,6 @@ def block_steps(context: Any, block_s: float, warmup: int) -> int:
     return max(3, int(block_s * 1e3 / ms))
 
 
-def platform_properties(platform: Any, threads: int) -> dict[str, str]:
-    from openmm_cgnn.openmm.simulation import platform_properties as run_properties
-
-    properties = run_properties(platform)
-    if platform.getName() == "CPU":
-        properties["Threads"] = str(threads)
-    return properties
-
-
 # -- effective speed-up ---------------------------------------------------------------------------
 
 
@@ -410,8 +401,8 @@ def main() -> int:
     threads = pin_threads(args.threads)
     load_before = machine_info()["load_average_1_5_15min"]
     from openmm_cgnn.mapping.spec import Mapping
-    from openmm_cgnn.openmm.force import versions
     from openmm_cgnn.openmm.simulation import choose_platform
+    from openmm_cgnn.platforms import platform_properties, versions
 
     model_dir = args.model
     if not (model_dir / "checkpoint.pt").is_file() or not (model_dir / "mapping.json").is_file():
@@ -419,7 +410,7 @@ def main() -> int:
     mapping = Mapping.load(model_dir / "mapping.json")
     platform = choose_platform(args.platform)
     name = platform.getName()
-    properties = platform_properties(platform, args.threads)
+    properties = platform_properties(platform, threads=args.threads)
     gpu = name in ("CUDA", "OpenCL", "HIP")
     pairs_list = args.pairs or ([32, 100, 300, 1000, 3000] if gpu else [32, 100, 300])
     scaling_beads = args.scaling_beads if args.scaling_beads is not None else (
