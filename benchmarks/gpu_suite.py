@@ -85,27 +85,36 @@ MODES: dict[str, dict[str, Any]] = {
         "aa_vs_cg": {"pairs": 300, "sizes": ["quick", "reference"], "thermalize_steps": 300, "stability_steps": 300,
                      "block_seconds": 2.0, "blocks": 3, "warmup_steps": 20, "aa_minimize_iterations": 200},
         "training": {"beads": 1500, "configs": ["quick", "reference"], "batch_size": 8, "steps": 20, "budget_s": 12.0},
-        "chain": {"pairs": 16, "temperatures": [400, 500], "equilibrate_ps": 5, "production_ps": 10, "save_every_ps": 0.1,
-                  "cutoff_nm": 0.75, "map_epochs": 60, "map_restarts": 1, "train_epochs": 3, "max_frames": 100,
-                  "cg_steps": 2000, "cg_save_every_steps": 20, "cg_dt_fs": None, "cg_minimize": True},
-    },
-    "dry": {
-        "platform": "CPU", "device": "cpu", "tag": "dry", "budget_s": 600.0, "threads": 1,
-        "limits_s": {"agreement": 150, "cg_step": 150, "aa_vs_cg": 150, "training": 100, "chain": 240, "scaling": 150},
-        "agreement": {"precisions": ["mixed", "double"]},
-        "cg_step": {"pairs": 16, "sizes": ["quick", "reference"], "dt_fs": 4.0, "thermalize_steps": 10,
-                    "block_seconds": 0.05, "blocks": 1, "warmup_steps": 1},
-        "scaling": {"base_pairs": 16, "beads": [80, 160], "size": "quick", "dt_fs": 4.0, "thermalize_steps": 10,
-                    "block_seconds": 0.05, "blocks": 1, "warmup_steps": 1, "replay_steps": 2, "calls": 2, "budget_s": 2.0},
-        "aa_vs_cg": {"pairs": 16, "sizes": ["quick"], "thermalize_steps": 10, "stability_steps": 20,
-                     "dt_candidates_fs": (10.0, 4.0), "block_seconds": 0.05, "blocks": 1, "warmup_steps": 1,
-                     "aa_minimize_iterations": 10},
-        "training": {"beads": 80, "configs": ["quick"], "batch_size": 2, "steps": 1, "budget_s": 2.0},
-        "chain": {"pairs": 16, "temperatures": [400], "equilibrate_ps": 0.1, "production_ps": 0.2,
-                  "save_every_ps": 0.02, "cutoff_nm": 0.75, "map_epochs": 5, "map_restarts": 1, "train_epochs": 1,
-                  "max_frames": 10, "cg_steps": 20, "cg_save_every_steps": 5, "cg_dt_fs": 4.0, "cg_minimize": False},
+        "chain": {"pairs": 16, "temperatures": [400, 500], "equilibrate_ps": 4, "production_ps": 6, "save_every_ps": 0.1,
+                  "cutoff_nm": 0.75, "map_epochs": 40, "map_restarts": 1, "train_epochs": 2, "max_frames": 60,
+                  "cg_steps": 1000, "cg_save_every_steps": 20, "cg_dt_fs": None, "cg_minimize": True},
     },
 }
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied, nested dictionaries merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+# The dry mode: the GPU settings with tiny sizes and short blocks on the CPU platform.
+MODES["dry"] = _merged(MODES["gpu"], {
+    "platform": "CPU", "device": "cpu", "tag": "dry", "budget_s": 1200.0, "threads": 1,
+    "limits_s": {"agreement": 200, "cg_step": 200, "aa_vs_cg": 200, "training": 100, "chain": 400, "scaling": 200},
+    "cg_step": {"pairs": 16, "thermalize_steps": 10, "block_seconds": 0.05, "blocks": 1, "warmup_steps": 1},
+    "scaling": {"base_pairs": 16, "beads": [80, 160], "thermalize_steps": 10, "block_seconds": 0.05, "blocks": 1,
+                "warmup_steps": 1, "replay_steps": 2, "calls": 2, "budget_s": 2.0},
+    "aa_vs_cg": {"pairs": 16, "sizes": ["quick"], "thermalize_steps": 10, "stability_steps": 20,
+                 "dt_candidates_fs": (10.0, 4.0), "block_seconds": 0.05, "blocks": 1, "warmup_steps": 1,
+                 "aa_minimize_iterations": 10},
+    "training": {"beads": 80, "configs": ["quick"], "batch_size": 2, "steps": 1, "budget_s": 2.0},
+    "chain": {"temperatures": [400], "equilibrate_ps": 0.1, "production_ps": 0.2, "save_every_ps": 0.02, "map_epochs": 5,
+              "train_epochs": 1, "max_frames": 10, "cg_steps": 20, "cg_save_every_steps": 5, "cg_dt_fs": 4.0,
+              "cg_minimize": False},
+})
 
 
 # -- the suite's model and reference values (``prepare``, here on CPU) -----------------------------
@@ -176,17 +185,24 @@ def make_model(folder: Path) -> Path:
     return folder
 
 
-def packed_minimized(model_dir: Path, pairs: int, seed: int = 1) -> Any:
-    """A packed box of ``pairs`` ion pairs at the suite density, minimised with the model on the CPU platform."""
-    import openmm
-
+def packed(model_dir: Path, pairs: int, seed: int = 1) -> Any:
+    """``pairs`` ion pairs packed at the suite density, molecules grown at the prior's bond lengths."""
     from openmm_cgnn.mapping.spec import Mapping
-    from openmm_cgnn.openmm import CGNNForce, CGSystem, composition_for_pairs
+    from openmm_cgnn.openmm import CGSystem, composition_for_pairs
     from openmm_cgnn.openmm.prior_forces import bond_lengths, load_prior
 
     mapping = Mapping.load(model_dir / "mapping.json")
     bonds = bond_lengths(load_prior(model_dir / "prior.json", mapping.bead_type_names))
-    cg = CGSystem.packed(mapping, composition_for_pairs(mapping, pairs), DENSITY_KG_M3, seed=seed, bond_lengths=bonds)
+    return CGSystem.packed(mapping, composition_for_pairs(mapping, pairs), DENSITY_KG_M3, seed=seed, bond_lengths=bonds)
+
+
+def packed_minimized(model_dir: Path, pairs: int, seed: int = 1) -> Any:
+    """A packed box of ``pairs`` ion pairs at the suite density, minimised with the model on the CPU platform."""
+    import openmm
+
+    from openmm_cgnn.openmm import CGNNForce
+
+    cg = packed(model_dir, pairs, seed)
     system = cg.system()
     CGNNForce(model_dir, cg, TEMPERATURE_K, prior="openmm").add_to(system)
     context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"))
@@ -310,13 +326,47 @@ def fresh(size: str, work: Path) -> Path:
 
 def thermal_start(model_dir: Path, pairs: int, platform: str, dt_fs: float | None, settings: dict[str, Any],
                   work: Path) -> tuple[Any, dict]:
-    from bench_md import cg_thermal_start
+    """The runner's start (``bench_md.cg_thermal_start``: CGRun minimises, thermalises and, with
+    ``dt_fs=None``, picks the time step by its NVE check). Should the runner fail on this platform,
+    a plain start instead, so that the timings still come: the failure goes into the summary."""
+    import bench_md
 
     from openmm_cgnn.mapping.spec import Mapping
 
     options = {k: settings[k] for k in ("stability_steps", "dt_candidates_fs") if k in settings}
-    return cg_thermal_start(model_dir, Mapping.load(model_dir / "mapping.json"), pairs, DENSITY_KG_M3, TEMPERATURE_K,
-                            platform, dt_fs, settings["thermalize_steps"], 1, work, **options)
+    try:
+        return bench_md.cg_thermal_start(model_dir, Mapping.load(model_dir / "mapping.json"), pairs, DENSITY_KG_M3,
+                                         TEMPERATURE_K, platform, dt_fs, settings["thermalize_steps"], 1, work, **options)
+    except Exception as exc:  # noqa: BLE001 - reported, and the plain start below takes over
+        error = _error(exc)
+    print(f"  CGRun failed on {platform} ({error}); a plain start instead", flush=True)
+    return plain_start(model_dir, pairs, platform, dt_fs, settings, error)
+
+
+def plain_start(model_dir: Path, pairs: int, platform_name: str, dt_fs: float | None, settings: dict[str, Any],
+                runner_error: str) -> tuple[Any, dict]:
+    """Packed, minimised and thermalised in one Context; the time step from the runner's ``stability_check``."""
+    import openmm
+
+    from openmm_cgnn.openmm.simulation import DT_CANDIDATES_FS, stability_check
+    from openmm_cgnn.platforms import get_platform, platform_properties
+
+    platform = get_platform(platform_name)
+    properties = platform_properties(platform, threads=torch.get_num_threads())
+    cg = packed(model_dir, pairs)
+    cgnn = suite_force(model_dir, cg, "auto", False)
+    context = step_context(cgnn, cg, 1.0, platform, properties, False)
+    openmm.LocalEnergyMinimizer.minimize(context, 10.0, 500)
+    context.getIntegrator().step(settings["thermalize_steps"])
+    state = context.getState(getPositions=True, getVelocities=True)
+    cg = cg.with_positions(state.getPositions(asNumpy=True)._value)
+    summary: dict[str, Any] = {"runner_error": runner_error, "largest_stable_dt_fs": dt_fs}
+    if dt_fs is None:
+        dt, results = stability_check(graph_system(cgnn, cg, False), cg.positions, state.getVelocities(), platform,
+                                      properties, tuple(settings.get("dt_candidates_fs", DT_CANDIDATES_FS)),
+                                      settings.get("stability_steps", 300))
+        summary.update(largest_stable_dt_fs=dt, dt_stability=[vars(r) for r in results])
+    return cg, summary
 
 
 def step_context(cgnn: Any, cg: Any, dt_fs: float, platform: Any, properties: dict[str, str], graphs: bool) -> Any:
@@ -436,13 +486,20 @@ def step_scaling(cfg: dict[str, Any], platform: Any, writer: StepWriter, work: P
     for target in cfg["beads"]:
         factors = near_cubic_factors(max(1, round(target / base.n_beads)))
         cg = replicate(base, factors)
-        row = {"target_beads": target, "replicas": list(factors),
-               **scaling_point(source, cg, TEMPERATURE_K, cfg["dt_fs"], platform, properties, "auto", args, 1)}
+        row = {"target_beads": target, "replicas": list(factors), "beads": cg.n_beads}
+        try:
+            row.update(scaling_point(source, cg, TEMPERATURE_K, cfg["dt_fs"], platform, properties, "auto", args, 1))
+        except Exception as exc:  # noqa: BLE001 - out of memory at the largest size, say: the smaller ones stay
+            row["error"] = _error(exc)
+            print(f"scaling {cg.n_beads} beads: {row['error']}", flush=True)
+            rows.append(row)
+            writer.update(rows=rows)
+            continue
         rows.append(row)
         print(f"scaling {row['beads']} beads: step {row['openmm_step_ms']:.3f} ms = search {row['neighbor_search_ms']:.3f} "
               f"+ model {row['model_forward_backward_ms']:.3f} + OpenMM {row['openmm_overhead_ms']:.3f}", flush=True)
         writer.update(rows=rows)
-    per_bead = [r["openmm_step_ms"] / r["beads"] for r in rows]
+    per_bead = [r["openmm_step_ms"] / r["beads"] for r in rows if "error" not in r]
     writer.finish(rows=rows, properties=properties, ms_per_step_per_1000_beads=[1e3 * x for x in per_bead])
 
 
@@ -531,7 +588,9 @@ def step_chain(cfg: dict[str, Any], platform: Any, writer: StepWriter, work: Pat
             row["status"] = f"skipped: needs {', '.join(missing)}"
         else:
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "openmm_cgnn", *arguments], capture_output=True, text=True)
+            # torch and OpenMM in the stage use the suite's thread count, as in the other steps
+            env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+            proc = subprocess.run([sys.executable, "-m", "openmm_cgnn", *arguments], capture_output=True, text=True, env=env)
             row["wall_seconds"] = time.perf_counter() - start
             row["status"] = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
             if proc.returncode != 0:
@@ -669,6 +728,9 @@ def tables(results: Path, tag: str = "cuda") -> str:
     if data:
         lines += ["", "| beads | step ms | neighbour search ms | model ms | OpenMM overhead ms | graphs |", "|---|---|---|---|---|---|"]
         for r in data.get("rows", []):
+            if "error" in r:
+                lines.append(f"| {r['beads']} | {r['error']} | | | | |")
+                continue
             graphs = (r.get("cuda_graphs") or {}).get("use_cuda_graphs")
             lines.append(f"| {r['beads']} | {r['openmm_step_ms']:.3f} | {r['neighbor_search_ms']:.3f} | "
                          f"{r['model_forward_backward_ms']:.3f} | {r['openmm_overhead_ms']:.3f} | {graphs} |")

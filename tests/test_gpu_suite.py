@@ -43,7 +43,7 @@ def _env() -> dict[str, str]:
 def test_dry_run_writes_every_steps_json(tmp_path):
     results = tmp_path / "results"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "run", "--dry-run", "--results",
-                           str(results)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
+                           str(results)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((results / "gpu_suite_dry.json").read_text())
     assert list(summary["steps"]) == list(gpu_suite.STEPS)
@@ -85,3 +85,18 @@ def test_prepare_reproduces_the_committed_reference(tmp_path):
     for term in gpu_suite.AGREEMENT_TERMS:
         np.testing.assert_allclose(fresh[f"pairs16/{term}/energy"], committed[f"pairs16/{term}/energy"], rtol=1e-4)
         np.testing.assert_allclose(fresh[f"pairs16/{term}/forces"], committed[f"pairs16/{term}/forces"], atol=1e-2)
+
+
+def test_a_plain_start_takes_over_when_the_runner_fails(tmp_path, monkeypatch):
+    """Timings must not depend on CGRun working on a platform it never ran on: the failure is kept."""
+    import bench_md
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("runner broke")
+
+    monkeypatch.setattr(bench_md, "cg_thermal_start", broken)
+    settings = gpu_suite.MODES["dry"]["aa_vs_cg"]
+    cg, summary = gpu_suite.thermal_start(gpu_suite.REFERENCE / "model", 16, "CPU", None, settings, tmp_path)
+    assert summary["runner_error"] == "RuntimeError: runner broke"
+    assert summary["largest_stable_dt_fs"] in settings["dt_candidates_fs"]
+    assert cg.n_beads == 80 and np.isfinite(cg.positions).all()
