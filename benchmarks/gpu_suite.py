@@ -445,7 +445,8 @@ def step_cg_step(cfg: dict[str, Any], platform: Any, writer: StepWriter, work: P
     properties = platform_properties(platform, threads=torch.get_num_threads())
     args = timing_args(cfg)
     quick = fresh("quick", work)
-    cg, _ = thermal_start(quick, cfg["pairs"], platform.getName(), cfg["dt_fs"], cfg, work)
+    cg, start = thermal_start(quick, cfg["pairs"], platform.getName(), cfg["dt_fs"], cfg, work)
+    writer.update(runner_error=start.get("runner_error"))
     contexts: dict[str, Any] = {}
     variants: dict[str, dict[str, Any]] = {}
     for size in cfg["sizes"]:
@@ -462,11 +463,21 @@ def step_cg_step(cfg: dict[str, Any], platform: Any, writer: StepWriter, work: P
                 except Exception as exc:  # noqa: BLE001 - recorded, the other variants still run
                     variants[key]["error"] = _error(exc)
                     print(f"cg_step {key}: {variants[key]['error']}", flush=True)
-    times = best_of_blocks({k: (lambda c=c, n=variants[k]["steps_per_block"]: step_block(c, n)) for k, c in contexts.items()},
-                           args.blocks)
+
+    def block(key: str) -> float:
+        """One timed block; a variant that fails mid-run (NaN, a kernel error) is recorded and timed no more."""
+        if "error" in variants[key]:
+            return float("inf")
+        try:
+            return step_block(contexts[key], variants[key]["steps_per_block"])
+        except Exception as exc:  # noqa: BLE001
+            variants[key]["error"] = _error(exc)
+            return float("inf")
+
+    times = best_of_blocks({k: (lambda k=k: block(k)) for k in contexts}, args.blocks)
     rows = []
     for key, row in variants.items():
-        if key in times:
+        if key in times and "error" not in row:
             row.update(times[key], ns_per_day_at_dt=ns_per_day(cfg["dt_fs"], times[key]["ms_per_step"]))
             print(f"cg_step {key}: {row['ms_per_step']:.3f} ms/step", flush=True)
         rows.append(row)
@@ -481,7 +492,8 @@ def step_scaling(cfg: dict[str, Any], platform: Any, writer: StepWriter, work: P
     properties = platform_properties(platform, threads=torch.get_num_threads())
     args = timing_args(cfg)
     source = fresh(cfg["size"], work)
-    base, _ = thermal_start(source, cfg["base_pairs"], platform.getName(), cfg["dt_fs"], cfg, work)
+    base, start = thermal_start(source, cfg["base_pairs"], platform.getName(), cfg["dt_fs"], cfg, work)
+    writer.update(runner_error=start.get("runner_error"))
     rows = []
     for target in cfg["beads"]:
         factors = near_cubic_factors(max(1, round(target / base.n_beads)))
@@ -514,6 +526,7 @@ def step_aa_vs_cg(cfg: dict[str, Any], platform: Any, writer: StepWriter, work: 
     cg, summary = thermal_start(quick, cfg["pairs"], platform.getName(), None, cfg, work)
     dt_fs = float(summary["largest_stable_dt_fs"])
     stability = {"dt_fs": dt_fs, "dt_stability": summary.get("dt_stability"), "candidates_fs": summary.get("dt_candidates_fs"),
+                 "runner_error": summary.get("runner_error"),
                  "model": "the suite model, quick network with its read-out zeroed: the prior's dynamics"}
     writer.update(cg_dt_stability=stability)
     rows = []
