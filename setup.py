@@ -36,6 +36,11 @@ setup(
         "bench": ["torchani==2.9.0"],
         # `openmm-cgnn import` reads GROMACS and LAMMPS files with MDAnalysis.
         "import": ["MDAnalysis"],
+        # OpenMM's and openmm-torch's CUDA kernels ship as separate packages, named by these
+        # extras of theirs. The pinned torch 2.9.1 wheel from PyPI is built for CUDA 12.8, so
+        # cuda12 is the one that matches it; cuda13 needs a CUDA 13 build of torch (PyTorch's cu130 index).
+        "cuda12": ["openmm[cuda12]==8.5.2", "openmmtorch[cuda12]==1.5"],
+        "cuda13": ["openmm[cuda13]==8.5.2", "openmmtorch[cuda13]==1.5"],
     },
     entry_points={"console_scripts": ["openmm-cgnn=openmm_cgnn.cli:main"]},
 )

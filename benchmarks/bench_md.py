@@ -134,9 +134,10 @@ def aa_context(composition: dict[str, int], density: float, temperature: float, 
 
 
 def cg_thermal_start(model_dir: Path, mapping: Any, pairs: int, density: float, temperature: float, platform: str,
-                     dt_fs: float | None, thermalize_steps: int, seed: int, work: Path) -> tuple[Any, dict]:
+                     dt_fs: float | None, thermalize_steps: int, seed: int, work: Path, **run_options: Any) -> tuple[Any, dict]:
     """Packed start minimised and thermalised by ``CGRun`` (0 production steps); with ``dt_fs=None`` the
-    runner's stability check picks the time step. Returns the CGSystem at frame 0 and the run summary."""
+    runner's stability check picks the time step (``run_options``: more ``RunConfig`` fields, e.g.
+    ``stability_steps``). Returns the CGSystem at frame 0 and the run summary."""
     from openmm_cgnn.openmm import CGNNForce, CGSystem, composition_for_pairs
     from openmm_cgnn.openmm.prior_forces import bond_lengths, load_prior
     from openmm_cgnn.openmm.simulation import CGRun, RunConfig
@@ -146,7 +147,7 @@ def cg_thermal_start(model_dir: Path, mapping: Any, pairs: int, density: float, 
     cg = CGSystem.packed(mapping, composition_for_pairs(mapping, pairs), density, seed=seed, bond_lengths=bonds)
     out = work / f"cg_{pairs}"
     config = RunConfig(temperature_K=temperature, steps=0, dt_fs=dt_fs, platform=platform, seed=seed,
-                       thermalize_steps=thermalize_steps, progress=False)
+                       thermalize_steps=thermalize_steps, progress=False, **run_options)
     result = CGRun(CGNNForce(model_dir, cg, temperature), cg, out, config, overwrite=True,
                    log=lambda message: print(f"  [cg {pairs} pairs] {message}", flush=True)).run()
     return CGSystem.from_run(mapping, out, frame=0), result.summary
@@ -183,13 +184,27 @@ def block_steps(context: Any, block_s: float, warmup: int) -> int:
     return max(3, int(block_s * 1e3 / ms))
 
 
-def platform_properties(platform: Any, threads: int) -> dict[str, str]:
-    from openmm_cgnn.openmm.simulation import platform_properties as run_properties
+def md_row(source: Path, cg: Any, temperature: float, dt_fs: float, density: float, platform: Any, properties: dict,
+           args: argparse.Namespace) -> dict[str, Any]:
+    """AA and CG of the same composition in one process: alternating timed blocks, ms/step, ns/day, ratio.
 
-    properties = run_properties(platform)
-    if platform.getName() == "CPU":
-        properties["Threads"] = str(threads)
-    return properties
+    ``args`` carries the timing settings (``block_seconds``, ``warmup_steps``, ``blocks``) and
+    ``seed``, ``aa_cutoff_nm``, ``aa_minimize_iterations``, ``prior``, ``skin``.
+    """
+    composition = cg.composition()
+    aa, aa_info = aa_context(composition, density, temperature, platform, properties, args.seed,
+                             args.aa_cutoff_nm, args.aa_minimize_iterations)
+    context, _, cg_info = cg_context(source, cg, temperature, dt_fs, platform, properties, args.prior, args.seed, args.skin)
+    aa_steps = block_steps(aa, args.block_seconds, args.warmup_steps)
+    cg_steps = block_steps(context, args.block_seconds, args.warmup_steps)
+    times = best_of_blocks({"aa": lambda c=aa: step_block(c, aa_steps), "cg": lambda c=context: step_block(c, cg_steps)},
+                           args.blocks)
+    aa_row = {**aa_info, **times["aa"], "steps_per_block": aa_steps, "ns_per_day": ns_per_day(2.0, times["aa"]["ms_per_step"])}
+    cg_row = {**cg_info, **times["cg"], "steps_per_block": cg_steps, "ns_per_day": ns_per_day(dt_fs, times["cg"]["ms_per_step"])}
+    return {"pairs": sum(composition.values()) // len(composition), "composition": composition, "aa": aa_row, "cg": cg_row,
+            "ratio_ns_per_day_cg_over_aa": cg_row["ns_per_day"] / aa_row["ns_per_day"],
+            "ratio_ms_per_step_aa_over_cg": aa_row["ms_per_step"] / cg_row["ms_per_step"],
+            "load_average_1min": machine_info()["load_average_1_5_15min"][0]}
 
 
 # -- effective speed-up ---------------------------------------------------------------------------
@@ -410,8 +425,8 @@ def main() -> int:
     threads = pin_threads(args.threads)
     load_before = machine_info()["load_average_1_5_15min"]
     from openmm_cgnn.mapping.spec import Mapping
-    from openmm_cgnn.openmm.force import versions
     from openmm_cgnn.openmm.simulation import choose_platform
+    from openmm_cgnn.platforms import platform_properties, versions
 
     model_dir = args.model
     if not (model_dir / "checkpoint.pt").is_file() or not (model_dir / "mapping.json").is_file():
@@ -419,7 +434,7 @@ def main() -> int:
     mapping = Mapping.load(model_dir / "mapping.json")
     platform = choose_platform(args.platform)
     name = platform.getName()
-    properties = platform_properties(platform, args.threads)
+    properties = platform_properties(platform, threads=args.threads)
     gpu = name in ("CUDA", "OpenCL", "HIP")
     pairs_list = args.pairs or ([32, 100, 300, 1000, 3000] if gpu else [32, 100, 300])
     scaling_beads = args.scaling_beads if args.scaling_beads is not None else (
@@ -452,29 +467,13 @@ def main() -> int:
                              "candidates_fs": summary.get("dt_candidates_fs")}
                 dt_source = f"stability_check at {pairs} pairs (saved model)"
             starts[pairs] = cg
-            composition = cg.composition()
-            aa, aa_info = aa_context(composition, density, temperature, platform, properties, args.seed,
-                                     args.aa_cutoff_nm, args.aa_minimize_iterations)
-            context, _, cg_info = cg_context(source, cg, temperature, dt_fs, platform, properties, args.prior, args.seed,
-                                             args.skin)
-            aa_steps = block_steps(aa, args.block_seconds, args.warmup_steps)
-            cg_steps = block_steps(context, args.block_seconds, args.warmup_steps)
-            times = best_of_blocks({"aa": lambda c=aa: step_block(c, aa_steps), "cg": lambda c=context: step_block(c, cg_steps)},
-                                   args.blocks)
-            aa_row = {**aa_info, **times["aa"], "steps_per_block": aa_steps,
-                      "ns_per_day": ns_per_day(2.0, times["aa"]["ms_per_step"])}
-            cg_row = {**cg_info, **times["cg"], "steps_per_block": cg_steps,
-                      "ns_per_day": ns_per_day(dt_fs, times["cg"]["ms_per_step"])}
-            row = {"pairs": pairs, "composition": composition, "aa": aa_row, "cg": cg_row,
-                   "ratio_ns_per_day_cg_over_aa": cg_row["ns_per_day"] / aa_row["ns_per_day"],
-                   "ratio_ms_per_step_aa_over_cg": aa_row["ms_per_step"] / cg_row["ms_per_step"],
-                   "load_average_1min": machine_info()["load_average_1_5_15min"][0]}
+            row = md_row(source, cg, temperature, dt_fs, density, platform, properties, args)
             md_rows.append(row)
+            aa_row, cg_row = row["aa"], row["cg"]
             print(f"{pairs:5d} pairs: AA {aa_row['atoms']} atoms {aa_row['ms_per_step']:.2f} ms/step "
                   f"{aa_row['ns_per_day']:.3g} ns/day | CG {cg_row['beads']} beads {cg_row['ms_per_step']:.2f} ms/step "
                   f"at {dt_fs:g} fs {cg_row['ns_per_day']:.3g} ns/day | CG/AA {row['ratio_ns_per_day_cg_over_aa']:.2f}x",
                   flush=True)
-            del aa, context
 
         for target in scaling_beads:
             base_pairs = max((p for p in starts if starts[p].n_beads <= target), default=min(starts))

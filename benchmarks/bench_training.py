@@ -145,6 +145,18 @@ def ddp_scaling(args: argparse.Namespace) -> int:
     write_json(args.out or RESULTS / f"training_ddp_{device.type}.json", result)
     return 0
 
+def measure(n_beads: int, config: str, device: torch.device, batch_size: int, steps: int, budget_s: float) -> dict:
+    """Training and validation frames/s of one network size (``quick``/``reference``) at ``n_beads``."""
+    frames = synthetic_frames(n_beads, frames=2 * batch_size + 2)
+    data = split_runs([frames], ["synthetic"], validation_fraction=0.3)
+    model = build_model(data, quick=config == "quick", use_temperature=False, seed=0)
+    trainer = Trainer(model, data, TrainConfig(batch_size=batch_size, device=str(device)), device)
+    row = {"n_beads": int(frames.n_beads), "config": config, "batch_size": batch_size,
+           "n_trainable_parameters": int(sum(p.numel() for p in trainer.trainable))}
+    row["train_step"] = time_steps(trainer, batch_size, steps, budget_s, create_graph=True)
+    row["validation"] = time_steps(trainer, batch_size, steps, budget_s, create_graph=False)
+    return row
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -174,15 +186,8 @@ def main() -> int:
 
     rows = []
     for n_beads in sizes:
-        frames = synthetic_frames(n_beads, frames=2 * args.batch_size + 2)
-        data = split_runs([frames], ["synthetic"], validation_fraction=0.3)
         for name in args.configs:
-            model = build_model(data, quick=name == "quick", use_temperature=False, seed=0)
-            trainer = Trainer(model, data, TrainConfig(batch_size=args.batch_size, device=str(device)), device)
-            row = {"n_beads": int(frames.n_beads), "config": name, "batch_size": args.batch_size,
-                   "n_trainable_parameters": int(sum(p.numel() for p in trainer.trainable))}
-            row["train_step"] = time_steps(trainer, args.batch_size, args.steps, args.budget, create_graph=True)
-            row["validation"] = time_steps(trainer, args.batch_size, args.steps, args.budget, create_graph=False)
+            row = measure(n_beads, name, device, args.batch_size, args.steps, args.budget)
             rows.append(row)
             print(f"N={row['n_beads']:6d} {name:9s} train {row['train_step']['frames_per_s']:8.1f} frames/s   "
                   f"validation {row['validation']['frames_per_s']:8.1f} frames/s", flush=True)

@@ -22,8 +22,9 @@ import openmm
 from common import RESULTS, best_of_blocks, machine_info, pin_threads, step_block, write_json
 from openmm_cgnn.mapping.spec import Mapping
 from openmm_cgnn.model import CGModel, HybridGraphConfig, PriorSet, save_checkpoint
-from openmm_cgnn.openmm.force import CGNNForce, versions
+from openmm_cgnn.openmm.force import CGNNForce
 from openmm_cgnn.openmm.topology import CGSystem, composition_for_pairs
+from openmm_cgnn.platforms import versions
 
 TYPES = ["CAT:B0", "CAT:B1", "CAT:B2", "CAT:B3", "ANI:B0"]
 MAPPING = {

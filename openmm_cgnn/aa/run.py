@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import platform as _platform
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..platforms import PlatformError, available_platforms, get_platform, versions  # noqa: F401  (aa API)
 from .builder import box_edge_nm
 from .stages import CHECKPOINT, RunSettings, SingleRun, _atomic_write, stdout_log
 
@@ -36,28 +36,6 @@ class AAInputError(ValueError):
     """Bad input to an all-atom run; the message names the argument (CLI spelling)."""
 
 
-def available_platforms() -> list[str]:
-    import openmm
-
-    return [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
-
-
-def fastest_platform() -> str:
-    """The fastest platform that can create a Context here (a CUDA plugin may load without a GPU)."""
-    import openmm
-
-    platforms = [openmm.Platform.getPlatform(i) for i in range(openmm.Platform.getNumPlatforms())]
-    for platform in sorted(platforms, key=lambda p: -p.getSpeed()):
-        system = openmm.System()
-        system.addParticle(1.0)
-        try:
-            openmm.Context(system, openmm.VerletIntegrator(0.001), platform)
-        except Exception:  # noqa: BLE001 - any failure means "not usable here"
-            continue
-        return platform.getName()
-    return "Reference"
-
-
 def auto_cutoff_nm(start_edge_nm: float) -> float:
     """Default cutoff: 1.0 nm, or less for small boxes (half the edge after maximal compression)."""
     limit = max_cutoff_nm(start_edge_nm)
@@ -70,17 +48,6 @@ def max_cutoff_nm(start_edge_nm: float) -> float:
 
 def run_dir_name(temperature_K: float) -> str:
     return f"T{temperature_K:g}K"
-
-
-def _versions() -> dict[str, str]:
-    import numpy
-    import openmm
-    import torch
-
-    from openmm_cgnn import __version__
-
-    return {"openmm_cgnn": __version__, "openmm": openmm.version.full_version, "numpy": numpy.__version__,
-            "torch": torch.__version__, "python": _platform.python_version()}
 
 
 def _positive(value: float, flag: str, integer: bool = False) -> None:
@@ -148,10 +115,10 @@ def run_aa(out: str | Path, n_pairs: int, temperatures: float | Sequence[float],
     if resume and overwrite:
         raise AAInputError("--resume and --overwrite exclude each other")
 
-    names = available_platforms()
-    platform = platform or fastest_platform()
-    if platform not in names:
-        raise AAInputError(f"--platform {platform!r} is not available; available: {', '.join(names)}")
+    try:  # the fastest platform that starts here when none is given
+        platform = get_platform(platform).getName()
+    except PlatformError as exc:
+        raise AAInputError(str(exc)) from None
 
     try:
         ff = load_forcefield(forcefield_dir)
@@ -205,13 +172,13 @@ def run_aa(out: str | Path, n_pairs: int, temperatures: float | Sequence[float],
         forcefield=forcefield) for t in temps}
     _prepare_directory(out, runs, settings, resume, overwrite)
 
-    versions = _versions()
+    stack = versions()
     summaries = []
     for t in temps:
         s = settings[t]
         _atomic_write(runs[t] / RUN_JSON, json.dumps(s.__dict__, indent=2) + "\n")
         metadata = {"kind": "aa", "temperature_K": s.temperature_K, "charge_scale": s.charge_scale,
-                    "forcefield": forcefield, "forcefield_dir": str(ff.directory), "seed": seed, "versions": versions,
+                    "forcefield": forcefield, "forcefield_dir": str(ff.directory), "seed": seed, "versions": stack,
                     "platform": platform, "n_pairs": s.n_pairs, "composition": composition, "cutoff_nm": s.cutoff_nm,
                     "dt_fs": s.dt_fs, "save_every_ps": s.save_every_ps, "equilibrate_ps": s.equilibrate_ps,
                     "pressure_bar": s.pressure_bar, "friction_per_ps": s.friction_per_ps,

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..platforms import platform_properties
 from .builder import density_kg_m3
 
 CHECKPOINT = "checkpoint.chk"
@@ -115,11 +116,6 @@ def density_convergence(densities: Sequence[float]) -> dict[str, Any]:
     converged = abs(drift) <= DENSITY_DRIFT_SIGMAS * 2.0 * max(noise, 1e-12)
     return {"density_kg_m3": float(values.mean()), "density_sem_kg_m3": sem,
             "density_drift_kg_m3": drift, "density_converged": bool(converged)}
-
-
-def platform_properties(name: str) -> dict[str, str]:
-    # CPU threads follow OPENMM_CPU_THREADS (read by OpenMM itself); GPUs use mixed precision.
-    return {"Precision": "mixed"} if name in ("CUDA", "OpenCL", "HIP") else {}
 
 
 class SingleRun:

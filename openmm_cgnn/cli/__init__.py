@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "export a trained model as a self-contained OpenMM force-field directory"),
     "simulate": ("simulate", "run CG molecular dynamics in OpenMM with CGNNForce"),
     "evaluate": ("evaluate", "compare CG and AA structure and dynamics: RDFs, diffusion, Arrhenius"),
+    "info": ("info", "versions, OpenMM platforms and plugin load failures (is CUDA there?)"),
 }
 
 
@@ -28,6 +29,7 @@ class CLIError(Exception):
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openmm-cgnn", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="store_true", help="print the versions and platforms (as `info`) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in SUBCOMMANDS.items():
@@ -41,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    if args.version:
+        from ..platforms import info_report
+
+        print(info_report())
+        return 0
     if args.command is None:
         parser.print_help()
         return 2

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .force import CGNNForce, versions
+from ..platforms import versions
+from .force import CGNNForce
 from .topology import CGSystem
 
 EXPORT_FORMAT = "openmm_cgnn.export/1"

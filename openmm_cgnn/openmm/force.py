@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .. import __version__
 from ..mapping.spec import Mapping
+from ..platforms import versions  # noqa: F401  (re-exported: the versions report lives in platforms)
 from .prior_forces import load_prior, prior_forces
 from .topology import CGSystem
 
@@ -429,16 +429,3 @@ def min_box_width(box: np.ndarray) -> float:
     box = np.asarray(box, dtype=float)
     volume = abs(np.linalg.det(box))
     return float(min(volume / np.linalg.norm(np.cross(box[(i + 1) % 3], box[(i + 2) % 3])) for i in range(3)))
-
-
-def versions() -> dict[str, str]:
-    """Versions recorded in run and export metadata."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import openmm
-
-    try:
-        openmmtorch_version = version("openmmtorch")
-    except PackageNotFoundError:  # pragma: no cover - odd installs
-        openmmtorch_version = "unknown"
-    return {"openmm_cgnn": __version__, "openmm": openmm.__version__, "openmmtorch": openmmtorch_version, "torch": torch.__version__}

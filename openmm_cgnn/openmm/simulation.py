@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .force import CGNNForce, versions
+from ..platforms import PlatformError, get_platform, platform_properties, versions
+from .force import CGNNForce
 from .topology import CGSystem
 
 RUN_FILES = ("frames.h5", "trajectory.dcd", "topology.pdb", "state.csv", "summary.json", "checkpoint.chk", "checkpoint.json")
@@ -90,20 +91,11 @@ def openmm_seed(seed: int) -> int:
 
 
 def choose_platform(name: str | None) -> Any:
-    import openmm
-
-    available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
-    if name is None:
-        name = "CUDA" if "CUDA" in available else "CPU"
-    if name not in available:
-        raise SimulationError(f"OpenMM platform '{name}' is not available here (available: {', '.join(available)})")
-    return openmm.Platform.getPlatformByName(name)
-
-
-def platform_properties(platform: Any) -> dict[str, str]:
-    if platform.getName() in ("CUDA", "OpenCL"):
-        return {"Precision": "mixed"}
-    return {}
+    """``--platform`` of a CG run: the one named, else the fastest of CUDA and CPU that starts here."""
+    try:
+        return get_platform(name, "--platform", candidates=("CUDA", "CPU"))
+    except PlatformError as exc:
+        raise SimulationError(str(exc)) from None
 
 
 def _finite_state(state: Any) -> bool:
