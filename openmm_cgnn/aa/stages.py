@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..io import CorruptFileError, atomic_checkpoint, atomic_path, verify_checksum, write_text_atomic
 from .builder import density_kg_m3
 
 CHECKPOINT = "checkpoint.chk"
@@ -165,16 +164,17 @@ class SingleRun:
 
     def _save_checkpoint(self, context, progress: Progress) -> None:
         header = json.dumps(asdict(progress)).encode() + b"\n"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".checkpoint.")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(header + context.createCheckpoint())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, self.dir / CHECKPOINT)
+        with atomic_checkpoint(self.dir / CHECKPOINT) as tmp:
+            tmp.write_bytes(header + context.createCheckpoint())
 
     def _load_checkpoint(self) -> tuple[Progress, bytes] | None:
         path = self.dir / CHECKPOINT
         if not path.exists():
             return None
+        try:
+            verify_checksum(path, required=False)  # checkpoints of older versions have no checksum file
+        except CorruptFileError as exc:
+            raise AARunError(f"{exc}; rerun with --overwrite") from None
         data = path.read_bytes()
         header, _, chk = data.partition(b"\n")
         try:
@@ -194,7 +194,11 @@ class SingleRun:
         else:
             progress, chk = loaded
             context = self._context(barostat=progress.stage == "npt")
-            context.loadCheckpoint(chk)
+            try:
+                context.loadCheckpoint(chk)
+            except Exception as exc:  # noqa: BLE001 - OpenMM raises several types for bad bytes
+                raise AARunError(f"{self.dir / CHECKPOINT}: corrupt checkpoint ({str(exc).splitlines()[0]}); "
+                                 "rerun with --overwrite") from None
             self.log(f"{self._tag()} resumed from {self.dir / CHECKPOINT} at step {context.getStepCount()} "
                      f"({progress.stage}, {progress.frames_done} frames)")
         if progress.stage == "npt":
@@ -309,7 +313,7 @@ class SingleRun:
         lines = ["time_ps,volume_nm3,density_kg_m3"]
         lines += [f"{step * self.s.dt_ps:.4f},{v:.6f},{density_kg_m3(self.total_mass, v):.3f}"
                   for step, v in progress.npt_volumes]
-        _atomic_write(self.dir / NPT_DENSITY_CSV, "\n".join(lines) + "\n")
+        write_text_atomic(self.dir / NPT_DENSITY_CSV, "\n".join(lines) + "\n")
 
     # ------------------------------------------------------------------ production
 
@@ -373,23 +377,24 @@ class SingleRun:
 
         out = io.StringIO()
         PDBFile.writeFile(self.topology, state.getPositions(), out)
-        _atomic_write(self.dir / "topology.pdb", out.getvalue())
+        write_text_atomic(self.dir / "topology.pdb", out.getvalue())
 
     def _write_dcd(self) -> None:
-        """trajectory.dcd from frames.h5 (the frames file is the record; the DCD is derived)."""
-        import mdtraj
+        """trajectory.dcd from frames.h5 (the frames file is the record; the DCD is derived).
+
+        OpenMM's DCDFile writes the time step and frame interval into the header, so outside tools
+        (MDAnalysis, VMD) read the real frame spacing; frame k (from 1) is at step k * steps_per_frame.
+        """
+        from openmm.app import DCDFile
 
         from openmm_cgnn.frames import read_frames
 
         frames = read_frames(self.dir)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".trajectory.", suffix=".dcd")
-        os.close(fd)
-        lengths = np.linalg.norm(frames.box, axis=2) * 10.0  # Angstrom
-        angles = np.full_like(lengths, 90.0)
-        with mdtraj.formats.DCDTrajectoryFile(tmp, "w", force_overwrite=True) as dcd:
-            dcd.write(frames.positions * 10.0, cell_lengths=lengths, cell_angles=angles)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, self.dir / "trajectory.dcd")
+        with atomic_path(self.dir / "trajectory.dcd") as tmp, open(tmp, "wb") as handle:
+            dcd = DCDFile(handle, self.topology, self.s.dt_ps, firstStep=self.s.steps_per_frame,
+                          interval=self.s.steps_per_frame)
+            for positions, box in zip(frames.positions, frames.box):
+                dcd.writeModel(positions.astype(np.float64), periodicBoxVectors=box)
 
     def _summary(self, progress: Progress) -> dict[str, Any]:
         densities = self._npt_densities(progress)
@@ -418,7 +423,7 @@ class SingleRun:
             "files": {"frames": "frames.h5", "topology": "topology.pdb", "trajectory": "trajectory.dcd",
                       "npt_density": NPT_DENSITY_CSV, "checkpoint": CHECKPOINT},
         }
-        _atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 
@@ -434,14 +439,6 @@ class _Reporter:
             self.last_slot, self.last_time = slot, time.perf_counter()
             return True
         return False
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def stdout_log(message: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -138,15 +139,14 @@ class Mapping:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        from ..io import write_json_atomic
+
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "mapping") -> "Mapping":
+        if not isinstance(data, dict):
+            raise MappingError(f"{source}: expected a JSON object with 'format' and 'residues', got {type(data).__name__}")
         if data.get("format") != FORMAT:
             raise MappingError(f"{source}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
         if not isinstance(data.get("residues"), dict) or not data["residues"]:
@@ -154,12 +154,19 @@ class Mapping:
         residues = OrderedDict()
         for name, rd in data["residues"].items():
             try:
+                if not isinstance(rd, dict) or not isinstance(rd["beads"], list) or not isinstance(rd["atoms"], list):
+                    raise TypeError("'atoms' and 'beads' must be lists")
                 beads = [Bead(name=str(b["name"]), atoms=list(b["atoms"]), mass=float(b.get("mass", 0.0))) for b in rd["beads"]]
                 rm = ResidueMapping(
                     atoms=list(rd["atoms"]), beads=beads, bead_bonds=[tuple(map(int, b)) for b in rd.get("bead_bonds", [])]
                 )
-            except (KeyError, TypeError) as exc:
-                raise MappingError(f"{source}: residue '{name}' is missing or has a bad field {exc}") from exc
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise MappingError(f"{source}: residue '{name}' is missing or has a bad field ({exc})") from exc
+            for raw, bead in zip(rd["beads"], beads):
+                # A bead without 'mass' takes its atoms' masses; a given mass must be one.
+                if "mass" in raw and not (math.isfinite(bead.mass) and bead.mass > 0):
+                    raise MappingError(f"{source}: residue '{name}' bead '{bead.name}': 'mass' must be a positive "
+                                       f"number of amu, got {raw['mass']!r}")
             rm.validate(name, source)
             residues[name] = rm
         return cls(residues=residues, training=dict(data.get("training", {})))
@@ -321,6 +328,10 @@ def _bead_matrices(mapping: Mapping, frames: Frames) -> tuple[Any, Any, list[int
         first_bead = n_beads
         for k, bead in enumerate(rm.beads):
             idx = np.array([index_of[a] for a in bead.atoms])
+            atoms_mass = float(np.sum(masses[idx]))
+            if bead.mass > 0 and abs(bead.mass - atoms_mass) > 1e-3 + 1e-5 * atoms_mass:
+                raise MappingError(f"mapping: bead '{name}:{bead.name}' has 'mass' {bead.mass:g} amu, but its atoms weigh "
+                                   f"{atoms_mass:g} amu in {frames.path}; the mapping does not belong to these runs")
             rows += [n_beads] * len(idx)
             cols += list(idx)
             weights += list(masses[idx])
