@@ -221,8 +221,8 @@ def check_output_dir(out: str | os.PathLike, kind: str, *, overwrite: bool = Fal
     if resume:
         return False
     if not overwrite:
-        raise OutputDirError(f"{flag} {out}: already exists and is not empty; use --overwrite to replace it"
-                             + (" or --resume to continue it" if kind in ("aa", "cg", "model") else ""))
+        choices = "--resume or --overwrite" if kind in ("aa", "cg", "model") else "--overwrite to replace it"
+        raise OutputDirError(f"{flag} {out}: already exists and is not empty; use {choices}")
     if found is None:
         raise OutputDirError(f"{flag} {out}: --overwrite replaces only a directory that '{stage}' wrote (with a "
                              f"{MARKER} marker of kind {kind}); this one has none (another kind, your own files, "

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import MARKER, check_output_dir, staging_dir, swap_in, write_marker
+from ..io import MARKER, OutputDirError, check_output_dir, staging_dir, swap_in, write_marker
 from .force import CGNNForce, versions
 from .topology import CGSystem
 
@@ -51,7 +51,10 @@ def export_forcefield(
 
     out = Path(out_dir)
     # Only an export directory is ever replaced (io.check_output_dir): never the model it comes from.
-    check_output_dir(out, "export", overwrite=overwrite)
+    try:
+        check_output_dir(out, "export", overwrite=overwrite)
+    except OutputDirError as exc:
+        raise ExportError(str(exc)) from None
     force = CGNNForce(model_dir, cg, temperature, prior=prior)
     system = cg.system()
     force.add_to(system)

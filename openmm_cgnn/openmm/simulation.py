@@ -236,7 +236,10 @@ class CGRun:
         if self.resume and not is_empty_dir(self.out):
             raise OutputDirError(f"--out {self.out}: holds no CG run to resume (no checkpoint.chk); choose another --out")
         self.resume = False  # --resume of a directory with nothing in it starts the run
-        self.replace = check_output_dir(self.out, "cg", overwrite=self.overwrite)
+        try:
+            self.replace = check_output_dir(self.out, "cg", overwrite=self.overwrite)
+        except OutputDirError as exc:
+            raise SimulationError(str(exc)) from None
 
     def _open_output(self) -> None:
         """Start writing: in --out itself, or (replacing a run) in a sibling swapped in when the run is finished."""
