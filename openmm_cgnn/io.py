@@ -217,7 +217,7 @@ def check_output_dir(out: str | os.PathLike, kind: str, *, overwrite: bool = Fal
     stage = KINDS[kind]
     if found is not None and found != kind:
         raise OutputDirError(f"{flag} {out}: holds a {found} directory (written by '{KINDS.get(found, found)}'), "
-                             f"not a {kind} one; '{stage}' will not write there: choose another {flag}")
+                             f"where '{stage}' writes only {kind} directories: choose another {flag}")
     if resume:
         return False
     if not overwrite:

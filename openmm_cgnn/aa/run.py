@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .builder import box_edge_nm
-from ..io import check_output_dir, output_dir, read_marker, write_text_atomic
-from .stages import RunSettings, SingleRun, stdout_log
+from ..io import CorruptFileError, check_output_dir, output_dir, read_marker, verify_checksum, write_text_atomic
+from .stages import CHECKPOINT, RunSettings, SingleRun, stdout_log
 
 DEFAULT_CUTOFF_NM = 1.0
 MIN_CUTOFF_NM = 0.4  # below this the truncated LJ and PME real-space sums are poor
@@ -218,7 +218,7 @@ def _run_all(work: Path, out: Path, temps: list[float], settings: dict[float, Ru
         s = settings[t]
         write_text_atomic(runs[t] / RUN_JSON, json.dumps(s.__dict__, indent=2) + "\n")
         metadata = {"kind": "aa", "temperature_K": s.temperature_K, "charge_scale": s.charge_scale,
-                    "forcefield": forcefield, "forcefield_dir": str(ff.directory), "seed": seed, "versions": versions,
+                    "forcefield": forcefield, "forcefield_dir": str(ff.directory), "seed": s.seed, "versions": versions,
                     "platform": platform, "n_pairs": s.n_pairs, "composition": composition, "cutoff_nm": s.cutoff_nm,
                     "dt_fs": s.dt_fs, "save_every_ps": s.save_every_ps, "equilibrate_ps": s.equilibrate_ps,
                     "pressure_bar": s.pressure_bar, "friction_per_ps": s.friction_per_ps,
@@ -241,6 +241,12 @@ def _prepare_directory(out: Path, runs: dict[float, Path], settings: dict[float,
     replace = check_output_dir(out, "aa", overwrite=overwrite, resume=resume)
     exists = out.exists() and any(out.iterdir())
     if exists and resume:
+        for run_dir in runs.values():  # a damaged checkpoint is found before anything is rewritten
+            if (run_dir / CHECKPOINT).exists():
+                try:
+                    verify_checksum(run_dir / CHECKPOINT, required=False)
+                except CorruptFileError as exc:
+                    raise AAInputError(f"{exc}; rerun with --overwrite") from None
         if read_marker(out) is None and not any((run_dir / RUN_JSON).exists() for run_dir in runs.values()):
             raise AAInputError(f"--resume: {out} holds no aa run (no {RUN_JSON}); choose another --out")
         for t, run_dir in runs.items():

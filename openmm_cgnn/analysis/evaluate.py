@@ -252,19 +252,21 @@ def compare_rdfs(aa: Run, cg: Run, settings: EvaluationSettings) -> tuple[dict, 
                 if group == "bead" and single_bead[a] and single_bead[b]:
                     continue  # the same curve as the molecular-centre RDF of these molecules
                 rdfs = {}
-                for kind in KINDS:
-                    _, box, com, beads = sets[kind]
-                    if group == "com":
-                        rdfs[kind] = radial_distribution(com[a], com[b], box, r_max, settings.rdf_bin_nm, same=a == b)
-                    else:
-                        (pa, ma), (pb, mb) = beads[a], beads[b]
-                        rdfs[kind] = radial_distribution(pa, pb, box, r_max, settings.rdf_bin_nm, ma, mb, same=a == b)
                 for kind, run in (("aa", aa), ("cg", cg)):
-                    if not np.any(rdfs[kind].counts):
+                    _, box, com, beads = sets[kind]
+                    try:
+                        if group == "com":
+                            rdfs[kind] = radial_distribution(com[a], com[b], box, r_max, settings.rdf_bin_nm, same=a == b)
+                        else:
+                            (pa, ma), (pb, mb) = beads[a], beads[b]
+                            rdfs[kind] = radial_distribution(pa, pb, box, r_max, settings.rdf_bin_nm, ma, mb, same=a == b)
+                        counted = bool(np.any(rdfs[kind].counts))
+                    except ValueError:  # no pairs at all (e.g. one molecule of a type)
+                        counted = False
+                    if not counted:
                         raise EvaluationError(
-                            f"{run.path}: no {a}-{b} pair closer than {r_max:.3g} nm in the {rdfs[kind].n_frames} "
-                            "frames used, so there is no RDF to compare: the run is too short or its box too small "
-                            "(run it longer, or with more molecules)")
+                            f"{run.path}: no {a}-{b} pair closer than {r_max:.3g} nm in the frames used, so there is "
+                            "no RDF to compare: the run is too short or has too few molecules (run it longer or larger)")
                 error = rdf_error(rdfs["aa"], rdfs["cg"])
                 noise = rdf_noise_floor(rdfs["aa"], rdfs["cg"])
                 peaks = {kind: first_peak(rdfs[kind]) for kind in KINDS}

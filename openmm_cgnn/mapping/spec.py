@@ -101,6 +101,7 @@ class ResidueMapping:
 class Mapping:
     residues: "OrderedDict[str, ResidueMapping]"
     training: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="mapping", compare=False)  # the file it was read from, for messages
 
     def __post_init__(self) -> None:
         self.residues = OrderedDict(self.residues)
@@ -169,7 +170,7 @@ class Mapping:
                                        f"number of amu, got {raw['mass']!r}")
             rm.validate(name, source)
             residues[name] = rm
-        return cls(residues=residues, training=dict(data.get("training", {})))
+        return cls(residues=residues, training=dict(data.get("training", {})), source=source)
 
     @classmethod
     def load(cls, path: str | Path) -> "Mapping":
@@ -302,6 +303,13 @@ def make_molecules_whole(positions: np.ndarray, box: np.ndarray, residue_index: 
     return whole
 
 
+def _check_bead_mass(mapping: Mapping, residue: str, bead: Bead, run_mass: float, path: Any) -> None:
+    """A mapping that records bead masses must agree with the run's (else it belongs to other molecules)."""
+    if bead.mass > 0 and abs(bead.mass - run_mass) > 1e-3 + 1e-5 * run_mass:
+        raise MappingError(f"{mapping.source}: bead '{residue}:{bead.name}' has 'mass' {bead.mass:g} amu, but it (its atoms) "
+                           f"weigh {run_mass:g} amu in {path}; the mapping does not belong to these runs")
+
+
 def _bead_matrices(mapping: Mapping, frames: Frames) -> tuple[Any, Any, list[int], list[int], list[str], list[str], np.ndarray]:
     """Sparse (M, N) matrices for centre of mass and force sum, plus per-bead bookkeeping."""
     from scipy import sparse
@@ -328,10 +336,7 @@ def _bead_matrices(mapping: Mapping, frames: Frames) -> tuple[Any, Any, list[int
         first_bead = n_beads
         for k, bead in enumerate(rm.beads):
             idx = np.array([index_of[a] for a in bead.atoms])
-            atoms_mass = float(np.sum(masses[idx]))
-            if bead.mass > 0 and abs(bead.mass - atoms_mass) > 1e-3 + 1e-5 * atoms_mass:
-                raise MappingError(f"mapping: bead '{name}:{bead.name}' has 'mass' {bead.mass:g} amu, but its atoms weigh "
-                                   f"{atoms_mass:g} amu in {frames.path}; the mapping does not belong to these runs")
+            _check_bead_mass(mapping, name, bead, float(np.sum(masses[idx])), frames.path)
             rows += [n_beads] * len(idx)
             cols += list(idx)
             weights += list(masses[idx])
@@ -396,6 +401,8 @@ def cg_frames_from_cg_run(mapping: Mapping, frames: Frames) -> CGFrames:
         names = [top.atom_name[i] for i in beads]
         if names != expected:
             raise MappingError(f"{frames.path}: residue '{name}' (index {res}) has beads {names}, the mapping expects {expected}")
+        for bead, index in zip(mapping.residues[name].beads, beads):
+            _check_bead_mass(mapping, name, bead, float(top.mass[index]), frames.path)
         offset = int(beads[0])
         bonds += [(offset + i, offset + j) for i, j in mapping.residues[name].bead_bonds]
         bead_type += [mapping.bead_type_index(name, k) for k in range(len(names))]

@@ -229,6 +229,7 @@ class CGRun:
             missing = [n for n in ("checkpoint.json", "frames.h5", "trajectory.dcd") if n not in existing]
             if missing:
                 raise SimulationError(f"{self.out}: cannot resume, missing {missing}")
+            verify_checksum(self.out / "checkpoint.chk", required=False)  # older runs have no checksum file
             self.replace = False
             return
         if self.resume and existing:
@@ -243,10 +244,8 @@ class CGRun:
 
     def _open_output(self) -> None:
         """Start writing: in --out itself, or (replacing a run) in a sibling swapped in when the run is finished."""
+        self._started = not self.resume  # a resumed run starts once its settings are found to match
         if self.resume:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if read_marker(self.out) is None:
-                write_marker(self.out, "cg")
             return
         self.out = staging_dir(self.final_out) if self.replace else self.final_out
         self.out.mkdir(parents=True, exist_ok=True)
@@ -315,7 +314,8 @@ class CGRun:
         try:
             result = self._run(platform)
         except Exception as exc:
-            self._record_failure(exc)
+            if self._started:
+                self._record_failure(exc)
             if self.out != self.final_out:
                 note = f" (the failed run is in {self.out}; {self.final_out} is unchanged)"
                 raise type(exc)(f"{exc}{note}") if isinstance(exc, SimulationError) else exc
@@ -354,6 +354,9 @@ class CGRun:
         previous = json.loads((self.out / "checkpoint.json").read_text()) if self.resume else None
         if previous is not None:
             self._check_resume_settings(previous, platform)
+            self._started = True
+            if read_marker(self.out) is None:  # a run of an older version: it is a CG run
+                write_marker(self.out, "cg")
             (self.out / "summary.json").unlink(missing_ok=True)  # it marks a run that has ended
 
         positions = self.cg.positions
@@ -410,7 +413,6 @@ class CGRun:
         else:
             summary = previous
             summary["status"] = "running"
-            verify_checksum(self.out / "checkpoint.chk", required=False)  # older runs have no checksum file
             try:
                 simulation.loadCheckpoint(str(self.out / "checkpoint.chk"))
             except openmm.OpenMMException as exc:
