@@ -32,7 +32,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "MDAnalysis"],
         "bench": ["torchani==2.9.0"],
     },
     entry_points={"console_scripts": ["openmm-cgnn=openmm_cgnn.cli:main"]},

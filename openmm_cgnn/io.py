@@ -224,9 +224,10 @@ def check_output_dir(out: str | os.PathLike, kind: str, *, overwrite: bool = Fal
         choices = "--resume or --overwrite" if kind in ("aa", "cg", "model") else "--overwrite to replace it"
         raise OutputDirError(f"{flag} {out}: already exists and is not empty; use {choices}")
     if found is None:
-        raise OutputDirError(f"{flag} {out}: --overwrite replaces only a directory that '{stage}' wrote (with a "
-                             f"{MARKER} marker of kind {kind}); this one has none (another kind, your own files, "
-                             "or an older version's output): remove it yourself or choose another " + flag)
+        raise OutputDirError(f"{flag} {out}: --overwrite refuses to replace it: only a directory that '{stage}' wrote "
+                             f"(with a {MARKER} marker of kind {kind}) is replaced, and this one has none (your own "
+                             "files, another stage's, or an older version's output): remove it yourself or choose "
+                             f"another {flag}")
     return True
 
 

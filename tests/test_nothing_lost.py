@@ -333,3 +333,11 @@ def test_aa_dcd_time_axis_and_corrupt_checkpoint(tmp_path, capsys):
                      "--save-every-ps", "0.1", "--platform", "CPU", "--seed", "1", "--out", out, "--resume"],
             str(checkpoint), "corrupt checkpoint")
     assert tree(out) == before
+
+
+def test_map_progress_is_plain_lines_in_a_log(aa_run, tmp_path, capsys):
+    assert main(["map", "--data", str(aa_run), "--beads", "CAT=3,ANI=1", "--out", str(tmp_path / "map"),
+                 "--epochs", "20", "--restarts", "1"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("CAT seed 0:")]
+    assert "\r" not in err and lines and "20/20 epoch (100%)" in lines[-1]

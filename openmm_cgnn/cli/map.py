@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"samples per optimiser step (default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="torch device for training (default cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no per-restart progress (bar or log lines)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a mapping directory that map wrote before (never any other directory)")
 
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         mapping, report = learn_mapping(
             frames_list, beads, epochs=args.epochs, seed=args.seed, restarts=args.restarts, device=args.device,
             rho=args.rho, batch_size=args.batch_size, max_samples=args.max_samples or None,
-            log=lambda message: print(message, flush=True),
+            log=lambda message: print(message, flush=True), progress=not args.no_progress,
         )
     except BeadCountError as exc:
         raise CLIError(f"--beads: {exc}") from exc
