@@ -228,6 +228,7 @@ def check_output_dir(out: str | os.PathLike, kind: str, *, overwrite: bool = Fal
                              f"(with a {MARKER} marker of kind {kind}) is replaced, and this one has none (your own "
                              "files, another stage's, or an older version's output): remove it yourself or choose "
                              f"another {flag}")
+    check_writable(out.parent, flag)  # the replacement is built beside it
     return True
 
 

@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..io import (OutputDirError, is_empty_dir, atomic_checkpoint, check_output_dir, describe_os_error, read_marker, staging_dir,
-                  swap_in, verify_checksum, write_json_atomic, write_marker, write_text_atomic)
+from ..io import (OutputDirError, atomic_checkpoint, check_output_dir, describe_os_error, is_empty_dir, read_marker,
+                  staging_dir, swap_in, verify_checksum, write_json_atomic, write_marker, write_text_atomic)
 from ..model.checkpoint import model_fingerprint
 from .force import CGNNForce, versions
 from .topology import CGSystem
@@ -318,7 +318,8 @@ class CGRun:
                 self._record_failure(exc)
             if self.out != self.final_out:
                 note = f" (the failed run is in {self.out}; {self.final_out} is unchanged)"
-                raise type(exc)(f"{exc}{note}") if isinstance(exc, SimulationError) else exc
+                if isinstance(exc, SimulationError):
+                    raise type(exc)(f"{exc}{note}") from exc
             raise
         if self.out != self.final_out:
             swap_in(self.out, self.final_out)
