@@ -153,7 +153,7 @@ def verify_checksum(path: str | os.PathLike, required: bool = True) -> None:
     accepted = [record] + ([record["previous"]] if record["previous"] else [])
     if not any(actual["size"] == int(e.get("size", -1)) and actual["sha256"] == e.get("sha256") for e in accepted):
         raise CorruptFileError(f"{path}: corrupt checkpoint ({actual['size']} bytes, {record['size']} recorded in "
-                               f"{checksum_path(path).name}, checksum differs); it cannot be resumed")
+                               f"{checksum_path(path).name}, checksum differs): truncated or changed since it was written")
 
 
 # ---- run directories -----------------------------------------------------------------------------
