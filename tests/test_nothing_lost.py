@@ -254,6 +254,10 @@ def test_train_resume_treats_every_option_alike(synthetic_run, tmp_path, capsys)
     refused(capsys, ["train", "--data", synthetic_run, "--mapping", other, "--out", out, "--quick", "--no-progress",
                      "--epochs", "2", "--resume", "--model-option", "features=12"], "cannot resume", "--mapping")
     assert tree(out) == before
+    # --overwrite builds the new model beside the old one and swaps it in when it is finished.
+    assert main([str(a) for a in train_args(synthetic_run, out, "--epochs", "1", "--overwrite")]) == 0
+    assert json.loads((out / "hparams.json").read_text())["features"] == 32 and read_marker(out) == "model"
+    assert not (out.parent / f".{out.name}.partial").exists()
 
 
 @pytest.mark.parametrize("edit, needles", [

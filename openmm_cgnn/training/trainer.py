@@ -26,7 +26,7 @@ from .data import FrameTensors, TrainingData
 from .metrics import ForceErrorAccumulator
 
 CHECKPOINT = "checkpoint.pt"
-# Files this stage writes into MODELDIR; --overwrite removes exactly these and nothing else.
+# Files this stage writes into MODELDIR (--overwrite replaces the whole directory: see openmm_cgnn.io).
 OUTPUT_FILES = (CHECKPOINT, "hparams.json", "prior.json", "metrics.json", "mapping.json", "model.pt", "loss_curve.png")
 
 
