@@ -232,10 +232,14 @@ def check_output_dir(out: str | os.PathLike, kind: str, *, overwrite: bool = Fal
     return True
 
 
+def staging_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
 def staging_dir(out: str | os.PathLike) -> Path:
     """The sibling directory a replacement of ``out`` is built in (emptied first)."""
-    out = Path(out)
-    staging = out.parent / f".{out.name}.partial"
+    staging = staging_path(out)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)

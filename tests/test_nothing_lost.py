@@ -315,8 +315,9 @@ def test_evaluate_help_describes_every_option(capsys):
     assert "RDF bin width" in text and "no progress lines" in text
 
 
-def test_aa_dcd_time_axis_and_corrupt_checkpoint(tmp_path, capsys):
-    """MDAnalysis reads the AA trajectory's real frame spacing; a truncated AA checkpoint is 'corrupt'."""
+def test_aa_dcd_time_axis_failed_overwrite_and_corrupt_checkpoint(tmp_path, capsys, monkeypatch):
+    """MDAnalysis reads the AA trajectory's real frame spacing; a replacement that fails (full disk)
+    leaves the old run and records why; a truncated AA checkpoint is 'corrupt'."""
     MDAnalysis = pytest.importorskip("MDAnalysis")
     from openmm_cgnn.aa.run import run_aa
     from openmm_cgnn.frames import read_frames
@@ -330,12 +331,25 @@ def test_aa_dcd_time_axis_and_corrupt_checkpoint(tmp_path, capsys):
     assert [ts.time for ts in universe.trajectory] == pytest.approx(frames.time, rel=1e-4)
     np.testing.assert_allclose(universe.trajectory[1].positions / 10.0, frames.positions[1], atol=2e-4)
 
+    from openmm_cgnn.aa.stages import SingleRun
+
+    def disk_full(self, writer, context, frame_number):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / "frames.h5"))
+
+    args = ["aa", "--pairs", "8", "--temperature", "450", "--equilibrate-ps", "0.4", "--production-ps", "0.3",
+            "--save-every-ps", "0.1", "--platform", "CPU", "--seed", "1", "--out", out]
+    before = tree(out)
+    with monkeypatch.context() as patch:
+        patch.setattr(SingleRun, "_append_frame", disk_full)
+        refused(capsys, args + ["--overwrite"], "No space left on device", "frames.h5", code=1)
+    assert tree(out) == before
+    summary = json.loads((tmp_path / ".aa.partial" / "summary.json").read_text())
+    assert summary["status"] == "failed: OSError" and "No space left on device" in summary["error"]
+
     checkpoint = out / "checkpoint.chk"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     before = tree(out)
-    refused(capsys, ["aa", "--pairs", "8", "--temperature", "450", "--equilibrate-ps", "0.4", "--production-ps", "0.3",
-                     "--save-every-ps", "0.1", "--platform", "CPU", "--seed", "1", "--out", out, "--resume"],
-            str(checkpoint), "corrupt checkpoint")
+    refused(capsys, args + ["--resume"], str(checkpoint), "corrupt checkpoint")
     assert tree(out) == before
 
 

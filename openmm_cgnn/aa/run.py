@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .builder import box_edge_nm
-from ..io import CorruptFileError, check_output_dir, output_dir, read_marker, verify_checksum, write_text_atomic
-from .stages import CHECKPOINT, RunSettings, SingleRun, stdout_log
+from ..io import (CorruptFileError, check_output_dir, output_dir, read_marker, staging_path, verify_checksum,
+                  write_text_atomic)
+from .stages import CHECKPOINT, AARunError, RunSettings, SingleRun, stdout_log
 
 DEFAULT_CUTOFF_NM = 1.0
 MIN_CUTOFF_NM = 0.4  # below this the truncated LJ and PME real-space sums are poor
@@ -198,9 +199,14 @@ def run_aa(out: str | Path, n_pairs: int, temperatures: float | Sequence[float],
         forcefield=forcefield) for t in temps}
     replace = _prepare_directory(out, runs, settings, resume, overwrite)
     # A replacement is built beside the old run and swapped in when every temperature is done.
-    with output_dir(out, "aa", replace) as work:
-        summaries = _run_all(work, out, temps, settings, topology, positions, ff, forcefield, composition, n_pairs,
-                             cutoff_nm, platform, log)
+    try:
+        with output_dir(out, "aa", replace) as work:
+            summaries = _run_all(work, out, temps, settings, topology, positions, ff, forcefield, composition, n_pairs,
+                                 cutoff_nm, platform, log)
+    except AARunError as exc:
+        if replace:
+            raise AARunError(f"{exc} (the failed run is in {staging_path(out)}; {out} is unchanged)") from None
+        raise
     if multi:
         return json.loads((out / "summary.json").read_text())
     summaries[0]["dir"] = str(out)

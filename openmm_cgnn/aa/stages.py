@@ -187,6 +187,27 @@ class SingleRun:
     # ------------------------------------------------------------------ stages
 
     def run(self) -> dict[str, Any]:
+        """Start or resume; a failure once the run is under way is recorded in summary.json (status, error)."""
+        self._started = False
+        try:
+            return self._run()
+        except Exception as exc:
+            if self._started:
+                self._record_failure(exc)
+            raise
+
+    def _record_failure(self, exc: BaseException) -> None:
+        from ..io import describe_os_error, write_json_atomic
+
+        cause = describe_os_error(exc) if isinstance(exc, OSError) else (str(exc).splitlines() or [""])[0]
+        try:
+            write_json_atomic(self.dir / "summary.json", {
+                "kind": "aa", "status": f"failed: {type(exc).__name__}", "error": cause,
+                "n_pairs": self.s.n_pairs, "temperature_K": self.s.temperature_K})
+        except OSError:
+            pass  # a full disk may refuse even this; the exception still says what failed
+
+    def _run(self) -> dict[str, Any]:
         self.dir.mkdir(parents=True, exist_ok=True)
         loaded = self._load_checkpoint()
         if loaded is None:
@@ -201,6 +222,7 @@ class SingleRun:
                                  "rerun with --overwrite") from None
             self.log(f"{self._tag()} resumed from {self.dir / CHECKPOINT} at step {context.getStepCount()} "
                      f"({progress.stage}, {progress.frames_done} frames)")
+        self._started = True
         if progress.stage == "npt":
             context, progress = self._npt(context, progress)
         self._production(context, progress)
