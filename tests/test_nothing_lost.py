@@ -359,3 +359,35 @@ def test_map_progress_is_plain_lines_in_a_log(aa_run, tmp_path, capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("CAT seed 0:")]
     assert "\r" not in err and lines and "20/20 epoch (100%)" in lines[-1]
+
+
+def test_overwrite_replaces_a_directory_of_its_own_kind(cg_copy, model_dir, aa_run, tmp_path, capsys):
+    """The other side of the rule: --overwrite does replace what the same stage wrote, and no .partial stays."""
+    from openmm_cgnn.analysis.synthetic import write_brownian_run, write_mapping
+
+    args = [a if a != "3" else "4" for a in simulate_args(model_dir, aa_run, cg_copy)]  # --seed 4
+    assert main([str(a) for a in args + ["--overwrite"]]) == 0
+    assert json.loads((cg_copy / "summary.json").read_text())["seed"] == 4 and read_marker(cg_copy) == "cg"
+
+    export = tmp_path / "export"
+    for extra in ([], ["--overwrite"]):
+        assert main([str(a) for a in ["export", "--model", model_dir, "--from-aa", aa_run, "--out", export, *extra]]) == 0
+    assert read_marker(export) == "export" and (export / "system.xml").exists()
+
+    mapping_dir = tmp_path / "map"
+    map_args = ["map", "--data", str(aa_run), "--beads", "CAT=3,ANI=1", "--out", str(mapping_dir), "--epochs", "5",
+                "--restarts", "1", "--no-progress"]
+    assert main(map_args) == 0 and main(map_args) == 2 and main(map_args + ["--overwrite"]) == 0
+    assert read_marker(mapping_dir) == "mapping"
+
+    mapping = write_mapping(tmp_path / "synthetic_mapping.json")
+    runs = [write_brownian_run(tmp_path / f"synthetic_{kind}", kind, 400, {"CHN": 0.01, "ION": 0.01}, {"CHN": 20, "ION": 20},
+                               n_frames=10) for kind in ("aa", "cg")]
+    report = tmp_path / "report"
+    evaluate_args = ["evaluate", "--aa", str(runs[0]), "--cg", str(runs[1]), "--mapping", str(mapping), "--out",
+                     str(report), "--quiet"]
+    assert main(evaluate_args) == 0 and main(evaluate_args) == 2 and main(evaluate_args + ["--overwrite"]) == 0
+    assert read_marker(report) == "report" and (report / "report.md").exists()
+    capsys.readouterr()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert not (cg_copy.parent / f".{cg_copy.name}.partial").exists()
