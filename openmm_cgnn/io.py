@@ -233,7 +233,7 @@ def check_output_dir(out: str | os.PathLike, kind: str, *, overwrite: bool = Fal
 
 
 def staging_path(out: str | os.PathLike) -> Path:
-    out = Path(out)
+    out = Path(out).absolute()  # "." has no name to put a sibling beside
     return out.parent / f".{out.name}.partial"
 
 
@@ -248,7 +248,7 @@ def staging_dir(out: str | os.PathLike) -> Path:
 
 def swap_in(staging: str | os.PathLike, out: str | os.PathLike) -> None:
     """Rename ``staging`` to ``out``; an existing ``out`` is moved aside first and removed last."""
-    staging, out = Path(staging), Path(out)
+    staging, out = Path(staging), Path(out).absolute()
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -263,14 +263,20 @@ def swap_in(staging: str | os.PathLike, out: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# Stages that cannot resume always build beside ``out``: an interrupted one then leaves nothing there.
+UNRESUMABLE_KINDS = ("mapping", "export", "report")
+
+
 @contextlib.contextmanager
 def output_dir(out: str | os.PathLike, kind: str, replace: bool) -> Iterator[Path]:
-    """The directory a stage writes into: ``out`` itself, or (``replace``) a sibling swapped in on success.
+    """The directory a stage writes into: ``out`` itself, or a sibling swapped in on success.
 
+    The sibling is used when an old run is replaced (``replace``) and for stages that cannot resume.
     The marker is written first, so even an interrupted run can later be resumed or replaced. On
     failure a sibling is left where it is (its summary says what went wrong) and ``out`` is untouched.
     """
     out = Path(out)
+    replace = replace or kind in UNRESUMABLE_KINDS
     target = staging_dir(out) if replace else out
     target.mkdir(parents=True, exist_ok=True)
     write_marker(target, kind)

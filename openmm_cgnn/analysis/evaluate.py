@@ -8,7 +8,6 @@ reported for every run.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -529,13 +528,14 @@ def evaluate(
 
     # Every number is known: now write, beside an old report that is swapped out at the end.
     with output_dir(out_dir, "report", replace) as work:
-        written = _write_outputs(work, metrics, msd_series, arrhenius_series, figures, reference, density_points, runs)
-    say(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'report.md'} and {len(written)} plots")
-    return json.loads((out_dir / "metrics.json").read_text())
+        metrics = _write_outputs(work, metrics, msd_series, arrhenius_series, figures, reference, density_points, runs)
+    say(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'report.md'} and {len(metrics['plots'])} plots")
+    return metrics
 
 
 def _write_outputs(out_dir: Path, metrics: dict, msd_series: dict, arrhenius_series: Any, figures: dict,
-                   reference: Any, density_points: list, runs: list) -> list[Path]:
+                   reference: Any, density_points: list, runs: list) -> dict:
+    """Plots, metrics.json and report.md into ``out_dir``; returns the metrics as written."""
     from .report import write_report
 
     written = []
@@ -552,4 +552,4 @@ def _write_outputs(out_dir: Path, metrics: dict, msd_series: dict, arrhenius_ser
     metrics = _jsonable(metrics)
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_report(out_dir / "report.md", metrics)
-    return written
+    return metrics
