@@ -10,6 +10,7 @@ from openmm_cgnn.analysis.evaluate import EvaluationError, EvaluationSettings, t
 from openmm_cgnn.analysis.synthetic import synthetic_mapping, write_brownian_run, write_mapping
 from openmm_cgnn.cli import main
 from openmm_cgnn.frames import FrameWriter, FramesError, TopologyInfo
+from openmm_cgnn.io import MARKER, write_marker
 
 TEMPERATURES = (400.0, 500.0)
 COUNTS = {"CHN": 40, "ION": 40}
@@ -154,7 +155,7 @@ def test_verdict_against_the_targets(evaluated):
 
 
 def _cli_error(args, capsys):
-    assert main(["evaluate", *map(str, args), "--quiet"]) == 2
+    assert main(["evaluate", *map(str, args), "--quiet", "--overwrite"]) == 2
     return capsys.readouterr().err
 
 
@@ -163,6 +164,7 @@ def test_bad_inputs_give_clear_errors_and_keep_old_report(runs, tmp_path, capsys
     out = tmp_path / "report"
     out.mkdir()
     (out / "metrics.json").write_text("previous")
+    write_marker(out, "report")  # an earlier report: --overwrite may replace it, bad input may not
 
     # A frames file without frames.
     empty = tmp_path / "empty"
@@ -205,7 +207,7 @@ def test_bad_inputs_give_clear_errors_and_keep_old_report(runs, tmp_path, capsys
     assert "--viscosity-pa-s" in err and "410 K matches no AA run" in err and "400 K" in err
 
     assert (out / "metrics.json").read_text() == "previous"
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "metrics.json"])
 
 
 def test_evaluate_needs_aa_runs(runs, tmp_path):

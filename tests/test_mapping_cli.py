@@ -83,12 +83,16 @@ def test_parse_beads():
     ],
 )
 def test_bad_beads_are_refused_before_anything_is_written(run_dir, tmp_path, capsys, beads, message):
+    from openmm_cgnn.io import MARKER, write_marker
+
     out = tmp_path / "map"
     out.mkdir()
     (out / "mapping.json").write_text("previous")
-    assert map_cli(run_dir, out, beads=beads) == 2
+    write_marker(out, "mapping")  # an earlier map run, which --overwrite may replace
+    assert map_cli(run_dir, out, "--overwrite", beads=beads) == 2
     assert message in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["mapping.json"] and (out / "mapping.json").read_text() == "previous"
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "mapping.json"])
+    assert (out / "mapping.json").read_text() == "previous"
 
 
 def test_data_without_forces(tmp_path, capsys):

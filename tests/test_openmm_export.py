@@ -177,3 +177,14 @@ def test_cpp_loader_reports_bad_input(cpp_loader, exported, tmp_path):
     short.write_text("\n".join(line for k, line in enumerate(lines) if not (line.startswith("HETATM") and k % 2)) + "\n")
     result = subprocess.run([str(cpp_loader), str(exported / "system.xml"), str(short)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "particles" in result.stderr
+
+
+@pytest.mark.parametrize("option, value", [("--steps", "-5"), ("--steps", "abc"), ("--steps", "12abc"),
+                                           ("--dt-fs", "0"), ("--report-every", "0"), ("--temperature", "-1")])
+def test_cpp_loader_rejects_bad_numbers_up_front(cpp_loader, tmp_path, option, value):
+    # The files do not exist: a number is refused before anything is read or computed.
+    result = subprocess.run([str(cpp_loader), str(tmp_path / "none.xml"), str(tmp_path / "none.pdb"), option, value],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == next(line for line in result.stderr.splitlines() if option in line)
+    assert f"{option} {value}: expected" in result.stderr

@@ -55,7 +55,7 @@ def test_cli_trains_and_refuses_to_overwrite(run_dir, tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
 
     code, err = train_cli(capsys, "--data", run_dir, "--mapping", run_dir / "mapping.json", "--out", out,
-                          "--epochs", "2", "--resume", "--lr", "5e-4")
+                          "--epochs", "2", "--resume", "--lr", "5e-4", "--model-option", "features=12", "inter_cutoff_nm=0.65")
     assert code == 2 and "lr" in err  # resuming with other settings is refused
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..platforms import PlatformError, available_platforms, get_platform, versions  # noqa: F401  (aa API)
 from .builder import box_edge_nm
-from .stages import CHECKPOINT, RunSettings, SingleRun, _atomic_write, stdout_log
+from ..io import (CorruptFileError, check_output_dir, output_dir, read_marker, staging_path, verify_checksum,
+                  write_text_atomic)
+from .stages import CHECKPOINT, AARunError, RunSettings, SingleRun, stdout_log
 
 DEFAULT_CUTOFF_NM = 1.0
 MIN_CUTOFF_NM = 0.4  # below this the truncated LJ and PME real-space sums are poor
@@ -61,13 +62,6 @@ def _multiple_of_dt(value_ps: float, dt_ps: float, flag: str) -> None:
     steps = value_ps / dt_ps
     if abs(steps - round(steps)) > 1e-6 * max(1.0, steps):
         raise AAInputError(f"{flag} {value_ps:g} ps is not a whole number of {dt_ps * 1000:g} fs time steps")
-
-
-def _is_run_dir(path: Path) -> bool:
-    """Our own output (safe to delete with --overwrite): has run.json/summary.json here or in T*K/."""
-    markers = (RUN_JSON, "summary.json", CHECKPOINT)
-    return any((path / m).exists() for m in markers) or any(
-        (child / RUN_JSON).exists() for child in path.glob("T*K") if child.is_dir())
 
 
 def run_aa(out: str | Path, n_pairs: int, temperatures: float | Sequence[float], equilibrate_ps: float,
@@ -170,15 +164,34 @@ def run_aa(out: str | Path, n_pairs: int, temperatures: float | Sequence[float],
         seed=seed, cutoff_nm=float(cutoff_nm), dt_fs=float(dt_fs), start_density_kg_m3=float(start_density_kg_m3),
         pressure_bar=float(pressure_bar), friction_per_ps=float(friction_per_ps), platform=platform,
         forcefield=forcefield) for t in temps}
-    _prepare_directory(out, runs, settings, resume, overwrite)
+    replace = _prepare_directory(out, runs, settings, resume, overwrite)
+    # A replacement is built beside the old run and swapped in when every temperature is done.
+    try:
+        with output_dir(out, "aa", replace) as work:
+            summaries = _run_all(work, out, temps, settings, topology, positions, ff, forcefield, composition, n_pairs,
+                                 cutoff_nm, platform, log)
+    except AARunError as exc:
+        if replace:
+            raise AARunError(f"{exc} (the failed run is in {staging_path(out)}; {out} is unchanged)") from None
+        raise
+    if multi:
+        return json.loads((out / "summary.json").read_text())
+    summaries[0]["dir"] = str(out)
+    return summaries[0]
 
+
+def _run_all(work: Path, out: Path, temps: list[float], settings: dict[float, RunSettings], topology: Any,
+             positions: Any, ff: Any, forcefield: str, composition: dict[str, int], n_pairs: int, cutoff_nm: float,
+             platform: str, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    multi = len(temps) > 1
+    runs = {t: (work / run_dir_name(t) if multi else work) for t in temps}
     stack = versions()
     summaries = []
     for t in temps:
         s = settings[t]
-        _atomic_write(runs[t] / RUN_JSON, json.dumps(s.__dict__, indent=2) + "\n")
+        write_text_atomic(runs[t] / RUN_JSON, json.dumps(s.__dict__, indent=2) + "\n")
         metadata = {"kind": "aa", "temperature_K": s.temperature_K, "charge_scale": s.charge_scale,
-                    "forcefield": forcefield, "forcefield_dir": str(ff.directory), "seed": seed, "versions": stack,
+                    "forcefield": forcefield, "forcefield_dir": str(ff.directory), "seed": s.seed, "versions": stack,
                     "platform": platform, "n_pairs": s.n_pairs, "composition": composition, "cutoff_nm": s.cutoff_nm,
                     "dt_fs": s.dt_fs, "save_every_ps": s.save_every_ps, "equilibrate_ps": s.equilibrate_ps,
                     "pressure_bar": s.pressure_bar, "friction_per_ps": s.friction_per_ps,
@@ -188,25 +201,27 @@ def run_aa(out: str | Path, n_pairs: int, temperatures: float | Sequence[float],
         log(f"[aa {t:g} K] {runs[t]}: {n_pairs} pairs, {topology.getNumAtoms()} atoms, cutoff {cutoff_nm:g} nm, "
             f"platform {platform}")
         summary = SingleRun(runs[t], s, topology, positions, ff, metadata, log).run()
-        summary["dir"] = str(runs[t])
+        summary["dir"] = str(out / runs[t].relative_to(work))
         summaries.append(summary)
         if multi:
-            _write_parent_summary(out, summaries, temps)
-    return summaries[0] if not multi else json.loads((out / "summary.json").read_text())
+            _write_parent_summary(work, summaries, temps)
+    return summaries
 
 
 def _prepare_directory(out: Path, runs: dict[float, Path], settings: dict[float, RunSettings], resume: bool,
-                       overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise AAInputError(f"--out {out} exists and is not a directory")
+                       overwrite: bool) -> bool:
+    """Check ``out`` for this run; True when an old run there is to be replaced (see ``io.output_dir``)."""
+    replace = check_output_dir(out, "aa", overwrite=overwrite, resume=resume)
     exists = out.exists() and any(out.iterdir())
-    if exists and not (resume or overwrite):
-        raise AAInputError(f"--out {out} already exists; pass --resume to continue it or --overwrite to replace it")
-    if exists and overwrite:
-        if not _is_run_dir(out):
-            raise AAInputError(f"--overwrite refuses to delete {out}: it does not look like an aa run directory")
-        shutil.rmtree(out)
     if exists and resume:
+        for run_dir in runs.values():  # a damaged checkpoint is found before anything is rewritten
+            if (run_dir / CHECKPOINT).exists():
+                try:
+                    verify_checksum(run_dir / CHECKPOINT, required=False)
+                except CorruptFileError as exc:
+                    raise AAInputError(f"{exc}; rerun with --overwrite") from None
+        if read_marker(out) is None and not any((run_dir / RUN_JSON).exists() for run_dir in runs.values()):
+            raise AAInputError(f"--resume: {out} holds no aa run (no {RUN_JSON}); choose another --out")
         for t, run_dir in runs.items():
             old_path = run_dir / RUN_JSON
             if not old_path.exists():
@@ -220,8 +235,7 @@ def _prepare_directory(out: Path, runs: dict[float, Path], settings: dict[float,
                 if old.get(key) != new[key]:
                     raise AAInputError(f"--resume: {flag} differs from the run in {run_dir} "
                                        f"({old.get(key)!r} there, {new[key]!r} now)")
-    for run_dir in runs.values():
-        run_dir.mkdir(parents=True, exist_ok=True)
+    return replace
 
 
 def _write_parent_summary(out: Path, summaries: list[dict[str, Any]], temps: list[float]) -> None:
@@ -233,4 +247,4 @@ def _write_parent_summary(out: Path, summaries: list[dict[str, Any]], temps: lis
               "charge_scale": first["charge_scale"], "complete": len(summaries) == len(temps),
               "runs": [{"temperature_K": s["temperature_K"], "dir": Path(s["dir"]).name,
                         "density_kg_m3": s["density_kg_m3"], "n_frames": s["n_frames"]} for s in summaries]}
-    _atomic_write(out / "summary.json", json.dumps(parent, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(parent, indent=2) + "\n")

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..io import CorruptFileError, atomic_checkpoint, atomic_path, verify_checksum, write_text_atomic
 from ..platforms import platform_properties
 from .builder import density_kg_m3
 
@@ -161,16 +160,17 @@ class SingleRun:
 
     def _save_checkpoint(self, context, progress: Progress) -> None:
         header = json.dumps(asdict(progress)).encode() + b"\n"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".checkpoint.")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(header + context.createCheckpoint())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, self.dir / CHECKPOINT)
+        with atomic_checkpoint(self.dir / CHECKPOINT) as tmp:
+            tmp.write_bytes(header + context.createCheckpoint())
 
     def _load_checkpoint(self) -> tuple[Progress, bytes] | None:
         path = self.dir / CHECKPOINT
         if not path.exists():
             return None
+        try:
+            verify_checksum(path, required=False)  # checkpoints of older versions have no checksum file
+        except CorruptFileError as exc:
+            raise AARunError(f"{exc}; rerun with --overwrite") from None
         data = path.read_bytes()
         header, _, chk = data.partition(b"\n")
         try:
@@ -183,6 +183,27 @@ class SingleRun:
     # ------------------------------------------------------------------ stages
 
     def run(self) -> dict[str, Any]:
+        """Start or resume; a failure once the run is under way is recorded in summary.json (status, error)."""
+        self._started = False
+        try:
+            return self._run()
+        except Exception as exc:
+            if self._started:
+                self._record_failure(exc)
+            raise
+
+    def _record_failure(self, exc: BaseException) -> None:
+        from ..io import describe_os_error, write_json_atomic
+
+        cause = describe_os_error(exc) if isinstance(exc, OSError) else (str(exc).splitlines() or [""])[0]
+        try:
+            write_json_atomic(self.dir / "summary.json", {
+                "kind": "aa", "status": f"failed: {type(exc).__name__}", "error": cause,
+                "n_pairs": self.s.n_pairs, "temperature_K": self.s.temperature_K})
+        except OSError:
+            pass  # a full disk may refuse even this; the exception still says what failed
+
+    def _run(self) -> dict[str, Any]:
         self.dir.mkdir(parents=True, exist_ok=True)
         loaded = self._load_checkpoint()
         if loaded is None:
@@ -190,9 +211,14 @@ class SingleRun:
         else:
             progress, chk = loaded
             context = self._context(barostat=progress.stage == "npt")
-            context.loadCheckpoint(chk)
+            try:
+                context.loadCheckpoint(chk)
+            except Exception as exc:  # noqa: BLE001 - OpenMM raises several types for bad bytes
+                raise AARunError(f"{self.dir / CHECKPOINT}: corrupt checkpoint ({str(exc).splitlines()[0]}); "
+                                 "rerun with --overwrite") from None
             self.log(f"{self._tag()} resumed from {self.dir / CHECKPOINT} at step {context.getStepCount()} "
                      f"({progress.stage}, {progress.frames_done} frames)")
+        self._started = True
         if progress.stage == "npt":
             context, progress = self._npt(context, progress)
         self._production(context, progress)
@@ -305,7 +331,7 @@ class SingleRun:
         lines = ["time_ps,volume_nm3,density_kg_m3"]
         lines += [f"{step * self.s.dt_ps:.4f},{v:.6f},{density_kg_m3(self.total_mass, v):.3f}"
                   for step, v in progress.npt_volumes]
-        _atomic_write(self.dir / NPT_DENSITY_CSV, "\n".join(lines) + "\n")
+        write_text_atomic(self.dir / NPT_DENSITY_CSV, "\n".join(lines) + "\n")
 
     # ------------------------------------------------------------------ production
 
@@ -369,23 +395,24 @@ class SingleRun:
 
         out = io.StringIO()
         PDBFile.writeFile(self.topology, state.getPositions(), out)
-        _atomic_write(self.dir / "topology.pdb", out.getvalue())
+        write_text_atomic(self.dir / "topology.pdb", out.getvalue())
 
     def _write_dcd(self) -> None:
-        """trajectory.dcd from frames.h5 (the frames file is the record; the DCD is derived)."""
-        import mdtraj
+        """trajectory.dcd from frames.h5 (the frames file is the record; the DCD is derived).
+
+        OpenMM's DCDFile writes the time step and frame interval into the header, so outside tools
+        (MDAnalysis, VMD) read the real frame spacing; frame k (from 1) is at step k * steps_per_frame.
+        """
+        from openmm.app import DCDFile
 
         from openmm_cgnn.frames import read_frames
 
         frames = read_frames(self.dir)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".trajectory.", suffix=".dcd")
-        os.close(fd)
-        lengths = np.linalg.norm(frames.box, axis=2) * 10.0  # Angstrom
-        angles = np.full_like(lengths, 90.0)
-        with mdtraj.formats.DCDTrajectoryFile(tmp, "w", force_overwrite=True) as dcd:
-            dcd.write(frames.positions * 10.0, cell_lengths=lengths, cell_angles=angles)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, self.dir / "trajectory.dcd")
+        with atomic_path(self.dir / "trajectory.dcd") as tmp, open(tmp, "wb") as handle:
+            dcd = DCDFile(handle, self.topology, self.s.dt_ps, firstStep=self.s.steps_per_frame,
+                          interval=self.s.steps_per_frame)
+            for positions, box in zip(frames.positions, frames.box):
+                dcd.writeModel(positions.astype(np.float64), periodicBoxVectors=box)
 
     def _summary(self, progress: Progress) -> dict[str, Any]:
         densities = self._npt_densities(progress)
@@ -414,7 +441,7 @@ class SingleRun:
             "files": {"frames": "frames.h5", "topology": "topology.pdb", "trajectory": "trajectory.dcd",
                       "npt_density": NPT_DENSITY_CSV, "checkpoint": CHECKPOINT},
         }
-        _atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 
@@ -430,14 +457,6 @@ class _Reporter:
             self.last_slot, self.last_time = slot, time.perf_counter()
             return True
         return False
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def stdout_log(message: str) -> None:

@@ -8,7 +8,6 @@ reported for every run.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..frames import evenly_spaced
+from ..io import check_output_dir, output_dir, write_json_atomic
 from . import plots
 from .arrhenius import fit_arrhenius
 from .density import composition, find_experimental_density, run_density
@@ -104,6 +104,10 @@ def load_run(path: str | Path, mapping: Any, kind: str, settings: EvaluationSett
         raise EvaluationError(
             f"{first.path}: is a {first.kind!r} run (metadata 'kind') but was given as {kind!r}; pass it with {other}"
         )
+    recorded = first.metadata.get("mapping_sha256")
+    if kind == "cg" and recorded and recorded != mapping.sha256():
+        raise EvaluationError(f"{first.path}: this CG run was made with another mapping (sha256 {recorded[:12]}) than "
+                              f"--mapping (sha256 {mapping.sha256()[:12]}); pass the mapping of its model")
     temperature = first.temperature_K
     formulae = None
     if kind == "aa":
@@ -247,13 +251,21 @@ def compare_rdfs(aa: Run, cg: Run, settings: EvaluationSettings) -> tuple[dict, 
                 if group == "bead" and single_bead[a] and single_bead[b]:
                     continue  # the same curve as the molecular-centre RDF of these molecules
                 rdfs = {}
-                for kind in KINDS:
+                for kind, run in (("aa", aa), ("cg", cg)):
                     _, box, com, beads = sets[kind]
-                    if group == "com":
-                        rdfs[kind] = radial_distribution(com[a], com[b], box, r_max, settings.rdf_bin_nm, same=a == b)
-                    else:
-                        (pa, ma), (pb, mb) = beads[a], beads[b]
-                        rdfs[kind] = radial_distribution(pa, pb, box, r_max, settings.rdf_bin_nm, ma, mb, same=a == b)
+                    try:
+                        if group == "com":
+                            rdfs[kind] = radial_distribution(com[a], com[b], box, r_max, settings.rdf_bin_nm, same=a == b)
+                        else:
+                            (pa, ma), (pb, mb) = beads[a], beads[b]
+                            rdfs[kind] = radial_distribution(pa, pb, box, r_max, settings.rdf_bin_nm, ma, mb, same=a == b)
+                        counted = bool(np.any(rdfs[kind].counts))
+                    except ValueError:  # no pairs at all (e.g. one molecule of a type)
+                        counted = False
+                    if not counted:
+                        raise EvaluationError(
+                            f"{run.path}: no {a}-{b} pair closer than {r_max:.3g} nm in the frames used, so there is "
+                            "no RDF to compare: the run is too short or has too few molecules (run it longer or larger)")
                 error = rdf_error(rdfs["aa"], rdfs["cg"])
                 noise = rdf_noise_floor(rdfs["aa"], rdfs["cg"])
                 peaks = {kind: first_peak(rdfs[kind]) for kind in KINDS}
@@ -313,12 +325,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     return value
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _dynamics(table: dict, settings: EvaluationSettings, metrics: dict, say: Callable[[str], None]) -> dict:
@@ -464,6 +470,7 @@ def evaluate(
     out_dir: str | Path,
     settings: EvaluationSettings | None = None,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
     **options: Any,
 ) -> dict:
     """Evaluate CG runs against AA runs; writes metrics.json, PNG plots and report.md into ``out_dir``.
@@ -473,7 +480,6 @@ def evaluate(
     run has been read and analysed, so a bad input leaves an existing report untouched.
     """
     from ..mapping.spec import Mapping
-    from .report import write_report
 
     settings = settings or EvaluationSettings()
     for name, value in options.items():
@@ -488,6 +494,8 @@ def evaluate(
         mapping_path = Path(mapping)
         mapping = Mapping.load(mapping_path)
     out_dir = Path(out_dir)
+    # A report replaces only an earlier report (never a model's metrics.json), and only when asked.
+    replace = check_output_dir(out_dir, "report", overwrite=overwrite)
 
     runs = []
     for kind, dirs in (("aa", aa_dirs), ("cg", cg_dirs)):
@@ -518,8 +526,18 @@ def evaluate(
     metrics["verdict"] = target_verdict(metrics, settings)
     reference, density_points = _density([v["aa"] for v in table.values() if "aa" in v], metrics)
 
-    # Every number is known: now write.
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Every number is known: now write, beside an old report that is swapped out at the end.
+    with output_dir(out_dir, "report", replace) as work:
+        metrics = _write_outputs(work, metrics, msd_series, arrhenius_series, figures, reference, density_points, runs)
+    say(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'report.md'} and {len(metrics['plots'])} plots")
+    return metrics
+
+
+def _write_outputs(out_dir: Path, metrics: dict, msd_series: dict, arrhenius_series: Any, figures: dict,
+                   reference: Any, density_points: list, runs: list) -> dict:
+    """Plots, metrics.json and report.md into ``out_dir``; returns the metrics as written."""
+    from .report import write_report
+
     written = []
     for species, series in msd_series.items():
         written.append(plots.plot_msd(out_dir / f"msd_{_file_label(species)}.png", species, series))
@@ -532,7 +550,6 @@ def evaluate(
         written.append(plots.plot_density(out_dir / "density.png", reference, density_points))
     metrics["plots"] = [p.name for p in written]
     metrics = _jsonable(metrics)
-    _write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_json_atomic(out_dir / "metrics.json", metrics)
     write_report(out_dir / "report.md", metrics)
-    say(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'report.md'} and {len(written)} plots")
     return metrics

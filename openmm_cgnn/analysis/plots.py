@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..io import save_figure
+
 AA_STYLE = {"color": "black", "linestyle": "-"}
 CG_STYLE = {"color": "tab:red", "linestyle": "--"}
 
@@ -39,12 +41,7 @@ def _grid(n_panels: int, panel_size: tuple[float, float] = (3.6, 2.8), max_colum
 def _save(plt, fig, path: Path, layout: bool = True) -> Path:
     if layout:
         fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 @dataclass

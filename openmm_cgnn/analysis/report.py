@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..io import write_text_atomic
+
 
 def format_pm(value: float | None, error: float | None, digits: int = 2) -> str:
     """'(1.23 ± 0.05)e-11' style: value and error on one shared power of ten."""
@@ -250,8 +252,4 @@ def render_report(metrics: dict[str, Any]) -> str:
 
 
 def write_report(path: Path, metrics: dict[str, Any]) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(metrics))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, render_report(metrics))

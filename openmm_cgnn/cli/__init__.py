@@ -52,8 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(f"{__name__}.{SUBCOMMANDS[args.command][0]}")
+    from ..io import CorruptFileError, OutputDirError, describe_os_error
+
     try:
         return int(module.run(args) or 0)
-    except CLIError as exc:
+    except (CLIError, OutputDirError, CorruptFileError) as exc:
         print(f"openmm-cgnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or a read-only folder, found while writing: name the path
+        print(f"openmm-cgnn {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1

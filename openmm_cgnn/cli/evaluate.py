@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the same for the CG fluid (its viscosity differs from AA's)")
     parser.add_argument("--start-ps", type=float, default=0.0, help="skip this much time at the start of every run")
     parser.add_argument("--stride", type=int, default=1, help="read every n-th frame")
-    parser.add_argument("--rdf-bin-nm", type=float, default=0.01)
+    parser.add_argument("--rdf-bin-nm", type=float, default=0.01, metavar="NM",
+                        help="RDF bin width in nm (default 0.01)")
     parser.add_argument("--rdf-r-max-nm", type=float, default=None, help="default: half the shortest box edge")
     parser.add_argument("--rdf-max-frames", type=int, default=250, help="frames per run used for RDFs (evenly spaced)")
     parser.add_argument("--slope-tolerance", type=float, default=0.15,
@@ -49,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="verdict: CG activation energy within this fraction of AA's (default 0.15)")
     parser.add_argument("--target-rdf-error", type=float, default=0.05, metavar="FRACTION",
                         help="verdict: worst RDF error under this (default 0.05)")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines and no closing summary line")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a report directory that evaluate wrote before (never any other directory)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     )
     log = None if args.quiet else (lambda message: print(message, file=sys.stderr))
     try:
-        metrics = evaluate(args.aa, args.cg, args.mapping, args.out, settings=settings, log=log)
+        metrics = evaluate(args.aa, args.cg, args.mapping, args.out, settings=settings, log=log, overwrite=args.overwrite)
     except (EvaluationError, FramesError, MappingError) as exc:
         raise CLIError(str(exc)) from exc
     if not args.quiet:

@@ -20,13 +20,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..frames import read_frames
+    from ..io import check_output_dir
     from ..mapping.spec import Mapping
+    from ..model.checkpoint import check_model_mapping
     from ..openmm.export import export_forcefield
 
     if not (args.model.is_dir() and (args.model / "checkpoint.pt").exists()):
         raise CLIError(f"{args.model}: not a model directory (no checkpoint.pt)")
+    check_output_dir(args.out, "export", overwrite=args.overwrite)  # before any compute
     try:
         mapping = Mapping.load(args.model / "mapping.json")
+        check_model_mapping(args.model, mapping.sha256(), args.model / "mapping.json")
         cg = cg_system_from_args(args, mapping, args.model)
         temperature = args.temperature
         if temperature is None and args.from_aa is not None:

@@ -9,11 +9,11 @@ molecule one bead nobody asked for.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections import OrderedDict
 from pathlib import Path
 
+from ..io import check_output_dir, output_dir, write_json_atomic
 from . import CLIError
 
 _BEAD_ITEM = re.compile(r"^\s*([A-Za-z0-9_+\-]+)\s*=\s*(\d+)\s*$")
@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"samples per optimiser step (default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="torch device for training (default cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no per-restart progress (bar or log lines)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a mapping directory that map wrote before (never any other directory)")
 
 
 def parse_beads(text: str) -> "OrderedDict[str, int]":
@@ -62,12 +65,6 @@ def parse_beads(text: str) -> "OrderedDict[str, int]":
             raise CLIError(f"--beads: residue {name} is given twice")
         counts[name] = count
     return counts
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available here")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out}: exists and is not a directory")
+    replace = check_output_dir(out, "mapping", overwrite=args.overwrite)  # before the compute
 
     frames_list = []
     for directory in args.data:
@@ -105,20 +101,20 @@ def run(args: argparse.Namespace) -> int:
         mapping, report = learn_mapping(
             frames_list, beads, epochs=args.epochs, seed=args.seed, restarts=args.restarts, device=args.device,
             rho=args.rho, batch_size=args.batch_size, max_samples=args.max_samples or None,
-            log=lambda message: print(message, flush=True),
+            log=lambda message: print(message, flush=True), progress=not args.no_progress,
         )
     except BeadCountError as exc:
         raise CLIError(f"--beads: {exc}") from exc
     except MappingError as exc:
         raise CLIError(str(exc)) from exc
 
-    out.mkdir(parents=True, exist_ok=True)
-    mapping.save(out / "mapping.json")
-    for name, residue_report in report["residues"].items():
-        plot_losses(name, residue_report, out / f"loss_{name}.png", rho=args.rho)
-        plot_assignment(name, residue_report, out / f"assignment_{name}.png")
-    report["max_frames"] = args.max_frames
-    _write_json(out / "mapping_report.json", report)
+    with output_dir(out, "mapping", replace) as work:
+        mapping.save(work / "mapping.json")
+        for name, residue_report in report["residues"].items():
+            plot_losses(name, residue_report, work / f"loss_{name}.png", rho=args.rho)
+            plot_assignment(name, residue_report, work / f"assignment_{name}.png")
+        report["max_frames"] = args.max_frames
+        write_json_atomic(work / "mapping_report.json", report)
     for name, rm in mapping.residues.items():
         final = report["residues"][name]["final"]
         print(f"{name}: loss {final['loss']:.4f} (rec {final['rec']:.4f}, inst {final['inst']:.4f})")

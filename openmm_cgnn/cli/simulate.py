@@ -93,7 +93,11 @@ def run(args: argparse.Namespace) -> int:
     from ..openmm.force import CGNNForce
     from ..openmm.simulation import CGRun, RunConfig, SimulationUnstable
 
+    from ..io import check_writable
+    from ..model.checkpoint import check_model_mapping
+
     source, mapping_path = resolve_forcefield(args.forcefield)
+    check_writable(args.out)  # before any compute; CGRun checks what --out holds
     config = RunConfig(
         temperature_K=args.temperature, steps=args.steps, dt_fs=args.dt_fs, friction_per_ps=args.friction,
         platform=args.platform, save_every_steps=args.save_every_steps, report_every_steps=args.report_every_steps,
@@ -105,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         config.dt_candidates_fs = tuple(args.dt_candidates_fs)
     try:
         mapping = Mapping.load(mapping_path)
+        check_model_mapping(source, mapping.sha256(), mapping_path)
         cg = cg_system_from_args(args, mapping, source)
         force = CGNNForce(source, cg, args.temperature, prior=args.prior)
         result = CGRun(force, cg, args.out, config, resume=args.resume, overwrite=args.overwrite,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -132,20 +132,25 @@ def train_cgae(
     masses: np.ndarray,
     config: CGAEConfig,
     atom_group: np.ndarray | None = None,
+    on_epoch: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Train one CGAE on centred samples ``positions``/``forces`` (S, n_atoms, 3); deterministic under ``config.seed``."""
+    """Train one CGAE on centred samples ``positions``/``forces`` (S, n_atoms, 3); deterministic under ``config.seed``.
+
+    ``on_epoch`` is called after every epoch (progress reporting).
+    """
     # The tensors are tiny (batch x atoms x beads): intra-op threads only add overhead, and on a
     # busy machine spinning OpenMP threads made training over 10x slower. One thread, restored after.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(positions, forces, masses, config, atom_group)
+        return _train(positions, forces, masses, config, atom_group, on_epoch)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(
-    positions: np.ndarray, forces: np.ndarray, masses: np.ndarray, config: CGAEConfig, atom_group: np.ndarray | None
+    positions: np.ndarray, forces: np.ndarray, masses: np.ndarray, config: CGAEConfig, atom_group: np.ndarray | None,
+    on_epoch: Callable[[], None] | None = None,
 ) -> TrainResult:
     started = time.perf_counter()
     n_samples, n_atoms, _ = positions.shape
@@ -191,6 +196,8 @@ def _train(
         history["loss"].append(float(sums[0]))
         history["rec"].append(float(sums[1]))
         history["inst"].append(float(sums[2]))
+        if on_epoch is not None:
+            on_epoch()
     with torch.no_grad():
         probabilities = torch.softmax(model.logits, dim=-1)[model.atom_group].cpu().numpy().astype(np.float64)
         decoder = model.decoder.detach().cpu().numpy().astype(np.float64)

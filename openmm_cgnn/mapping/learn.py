@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping as MappingType, Sequence
 import numpy as np
 
 from ..frames import Frames
+from ..progress import progress_bar
 from .cgae import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_RHO, CGAEConfig, evaluate_assignment, train_cgae
 from .discretize import DiscretizationError, atom_groups, beads_by_first_atom, discretize, is_hydrogen
 from .spec import Mapping, MappingError, ResidueMapping, make_molecules_whole
@@ -180,6 +181,7 @@ def learn_residue(
     batch_size: int = DEFAULT_BATCH_SIZE,
     tie_hydrogens: bool = True,
     log: Callable[[str], None] = lambda message: None,
+    progress: bool = False,
 ) -> tuple[ResidueMapping, dict[str, Any]]:
     """Train ``restarts`` CGAEs (seeds ``seed``, ``seed+1``, ...) and keep the discrete map with the lowest loss.
 
@@ -204,7 +206,10 @@ def learn_residue(
         tries += 1
         config = CGAEConfig(n_beads=n_beads, epochs=epochs, batch_size=batch_size, rho=rho, seed=run_seed, device=device)
         try:
-            result = train_cgae(positions, forces, template.masses, config, atom_group=groups)
+            # a bar on a terminal, plain lines in a log (openmm_cgnn.progress)
+            with progress_bar(epochs, desc=f"{template.name} seed {run_seed}", unit="epoch", disable=not progress) as bar:
+                result = train_cgae(positions, forces, template.masses, config, atom_group=groups,
+                                    on_epoch=lambda: bar.update(1))
         except FloatingPointError as exc:
             runs.append({"seed": run_seed, "valid": False, "error": str(exc), "history": {}})
             log(f"{template.name}: seed {run_seed}: {exc}; retraining with another seed")
@@ -267,6 +272,7 @@ def learn_mapping(
     max_samples: int | None = DEFAULT_MAX_SAMPLES,
     tie_hydrogens: bool = True,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> tuple[Mapping, dict[str, Any]]:
     """Learn a mapping for every residue type in ``frames_list`` (AA frames with forces).
 
@@ -292,7 +298,7 @@ def learn_mapping(
         residues[name], residue_reports[name] = learn_residue(
             template, positions, forces, int(beads_per_residue[name]),
             epochs=epochs, seed=seed, restarts=restarts, device=device, rho=rho,
-            batch_size=batch_size, tie_hydrogens=tie_hydrogens, log=log,
+            batch_size=batch_size, tie_hydrogens=tie_hydrogens, log=log, progress=progress,
         )
     settings = {"epochs": epochs, "seed": seed, "restarts": restarts, "rho": rho, "batch_size": batch_size,
                 "max_samples": max_samples, "tie_hydrogens": tie_hydrogens, "device": device}

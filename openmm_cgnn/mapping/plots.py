@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ..io import save_figure
+
 
 def _pyplot():
     import matplotlib
@@ -24,9 +26,7 @@ def _pyplot():
 def _save(fig: Any, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)  # keep the suffix: it selects the format
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -100,6 +101,7 @@ class ResidueMapping:
 class Mapping:
     residues: "OrderedDict[str, ResidueMapping]"
     training: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="mapping", compare=False)  # the file it was read from, for messages
 
     def __post_init__(self) -> None:
         self.residues = OrderedDict(self.residues)
@@ -138,15 +140,14 @@ class Mapping:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        from ..io import write_json_atomic
+
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "mapping") -> "Mapping":
+        if not isinstance(data, dict):
+            raise MappingError(f"{source}: expected a JSON object with 'format' and 'residues', got {type(data).__name__}")
         if data.get("format") != FORMAT:
             raise MappingError(f"{source}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
         if not isinstance(data.get("residues"), dict) or not data["residues"]:
@@ -154,15 +155,22 @@ class Mapping:
         residues = OrderedDict()
         for name, rd in data["residues"].items():
             try:
+                if not isinstance(rd, dict) or not isinstance(rd["beads"], list) or not isinstance(rd["atoms"], list):
+                    raise TypeError("'atoms' and 'beads' must be lists")
                 beads = [Bead(name=str(b["name"]), atoms=list(b["atoms"]), mass=float(b.get("mass", 0.0))) for b in rd["beads"]]
                 rm = ResidueMapping(
                     atoms=list(rd["atoms"]), beads=beads, bead_bonds=[tuple(map(int, b)) for b in rd.get("bead_bonds", [])]
                 )
-            except (KeyError, TypeError) as exc:
-                raise MappingError(f"{source}: residue '{name}' is missing or has a bad field {exc}") from exc
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise MappingError(f"{source}: residue '{name}' is missing or has a bad field ({exc})") from exc
+            for raw, bead in zip(rd["beads"], beads):
+                # A bead without 'mass' takes its atoms' masses; a given mass must be one.
+                if "mass" in raw and not (math.isfinite(bead.mass) and bead.mass > 0):
+                    raise MappingError(f"{source}: residue '{name}' bead '{bead.name}': 'mass' must be a positive "
+                                       f"number of amu, got {raw['mass']!r}")
             rm.validate(name, source)
             residues[name] = rm
-        return cls(residues=residues, training=dict(data.get("training", {})))
+        return cls(residues=residues, training=dict(data.get("training", {})), source=source)
 
     @classmethod
     def load(cls, path: str | Path) -> "Mapping":
@@ -295,6 +303,13 @@ def make_molecules_whole(positions: np.ndarray, box: np.ndarray, residue_index: 
     return whole
 
 
+def _check_bead_mass(mapping: Mapping, residue: str, bead: Bead, run_mass: float, path: Any) -> None:
+    """A mapping that records bead masses must agree with the run's (else it belongs to other molecules)."""
+    if bead.mass > 0 and abs(bead.mass - run_mass) > 1e-3 + 1e-5 * run_mass:
+        raise MappingError(f"{mapping.source}: bead '{residue}:{bead.name}' has 'mass' {bead.mass:g} amu, but it (its atoms) "
+                           f"weigh {run_mass:g} amu in {path}; the mapping does not belong to these runs")
+
+
 def _bead_matrices(mapping: Mapping, frames: Frames) -> tuple[Any, Any, list[int], list[int], list[str], list[str], np.ndarray]:
     """Sparse (M, N) matrices for centre of mass and force sum, plus per-bead bookkeeping."""
     from scipy import sparse
@@ -321,6 +336,7 @@ def _bead_matrices(mapping: Mapping, frames: Frames) -> tuple[Any, Any, list[int
         first_bead = n_beads
         for k, bead in enumerate(rm.beads):
             idx = np.array([index_of[a] for a in bead.atoms])
+            _check_bead_mass(mapping, name, bead, float(np.sum(masses[idx])), frames.path)
             rows += [n_beads] * len(idx)
             cols += list(idx)
             weights += list(masses[idx])
@@ -385,6 +401,8 @@ def cg_frames_from_cg_run(mapping: Mapping, frames: Frames) -> CGFrames:
         names = [top.atom_name[i] for i in beads]
         if names != expected:
             raise MappingError(f"{frames.path}: residue '{name}' (index {res}) has beads {names}, the mapping expects {expected}")
+        for bead, index in zip(mapping.residues[name].beads, beads):
+            _check_bead_mass(mapping, name, bead, float(top.mass[index]), frames.path)
         offset = int(beads[0])
         bonds += [(offset + i, offset + j) for i, j in mapping.residues[name].bead_bonds]
         bead_type += [mapping.bead_type_index(name, k) for k in range(len(names))]

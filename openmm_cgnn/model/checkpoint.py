@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,8 @@ import torch
 
 from .config import HybridGraphConfig
 from .hybridgraph import CGModel
-from .priors import PriorSet, write_text_atomic
+from ..io import atomic_checkpoint, file_sha256, verify_checksum, write_text_atomic
+from .priors import PriorSet
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HPARAMS_FILE = "hparams.json"
@@ -45,14 +45,8 @@ def save_checkpoint(model_dir: str | os.PathLike, model: CGModel, optimizer_stat
     if clash:
         raise ValueError(f"save_checkpoint: extra keys {clash} would replace the checkpoint's own fields")
     payload.update(extra or {})
-    handle, temporary = tempfile.mkstemp(dir=model_dir, prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_checkpoint(model_dir / CHECKPOINT_FILE) as temporary:
         torch.save(payload, temporary)
-        os.replace(temporary, model_dir / CHECKPOINT_FILE)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     write_text_atomic(model_dir / HPARAMS_FILE, json.dumps(hparams, indent=2) + "\n")
     if model.prior is not None:
         model.prior.to_json(model_dir / PRIOR_FILE)
@@ -65,6 +59,7 @@ def read_checkpoint(model_dir: str | os.PathLike, map_location: str | torch.devi
     path = path / CHECKPOINT_FILE if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint (expected {CHECKPOINT_FILE} in the model directory)")
+    verify_checksum(path, required=False)  # models of older versions have no checksum file
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises several types for corrupt files
@@ -97,3 +92,43 @@ def load_model(model_dir: str | os.PathLike, map_location: str | torch.device = 
     payload = read_checkpoint(path, map_location)
     model = model_from_checkpoint(payload, source=str(path / CHECKPOINT_FILE if path.is_dir() else path))
     return model.eval()
+
+
+def model_mapping_sha256(source: str | os.PathLike) -> str | None:
+    """The ``mapping_sha256`` a model was trained with: from ``checkpoint.pt``, else from ``model.pt``'s metadata.
+
+    ``source`` is a model directory, an export directory or a ``model.pt``; None when neither records it.
+    """
+    from .export import read_metadata
+
+    source = Path(source)
+    folder = source if source.is_dir() else source.parent
+    if source.is_dir() and (folder / CHECKPOINT_FILE).is_file():
+        recorded = read_checkpoint(folder).get("mapping_sha256")
+        if recorded:
+            return str(recorded)
+    model_pt = source if source.is_file() else folder / "model.pt"
+    if model_pt.is_file():
+        try:
+            return read_metadata(model_pt).get("mapping_sha256") or None
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def check_model_mapping(source: str | os.PathLike, mapping_sha256: str, mapping_path: str | os.PathLike) -> None:
+    """Refuse a mapping other than the one the model was trained with (a model is a function of its beads)."""
+    from ..mapping.spec import MappingError
+
+    recorded = model_mapping_sha256(source)
+    if recorded is not None and recorded != mapping_sha256:
+        raise MappingError(f"{mapping_path}: this mapping (sha256 {mapping_sha256[:12]}) is not the one the model in "
+                         f"{source} was trained with (sha256 {recorded[:12]}); use the model's own mapping.json")
+
+
+def model_fingerprint(source: str | os.PathLike) -> str:
+    """SHA-256 of the file that defines a model: ``checkpoint.pt`` of a model directory, else the ``model.pt``."""
+    source = Path(source)
+    if source.is_dir():
+        source = source / CHECKPOINT_FILE if (source / CHECKPOINT_FILE).is_file() else source / "model.pt"
+    return file_sha256(source)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, List, Sequence
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..frames import evenly_spaced
+from ..io import write_text_atomic
 from .geometry import pair_vectors, safe_norm
 from .system import SystemTensors, molecule_tables, residue_layout
 
@@ -280,19 +280,6 @@ class PriorSet(nn.Module):
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(data, bead_type_names, source=str(path))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # ---- fitting ----------------------------------------------------------------------------------

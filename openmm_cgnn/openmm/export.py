@@ -14,13 +14,13 @@ plain OpenMM and must reproduce the energy of the System they were written from.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..io import MARKER, OutputDirError, check_output_dir, staging_dir, swap_in, write_marker
 from ..platforms import versions
 from .force import CGNNForce
 from .topology import CGSystem
@@ -51,19 +51,20 @@ def export_forcefield(
     import openmm
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out}: already exists and is not empty; use --overwrite to replace it")
+    # Only an export directory is ever replaced (io.check_output_dir): never the model it comes from.
+    try:
+        check_output_dir(out, "export", overwrite=overwrite)
+    except OutputDirError as exc:
+        raise ExportError(str(exc)) from None
     force = CGNNForce(model_dir, cg, temperature, prior=prior)
     system = cg.system()
     force.add_to(system)
     if minimize:
         cg = _minimized(system, cg, log)
 
-    staging = out.parent / f".{out.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging = staging_dir(out)
     try:
+        write_marker(staging, "export")
         force.save_model(staging / "model.pt")
         (staging / "system.xml").write_text(openmm.XmlSerializer.serialize(system))
         cg.write_pdb(staging / "cg.pdb")
@@ -87,7 +88,7 @@ def export_forcefield(
                  "force_group": system.getForce(i).getForceGroup()}
                 for i in range(system.getNumForces())
             ],
-            "files": sorted(p.name for p in staging.iterdir()) + ["metadata.json", "README.md"],
+            "files": sorted(p.name for p in staging.iterdir() if p.name != MARKER) + ["metadata.json", "README.md"],
             "topology_files": topology_files,
             "round_trip_check": check,
             "versions": versions(),
@@ -98,7 +99,7 @@ def export_forcefield(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _replace_directory(staging, out)
+    swap_in(staging, out)
     return out
 
 
@@ -173,22 +174,6 @@ def write_parmed_topology(cg: CGSystem, folder: Path) -> list[str]:
     for name in names:
         structure.save(str(folder / name), overwrite=True)
     return names
-
-
-def _replace_directory(staging: Path, out: Path) -> None:
-    """Rename ``staging`` to ``out``; an existing ``out`` is moved aside first and removed last."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    try:
-        staging.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def readme_text(metadata: dict[str, Any]) -> str:

@@ -23,6 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..io import (OutputDirError, atomic_checkpoint, check_output_dir, describe_os_error, is_empty_dir, read_marker,
+                  staging_dir, swap_in, verify_checksum, write_json_atomic, write_marker, write_text_atomic)
+from ..model.checkpoint import model_fingerprint
 from ..platforms import PlatformError, get_platform, platform_properties, versions
 from .force import CGNNForce
 from .topology import CGSystem
@@ -158,12 +161,6 @@ def stability_check(
     )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _truncate_dcd(path: Path, n_atoms: int, n_frames: int, has_box: bool = True) -> None:
     """Cut a DCD written by OpenMM's DCDFile back to its first ``n_frames`` models."""
     frame_bytes = (56 if has_box else 0) + 3 * (8 + 4 * n_atoms)
@@ -185,7 +182,7 @@ def _truncate_state_csv(path: Path, last_step: int) -> None:
         return
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.startswith("#") or not line.strip() or int(float(line.split(",")[0])) <= last_step]
-    _atomic_write_text(path, "".join(kept))
+    write_text_atomic(path, "".join(kept))
 
 
 class CGRun:
@@ -216,20 +213,35 @@ class CGRun:
         self._prepare_directory()
 
     def _prepare_directory(self) -> None:
+        """Check --out before anything is computed; nothing is deleted here (see ``io.output_dir``)."""
+        self.final_out = self.out
         existing = [name for name in RUN_FILES if (self.out / name).exists()]
         if self.resume and "checkpoint.chk" in existing:
+            check_output_dir(self.out, "cg", resume=True)
             missing = [n for n in ("checkpoint.json", "frames.h5", "trajectory.dcd") if n not in existing]
             if missing:
                 raise SimulationError(f"{self.out}: cannot resume, missing {missing}")
+            verify_checksum(self.out / "checkpoint.chk", required=False)  # older runs have no checksum file
+            self.replace = False
             return
         if self.resume and existing:
             raise SimulationError(f"{self.out}: has run files ({', '.join(existing)}) but no checkpoint.chk to resume from; use --overwrite")
+        if self.resume and not is_empty_dir(self.out):
+            raise OutputDirError(f"--out {self.out}: holds no CG run to resume (no checkpoint.chk); choose another --out")
         self.resume = False  # --resume of a directory with nothing in it starts the run
-        if existing and not self.overwrite:
-            raise SimulationError(f"{self.out}: already holds a run ({', '.join(existing)}); use --resume or --overwrite")
-        for name in existing:
-            (self.out / name).unlink()
+        try:
+            self.replace = check_output_dir(self.out, "cg", overwrite=self.overwrite)
+        except OutputDirError as exc:
+            raise SimulationError(str(exc)) from None
+
+    def _open_output(self) -> None:
+        """Start writing: in --out itself, or (replacing a run) in a sibling swapped in when the run is finished."""
+        self._started = not self.resume  # a resumed run starts once its settings are found to match
+        if self.resume:
+            return
+        self.out = staging_dir(self.final_out) if self.replace else self.final_out
         self.out.mkdir(parents=True, exist_ok=True)
+        write_marker(self.out, "cg")
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -249,6 +261,7 @@ class CGRun:
             "kind": "cg",
             "status": "running",
             "model": str(self.cgnn.source),
+            "model_sha256": model_fingerprint(self.cgnn.source),
             "prior_carrier": self.cgnn.prior_carrier,
             "temperature_K": self.config.temperature_K,
             "dt_fs": dt_fs,
@@ -272,18 +285,54 @@ class CGRun:
         }
 
     def _write_json(self, name: str, summary: dict[str, Any]) -> None:
-        _atomic_write_text(self.out / name, json.dumps(summary, indent=2, default=str) + "\n")
+        write_json_atomic(self.out / name, summary, default=str)
 
     def _checkpoint(self, simulation: Any, progress: dict[str, Any]) -> None:
-        tmp = self.out / "checkpoint.chk.tmp"
-        simulation.saveCheckpoint(str(tmp))
-        tmp.replace(self.out / "checkpoint.chk")
+        with atomic_checkpoint(self.out / "checkpoint.chk") as tmp:
+            simulation.saveCheckpoint(str(tmp))
         progress.update(steps_done=int(simulation.currentStep))
         self._write_json("checkpoint.json", progress)
 
     # -- the run --------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        """Run, and swap a replacement run into --out only when it has finished.
+
+        Any failure after the run directory was opened leaves a ``summary.json`` with the status
+        and its cause there (when the disk still takes one); the old run of --overwrite stays put.
+        """
+        platform = choose_platform(self.config.platform)  # a bad --platform fails before anything is written
+        self._open_output()
+        try:
+            result = self._run(platform)
+        except Exception as exc:
+            if self._started:
+                self._record_failure(exc)
+            if self.out != self.final_out:
+                note = f" (the failed run is in {self.out}; {self.final_out} is unchanged)"
+                if isinstance(exc, SimulationError):
+                    raise type(exc)(f"{exc}{note}") from exc
+            raise
+        if self.out != self.final_out:
+            swap_in(self.out, self.final_out)
+            self.out = self.final_out
+            result.out_dir = self.final_out
+        return result
+
+    def _record_failure(self, exc: BaseException) -> None:
+        summary_path = self.out / "summary.json"
+        try:
+            if summary_path.exists() and json.loads(summary_path.read_text()).get("status", "").startswith("failed"):
+                return  # the run recorded its own failure
+            previous = self.out / "checkpoint.json"
+            summary = json.loads(previous.read_text()) if previous.exists() else {"kind": "cg"}
+            cause = describe_os_error(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0] if str(exc) else ""
+            summary.update(status=f"failed: {type(exc).__name__}", error=cause)
+            self._write_json("summary.json", summary)
+        except (OSError, ValueError):
+            pass  # a full disk may refuse even this; the exception itself still says what failed
+
+    def _run(self, platform: Any) -> RunResult:
         import openmm
         import openmm.app as app
         import openmm.unit as unit
@@ -294,11 +343,13 @@ class CGRun:
         self.topology = self.cg.topology()
         self.system = self.cg.system()
         self.cgnn.add_to(self.system)
-        platform = choose_platform(cfg.platform)
         properties = platform_properties(platform)
         previous = json.loads((self.out / "checkpoint.json").read_text()) if self.resume else None
         if previous is not None:
             self._check_resume_settings(previous, platform)
+            self._started = True
+            if read_marker(self.out) is None:  # a run of an older version: it is a CG run
+                write_marker(self.out, "cg")
             (self.out / "summary.json").unlink(missing_ok=True)  # it marks a run that has ended
 
         positions = self.cg.positions
@@ -460,6 +511,15 @@ class CGRun:
         for key, value in checks.items():
             if key in previous and previous[key] != value:
                 raise SimulationError(f"{self.out / 'checkpoint.json'}: the run used {key}={previous[key]}, now {value}; cannot resume")
+        # The same model and mapping: a run continued with another force field is not one run.
+        identity = {"mapping_sha256": self.cg.mapping.sha256(), "model_sha256": model_fingerprint(self.cgnn.source)}
+        if "model_sha256" not in previous:  # runs of older versions recorded only the model's path
+            identity = {"mapping_sha256": identity["mapping_sha256"], "model": str(self.cgnn.source)}
+        for key, value in identity.items():
+            if key in previous and previous[key] != value:
+                what = "mapping" if key == "mapping_sha256" else "model (--forcefield)"
+                raise SimulationError(f"{self.out / 'checkpoint.json'}: the run was made with another {what} "
+                                      f"({str(previous[key])[:40]} there, {str(value)[:40]} now); cannot resume it with this one")
         if cfg.dt_fs is not None and abs(float(previous["dt_fs"]) - cfg.dt_fs) > 1e-9:
             raise SimulationError(f"{self.out / 'checkpoint.json'}: the run used dt_fs={previous['dt_fs']}, now {cfg.dt_fs}; cannot resume")
 

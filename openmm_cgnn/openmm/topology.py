@@ -13,6 +13,7 @@ from typing import Any, Mapping as TypingMapping, Sequence
 
 import numpy as np
 
+from ..io import atomic_path
 from ..mapping.spec import CGFrames, Mapping, MappingError
 
 AVOGADRO = 6.02214076e23
@@ -101,12 +102,9 @@ class CGSystem:
         """PDB with CRYST1 box and CONECT bead bonds, written atomically."""
         import openmm.app as app
 
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as handle:
+        with atomic_path(path) as tmp, open(tmp, "w") as handle:
             app.PDBFile.writeFile(self.topology(), self.positions_quantity(), handle, keepIds=False)
-        tmp.replace(path)
-        return path
+        return Path(path)
 
     def with_positions(self, positions: np.ndarray, box: np.ndarray | None = None) -> "CGSystem":
         positions = np.asarray(positions, dtype=np.float64)

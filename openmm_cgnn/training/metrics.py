@@ -9,14 +9,13 @@ is the force variance) and the fitted priors alone.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
+
+from ..io import save_figure
 
 if TYPE_CHECKING:
     from .distributed import World
@@ -100,20 +99,6 @@ def constant_model_errors(
     return accumulator.result(type_names)
 
 
-def write_json_atomic(path: str | Path, payload: dict) -> None:
-    """Write JSON via a temp file and rename, so an interruption never leaves half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_loss_curve(history: Sequence[dict], path: str | Path, baselines: dict | None = None) -> None:
     """Train/validation force MSE per epoch (log scale), with the reference errors as lines."""
     import matplotlib
@@ -133,8 +118,4 @@ def plot_loss_curve(history: Sequence[dict], path: str | Path, baselines: dict |
     ax.set_yscale("log")
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)

@@ -11,6 +11,7 @@ data and build the same model, train on their shares of each batch, and only ran
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -24,8 +25,10 @@ import torch
 
 from ..frames import evenly_spaced
 from .data import TrainingData, TrainingDataError, load_training_data
+from .. import io
+from ..io import write_json_atomic
 from .distributed import World, process_group
-from .metrics import constant_model_errors, mean_force_per_type, plot_loss_curve, write_json_atomic
+from .metrics import constant_model_errors, mean_force_per_type, plot_loss_curve
 from .trainer import CHECKPOINT, OUTPUT_FILES, TrainConfig, Trainer, TrainingError, resolve_device
 
 METRICS_FORMAT = "openmm_cgnn.metrics/1"
@@ -34,17 +37,16 @@ METRICS_FORMAT = "openmm_cgnn.metrics/1"
 SIZING_FRAMES = 200
 
 
-def check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing model unless asked (checked before any data are read)."""
+def check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuse to clobber an existing model unless asked (checked before any data are read).
+
+    True when an old model is to be replaced: the new one is then trained beside it (io.output_dir).
+    """
     if resume and overwrite:
         raise TrainingError("choose either resume or overwrite, not both")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainingError(f"{out_dir}: exists and is not a directory")
-    if resume:
-        if not (out_dir / CHECKPOINT).is_file():
-            raise TrainingError(f"{out_dir}: nothing to resume (no {CHECKPOINT})")
-    elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise TrainingError(f"{out_dir}: output directory exists and is not empty (use --resume or --overwrite)")
+    if resume and not (out_dir / CHECKPOINT).is_file():
+        raise TrainingError(f"{out_dir}: nothing to resume (no {CHECKPOINT})")
+    return io.check_output_dir(out_dir, "model", overwrite=overwrite, resume=resume)
 
 
 def prepare_output_dir(out_dir: Path, resume: bool) -> None:
@@ -74,6 +76,29 @@ def _sizing_sample(data: TrainingData, use_temperature: bool) -> dict[str, torch
     }
 
 
+def check_box_fits_cutoffs(data: TrainingData, config: Any) -> None:
+    """The network's cutoffs must be under half the smallest box edge; say which options fix it, and how."""
+    smallest_edge = min(float(np.diagonal(cg.box, axis1=1, axis2=2).min()) for cg in (data.train, data.validation))
+    cutoffs = {"inter_cutoff_nm": config.inter_cutoff_nm, "intra_cutoff_nm": config.intra_cutoff_nm}
+    too_long = {name: value for name, value in cutoffs.items() if smallest_edge < 2 * value}
+    if not too_long:
+        return
+    largest = max(cutoffs.values())
+    # The box edge grows as the cube root of the number of molecules at a fixed density.
+    molecules = int(np.max(data.train.molecule_index)) + 1
+    needed = math.ceil(molecules * (2 * largest / smallest_edge) ** 3)
+    names = sorted(set(data.train.residue_name))
+    per_type = f" ({math.ceil(needed / len(names))} of each of {', '.join(names)})" if len(names) > 1 else ""
+    limit = math.floor(smallest_edge / 2 * 100) / 100
+    settings = " ".join(f"{name}={min(value, limit):g}" for name, value in too_long.items())
+    raise TrainingDataError(
+        f"the data's smallest box edge {smallest_edge:.3f} nm is below twice the model's "
+        + ", ".join(f"{name} ({value:g} nm)" for name, value in too_long.items())
+        + f": pass --model-option {settings} (at most half the edge, {limit:g} nm), or train on a box of at least "
+        f"{2 * largest:.2f} nm: about {needed} molecules{per_type} instead of {molecules}"
+    )
+
+
 def build_model(data: TrainingData, quick: bool, use_temperature: bool, seed: int,
                 overrides: dict[str, Any] | None = None):
     """Fit the priors on the training frames and build a CGModel sized for this data.
@@ -94,6 +119,7 @@ def build_model(data: TrainingData, quick: bool, use_temperature: bool, seed: in
     if use_temperature and len(np.unique(np.concatenate([train.temperature_K, data.validation.temperature_K]))) < 2:
         warnings.warn("the 1/T input is enabled but all frames share one temperature: it cannot be learned from them")
 
+    check_box_fits_cutoffs(data, config)
     try:
         prior = fit_priors(train, cutoff_nm=config.inter_cutoff_nm)
     except ValueError as exc:
@@ -101,13 +127,6 @@ def build_model(data: TrainingData, quick: bool, use_temperature: bool, seed: in
     # prior.json rounds the parameters; train with exactly what is saved, so a resumed or reloaded
     # model is the same function as the one trained.
     prior = PriorSet.from_dict(prior.to_dict(), names)
-    smallest_edge = min(float(np.diagonal(cg.box, axis1=1, axis2=2).min()) for cg in (train, data.validation))
-    model_cutoff = max(config.inter_cutoff_nm, config.intra_cutoff_nm, prior.cutoff_nm)
-    if smallest_edge < 2 * model_cutoff:
-        raise TrainingDataError(
-            f"the data's smallest box edge {smallest_edge:.3f} nm is below twice the model cutoff "
-            f"({model_cutoff} nm): simulate a larger system"
-        )
     sample = _sizing_sample(data, use_temperature)
     molecule_index = torch.as_tensor(train.molecule_index)
     bead_type = torch.as_tensor(train.bead_type)
@@ -135,7 +154,38 @@ def build_model(data: TrainingData, quick: bool, use_temperature: bool, seed: in
     return CGModel(config, prior)
 
 
-def save_progress(trainer: Trainer, out_dir: Path) -> None:
+# Hyper-parameters the data set (pair capacity, output scale) or the other options fill in.
+_DATA_DERIVED_HPARAMS = ("max_pairs_per_bead", "energy_scale")
+
+
+def check_resume_provenance(saved: dict, mapping, config: TrainConfig, overrides: dict[str, Any] | None,
+                            source: Path) -> None:
+    """A resumed run must be the interrupted one: same mapping, same network options as on its command line.
+
+    The optimisation options are compared by the trainer (``TrainConfig.comparable``); here the
+    network is rebuilt from the checkpoint, so the --quick/--model-option hyper-parameters this
+    command line would give are compared with the saved ones, every option alike.
+    """
+    from openmm_cgnn.model import HybridGraphConfig
+
+    recorded = saved.get("mapping_sha256")
+    if recorded and recorded != mapping.sha256():
+        raise TrainingError(f"cannot resume: --mapping differs from the one the run in {source.parent} was trained with "
+                            f"(sha256 {recorded[:12]} there, {mapping.sha256()[:12]} now)")
+    overrides = dict(overrides or {})
+    hparams = dict(saved["hparams"])
+    factory = HybridGraphConfig.quick if config.quick else HybridGraphConfig.reference
+    names = hparams.get("bead_type_names") or []
+    expected = factory(len(names), bead_type_names=names, use_temperature=config.use_temperature,
+                       **overrides).to_dict()
+    changed = [f"{k}: {hparams.get(k)!r} there, {v!r} now" for k, v in expected.items()
+               if k in hparams and hparams[k] != v and (k not in _DATA_DERIVED_HPARAMS or k in overrides)]
+    if changed:
+        raise TrainingError(f"cannot resume {source}: the network options differ from the interrupted run's "
+                            f"({'; '.join(changed)}); pass the same --quick/--model-option, or --overwrite to start again")
+
+
+def save_progress(trainer: Trainer, out_dir: Path, mapping_sha256: str | None = None) -> None:
     """Checkpoint after an epoch: the best model as the contract's state_dict, the rest to resume."""
     from openmm_cgnn.model import save_checkpoint
 
@@ -144,7 +194,7 @@ def save_progress(trainer: Trainer, out_dir: Path) -> None:
     model.load_state_dict(trainer.best_state_dict)
     try:
         save_checkpoint(out_dir, model, trainer.optimizer.state_dict(), trainer.state.epoch,
-                        extra={"train_state": resume})
+                        extra={"train_state": resume, "mapping_sha256": mapping_sha256})
     finally:
         model.load_state_dict(resume["last_state_dict"])
 
@@ -208,14 +258,14 @@ def train(
     world.check_batch_size(config.batch_size)
     device = world.device(resolve_device(config.device))
     config.device = str(device)
-    check_output_dir(out_dir, resume, overwrite)
+    replace = check_output_dir(out_dir, resume, overwrite)
     with process_group(world, device):
-        return _train(data_paths, mapping_path, out_dir, config, model_overrides, resume, show_progress,
+        return _train(data_paths, mapping_path, out_dir, config, model_overrides, resume, replace, show_progress,
                       stop_after_epochs, world, device)
 
 
 def _train(data_paths: Sequence[str | Path], mapping_path: str | Path, out_dir: Path, config: TrainConfig,
-           model_overrides: dict[str, Any] | None, resume: bool, show_progress: bool,
+           model_overrides: dict[str, Any] | None, resume: bool, replace: bool, show_progress: bool,
            stop_after_epochs: int | None, world: World, device: torch.device) -> dict:
     from openmm_cgnn.mapping.spec import Mapping, MappingError
     from openmm_cgnn.model import read_checkpoint
@@ -239,36 +289,39 @@ def _train(data_paths: Sequence[str | Path], mapping_path: str | Path, out_dir: 
             raise TrainingError(f"cannot resume: {exc}") from exc
         if "train_state" not in saved:
             raise TrainingError(f"{out_dir / CHECKPOINT}: holds no training state (finished model from elsewhere?)")
+        check_resume_provenance(saved, mapping, config, model_overrides, out_dir / CHECKPOINT)
         trainer = Trainer(model, data, config, device, world)
         trainer.load_resume_state(saved["train_state"], saved["optimizer"], saved["state_dict"])
     else:
         model = build_model(data, config.quick, config.use_temperature, config.seed, model_overrides)
         trainer = Trainer(model, data, config, device, world)
-    # Only now, with data and model known to be usable, is anything in MODELDIR replaced; the other
-    # ranks have read all they need (building the Trainer waited for all of them).
-    if world.is_main:
-        prepare_output_dir(out_dir, resume)
-        mapping.save(out_dir / "mapping.json")
-
+    # Only now, with data and model known to be usable, is anything written, and by rank 0 alone (the
+    # other ranks have read all they need: building the Trainer waited for all of them). An old model
+    # that is replaced stays in place until the new one is finished.
     epochs_this_call = 0
-
-    def after_epoch(t: Trainer) -> None:
-        nonlocal epochs_this_call
-        if world.is_main:
-            save_progress(t, out_dir)
-        epochs_this_call += 1
-        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
-            raise _Interrupt
-
+    target = io.output_dir(out_dir, "model", replace) if world.is_main else contextlib.nullcontext(out_dir)
     try:
-        trainer.fit(on_epoch_end=after_epoch, show_progress=show_progress)
+        with target as work:
+            if world.is_main:
+                prepare_output_dir(work, resume)
+                mapping.save(work / "mapping.json")
+
+            def after_epoch(t: Trainer) -> None:
+                nonlocal epochs_this_call
+                if world.is_main:
+                    save_progress(t, work, mapping.sha256())
+                epochs_this_call += 1
+                if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+                    raise _Interrupt
+
+            trainer.fit(on_epoch_end=after_epoch, show_progress=show_progress)
+            if trainer.state.epoch == 0:
+                raise TrainingError("no epoch was run (epochs must be >= 1)")
+            if world.is_main:
+                save_progress(trainer, work, mapping.sha256())  # also covers a resumed run that had nothing left to do
+            return finish(trainer, data, mapping, work, time.perf_counter() - started)
     except _Interrupt:
         return {}
-    if trainer.state.epoch == 0:
-        raise TrainingError("no epoch was run (epochs must be >= 1)")
-    if world.is_main:
-        save_progress(trainer, out_dir)  # also covers a resumed run that had nothing left to do
-    return finish(trainer, data, mapping, out_dir, time.perf_counter() - started)
 
 
 class _Interrupt(Exception):

@@ -35,7 +35,7 @@ from .distributed import World
 from .metrics import ForceErrorAccumulator
 
 CHECKPOINT = "checkpoint.pt"
-# Files this stage writes into MODELDIR; --overwrite removes exactly these and nothing else.
+# Files this stage writes into MODELDIR (--overwrite replaces the whole directory: see openmm_cgnn.io).
 OUTPUT_FILES = (CHECKPOINT, "hparams.json", "prior.json", "metrics.json", "mapping.json", "model.pt", "loss_curve.png")
 
 
@@ -275,20 +275,16 @@ class Trainer:
 
     def fit(self, on_epoch_end: Callable[["Trainer"], None] | None = None, show_progress: bool = True) -> TrainState:
         """Train until ``config.epochs`` epochs are done or validation stops improving."""
-        import sys
-
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         frames_per_epoch = len(self.train_frames)
-        with tqdm(
+        # A bar on a terminal, plain lines in a log file (see openmm_cgnn.progress).
+        with progress_bar(
             total=self.config.epochs * frames_per_epoch,
             initial=min(self.state.epoch, self.config.epochs) * frames_per_epoch,
             unit="frame",
             desc="force matching",
             disable=not (show_progress and self.world.is_main),
-            dynamic_ncols=True,
-            # In a log file (no terminal) a line every few seconds is plenty.
-            mininterval=0.1 if sys.stderr.isatty() else 10.0,
         ) as progress:
             while self.state.epoch < self.config.epochs and not self.state.stopped_early:
                 started = time.perf_counter()

@@ -14,6 +14,7 @@
 #include "OpenMM.h"
 #include "openmm/serialization/XmlSerializer.h"
 
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -91,6 +92,26 @@ PdbData readPdb(const std::string& path) {
     return data;
 }
 
+// Whole-string numbers only: std::stoi("12abc") is 12 and "abc" throws only when first used,
+// after the System is built; every option is checked before anything is computed.
+bool parseInt(const std::string& text, long long lo, long long& out) {
+    char* end = nullptr;
+    errno = 0;
+    const long long value = std::strtoll(text.c_str(), &end, 10);
+    if (text.empty() || *end != '\0' || errno == ERANGE || value < lo || value > 2147483647LL) return false;
+    out = value;
+    return true;
+}
+
+bool parsePositive(const std::string& text, double& out) {
+    char* end = nullptr;
+    errno = 0;
+    const double value = std::strtod(text.c_str(), &end);
+    if (text.empty() || *end != '\0' || errno == ERANGE || !std::isfinite(value) || !(value > 0)) return false;
+    out = value;
+    return true;
+}
+
 void usage() {
     std::cerr << "usage: cgnn_run SYSTEM.xml CG.pdb [--steps N] [--dt-fs X] [--temperature T] [--report-every K]\n"
                  "                [--platform NAME] [--plugins DIR] [--seed S]\n";
@@ -116,6 +137,22 @@ int main(int argc, char** argv) {
         }
         opt[key] = argv[++i];
     }
+    long long steps = 0, every = 0, seed = 0;
+    double dtFs = 0, temperature = 0;
+    const struct { const char* name; bool ok; const char* expected; } checks[] = {
+        {"--steps", parseInt(opt["--steps"], 0, steps), "a whole number >= 0"},
+        {"--report-every", parseInt(opt["--report-every"], 1, every), "a whole number >= 1"},
+        {"--seed", parseInt(opt["--seed"], 0, seed), "a whole number >= 0"},
+        {"--dt-fs", parsePositive(opt["--dt-fs"], dtFs), "a positive number of fs"},
+        {"--temperature", opt["--temperature"].empty() || parsePositive(opt["--temperature"], temperature),
+         "a positive number of K"},
+    };
+    for (const auto& check : checks) {
+        if (!check.ok) {
+            std::cerr << "cgnn_run: " << check.name << " " << opt[check.name] << ": expected " << check.expected << "\n";
+            return 2;
+        }
+    }
     try {
         std::string pluginDir = opt["--plugins"];
         if (pluginDir.empty() && std::getenv("OPENMM_PLUGIN_DIR")) pluginDir = std::getenv("OPENMM_PLUGIN_DIR");
@@ -135,12 +172,12 @@ int main(int argc, char** argv) {
         }
         if (pdb.hasBox) system->setDefaultPeriodicBoxVectors(pdb.a, pdb.b, pdb.c);
 
-        const double dt = std::stod(opt["--dt-fs"]) * 1e-3;
+        const double dt = dtFs * 1e-3;
         const bool thermostat = !opt["--temperature"].empty();
         std::unique_ptr<OpenMM::Integrator> integrator;
         if (thermostat) {
-            auto* langevin = new OpenMM::LangevinMiddleIntegrator(std::stod(opt["--temperature"]), 1.0, dt);
-            langevin->setRandomNumberSeed(std::stoi(opt["--seed"]));
+            auto* langevin = new OpenMM::LangevinMiddleIntegrator(temperature, 1.0, dt);
+            langevin->setRandomNumberSeed((int) seed);
             integrator.reset(langevin);
         } else {
             integrator.reset(new OpenMM::VerletIntegrator(dt));
@@ -148,7 +185,7 @@ int main(int argc, char** argv) {
         OpenMM::Platform& platform = OpenMM::Platform::getPlatformByName(opt["--platform"]);
         OpenMM::Context context(*system, *integrator, platform);
         context.setPositions(pdb.positions);
-        if (thermostat) context.setVelocitiesToTemperature(std::stod(opt["--temperature"]), std::stoi(opt["--seed"]));
+        if (thermostat) context.setVelocitiesToTemperature(temperature, (int) seed);
 
         OpenMM::State state = context.getState(OpenMM::State::Energy | OpenMM::State::Forces);
         double forceNorm = 0.0;
@@ -158,9 +195,8 @@ int main(int argc, char** argv) {
         std::printf("initial_potential_energy_kj_mol %.12e\n", state.getPotentialEnergy());
         std::printf("initial_force_norm_kj_mol_nm %.12e\n", std::sqrt(forceNorm));
         std::printf("step potential_kj_mol kinetic_kj_mol total_kj_mol\n");
-        const int steps = std::stoi(opt["--steps"]), every = std::max(1, std::stoi(opt["--report-every"]));
         for (int done = 0; done < steps;) {
-            const int chunk = std::min(every, steps - done);
+            const int chunk = (int) std::min(every, steps - done);
             integrator->step(chunk);
             done += chunk;
             state = context.getState(OpenMM::State::Energy);
