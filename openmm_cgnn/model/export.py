@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .geometry import FLAG_CELL_OVERFLOW, FLAG_PAIR_OVERFLOW, Flag, box_too_small
+from .geometry import FLAG_BOX_TOO_SMALL, FLAG_CELL_OVERFLOW, FLAG_NONFINITE, FLAG_PAIR_OVERFLOW, Flag, box_too_small
 from .hybridgraph import CGEnergy, CGModel, describe_flags
 from .neighbors import (
     DEFAULT_SKIN_NM,
@@ -220,7 +220,9 @@ class Diagnosis:
 
     @property
     def pair_overflow(self) -> bool:
-        return bool(self.flags & FLAG_PAIR_OVERFLOW)
+        """The pair list is the problem: it overflowed with finite positions in a box of legal
+        size (a box under twice the cutoff crowds the list too, but a larger list cannot help)."""
+        return bool(self.flags & FLAG_PAIR_OVERFLOW) and not self.flags & (FLAG_NONFINITE | FLAG_BOX_TOO_SMALL)
 
     @property
     def cell_overflow(self) -> bool:

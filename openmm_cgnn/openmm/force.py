@@ -25,6 +25,7 @@ import torch
 
 from .. import __version__
 from ..mapping.spec import Mapping
+from ..model.geometry import FLAG_BOX_TOO_SMALL, FLAG_NONFINITE
 from .prior_forces import load_prior, prior_forces
 from .topology import CGSystem
 
@@ -357,7 +358,11 @@ class CGNNForce:
             return ("the model saw nothing wrong with the positions before the failure: the dynamics blew up "
                     "(forces too large for the time step); try a smaller --dt-fs, more friction, or check the model")
         text = diagnosis.message()
-        if diagnosis.pair_overflow:
+        if diagnosis.flags & FLAG_BOX_TOO_SMALL:
+            text += "; the model needs a larger box: build the system with more molecules or at a lower density"
+        elif diagnosis.flags & FLAG_NONFINITE:
+            text += "; the structure handed to the model is broken (check the input, or an earlier step blew up)"
+        elif diagnosis.pair_overflow:
             wanted = diagnosis.grown_max_pairs_per_bead()
             how = ("the runner regrows it automatically" if self._rescript is not None else
                    f"export the model again with a larger max_pairs_per_bead (at least {wanted:g}), or simulate "
