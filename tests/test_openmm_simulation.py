@@ -199,6 +199,10 @@ def test_production_overflow_regrows_from_the_checkpoint(cg, tmp_path):
     assert regrow["pair_count"] > regrow["pair_capacity"] == 72
     frames = read_frames(tmp_path / "run" / "frames.h5")
     assert np.isfinite(frames.positions).all() and len(frames.positions) == 3
+    # a later --resume with a fresh force starts from the capacity the run had grown to
+    more = CGRun(CGNNForce(tmp_path / "tight", cg), cg, tmp_path / "run", config(dt_fs=4.0, steps=60), resume=True,
+                 log=lambda m: None).run().summary
+    assert more["status"] == "finished" and more["max_pairs_per_bead"] == regrow["max_pairs_per_bead"]
 
 
 def test_overflow_without_regrow_fails_with_the_cause(cg, tmp_path):

@@ -375,16 +375,22 @@ class CGNNForce:
         """After a pair-list overflow: script the model again with room for the count seen and put
         it in ``system`` (Contexts made afterwards use it). Returns the new ``max_pairs_per_bead``,
         or None when the model cannot be scripted again (a model.pt) or nothing overflowed."""
-        if diagnosis is None or not diagnosis.pair_overflow or self._rescript is None:
+        if diagnosis is None or not diagnosis.pair_overflow:
             return None
-        grown = diagnosis.grown_max_pairs_per_bead()
-        self.max_pairs_per_bead = grown
-        self.module = self._rescript(self.host_checks, grown)
-        self.metadata["max_pairs_per_bead"] = grown
+        return self.resize_pair_list(system, diagnosis.grown_max_pairs_per_bead())
+
+    def resize_pair_list(self, system: Any, max_pairs_per_bead: float) -> float | None:
+        """Script the model again with this pair-list capacity and put it in ``system`` (a resumed
+        run takes back the capacity it had grown to). None for a model.pt (cannot be scripted again)."""
+        if self._rescript is None:
+            return None
+        self.max_pairs_per_bead = float(max_pairs_per_bead)
+        self.module = self._rescript(self.host_checks, self.max_pairs_per_bead)
+        self.metadata["max_pairs_per_bead"] = self.max_pairs_per_bead
         if self.torch_force is not None:
             module = self.graph_safe_module() if self.cuda_graphs else None
             self._swap_torch_force(system, self._make_torch_force(module, cuda_graphs=self.cuda_graphs))
-        return grown
+        return self.max_pairs_per_bead
 
     # -- CUDA graphs ----------------------------------------------------------------------------
 

@@ -395,6 +395,9 @@ class CGRun:
         if previous is not None:
             self._check_resume_settings(previous, platform)
             (self.out / "summary.json").unlink(missing_ok=True)  # it marks a run that has ended
+            grown, current = previous.get("max_pairs_per_bead"), self._max_pairs_per_bead()
+            if grown is not None and current is not None and float(grown) > current:
+                self.cgnn.resize_pair_list(self.system, float(grown))  # the list this run had regrown to
 
         if previous is not None:
             dt_fs = float(previous["dt_fs"])
