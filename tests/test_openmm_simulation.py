@@ -219,3 +219,18 @@ def test_overflow_without_regrow_fails_with_the_cause(cg, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed: set-up" and "pair-list overflow" in summary["error"]
     assert summary["cause"]["causes"] == ["pair_overflow"] and summary["cause"]["pair_capacity"] == 64
+
+
+def test_production_overflow_of_a_model_pt_stops_with_the_cause(cg, tmp_path):
+    """Without a model directory to script again, the overflow in the run ends it: one line with the
+    step, the count, the capacity and the way out; summary.json keeps the cause; frames are kept."""
+    source = CGNNForce(make_model_dir(tmp_path / "tight", max_pairs_per_bead=4.5), cg)
+    force = CGNNForce(source.save_model(tmp_path / "model.pt"), cg)
+    run = CGRun(force, cg, tmp_path / "run", config(dt_fs=4.0, minimize=False, thermalize_steps=0, steps=40),
+                log=lambda m: None)
+    with pytest.raises(SimulationUnstable, match=r"production run, step \d+\. Kept \d+ frames .*pair-list overflow: "
+                                                 r"\d+ intermolecular pairs .*capacity 72"):
+        run.run()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed: unstable" and summary["cause"]["causes"] == ["pair_overflow"]
+    assert summary["cause"]["pair_count"] > 72 and summary["n_frames"] >= 1

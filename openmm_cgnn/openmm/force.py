@@ -364,12 +364,17 @@ class CGNNForce:
             text += "; the structure handed to the model is broken (check the input, or an earlier step blew up)"
         elif diagnosis.pair_overflow:
             wanted = diagnosis.grown_max_pairs_per_bead()
-            how = ("the runner regrows it automatically" if self._rescript is not None else
+            how = ("the runner regrows it automatically" if self.can_regrow else
                    f"export the model again with a larger max_pairs_per_bead (at least {wanted:g}), or simulate "
                    "from the model directory, which regrows the pair list by itself")
             text = (f"pair-list overflow: {diagnosis.count} intermolecular pairs within {diagnosis.cutoff_nm} nm, "
                     f"capacity {diagnosis.capacity} (max_pairs_per_bead {diagnosis.max_pairs_per_bead:g}); {how}")
         return "model input rejected: " + text
+
+    @property
+    def can_regrow(self) -> bool:
+        """Whether the pair list can grow: model directories can be scripted again, a model.pt cannot."""
+        return self._rescript is not None
 
     def regrow(self, system: Any, diagnosis: Any) -> float | None:
         """After a pair-list overflow: script the model again with room for the count seen and put

@@ -509,7 +509,8 @@ class CGRun:
                 self._checkpoint(simulation, summary)  # the steps after the last frame are not lost on resume
         except SimulationUnstable as exc:
             failure = self._production_failure(simulation, exc, save_every)
-            if isinstance(failure, PairListOverflow) and (self.out / "checkpoint.chk").exists():
+            if (isinstance(failure, PairListOverflow) and (self.out / "checkpoint.chk").exists()
+                    and self.cgnn.can_regrow and len(self.regrows) < MAX_REGROWS):
                 regrow_from_checkpoint = failure
             else:
                 message = (
