@@ -234,3 +234,15 @@ def test_production_overflow_of_a_model_pt_stops_with_the_cause(cg, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed: unstable" and summary["cause"]["causes"] == ["pair_overflow"]
     assert summary["cause"]["pair_count"] > 72 and summary["n_frames"] >= 1
+
+
+def test_time_step_search_regrows_on_overflow_instead_of_calling_the_step_unstable(cg, tmp_path):
+    """The start fits the capacity (71 pairs in 72), the NVE tests overflow it: the search regrows
+    the list and tests the same step again; no candidate is marked unstable for a NaN."""
+    force = CGNNForce(make_model_dir(tmp_path / "tight", max_pairs_per_bead=4.5), cg)
+    run = CGRun(force, cg, tmp_path / "run", config(dt_fs=None, minimize=False, thermalize_steps=0, steps=20,
+                                                   dt_candidates_fs=(8.0, 4.0)), log=lambda m: None)
+    summary = run.run().summary
+    assert summary["status"] == "finished"
+    assert summary["pair_list_regrown"][0]["where"].startswith("time-step test at 8 fs, step ")
+    assert all("NaN" not in r["reason"] and "OpenMM error" not in r["reason"] for r in summary["dt_stability"])

@@ -606,16 +606,29 @@ class CGRun:
         if cfg.dt_fs is not None:
             return positions, velocities, float(cfg.dt_fs), None
         self.log(f"choosing the CG time step (NVE energy conservation, {cfg.stability_steps} steps each):")
-        candidates, tested = tuple(cfg.dt_candidates_fs), []
+        candidates, tested, regrown_at = tuple(cfg.dt_candidates_fs), [], set()
         while True:
             try:
                 dt_fs, results = stability_check(self.system, positions, velocities, platform, properties, candidates,
                                                  cfg.stability_steps, log=self.log, cgnn=self.cgnn)
                 break
             except PairListOverflow as failure:
-                self._regrow(failure)
                 tested += failure.results  # the larger candidates failed for other reasons: not again
-                candidates = tuple(c for c in candidates if c <= failure.dt_fs)
+                dt = failure.dt_fs
+                if dt in regrown_at or len(self.regrows) >= MAX_REGROWS:
+                    # Overflowing again after a regrow: a step this long throws beads together. That
+                    # is a verdict on the step, with the cause named.
+                    reason = f"the pair list overflowed again after a regrow ({failure.explanation})"
+                    tested.append(StabilityResult(dt, False, None, reason))
+                    self.log(f"  dt = {dt:g} fs: unstable ({reason})")
+                    candidates = tuple(c for c in candidates if c < dt)
+                    if not candidates:
+                        raise SimulationUnstable(f"no stable time step: {failure}", failure.cause, failure.where,
+                                                 failure.explanation) from None
+                    continue
+                self._regrow(failure)  # a model.pt cannot grow: the set-up ends with the cause
+                regrown_at.add(dt)
+                candidates = tuple(c for c in candidates if c <= dt)
         self.log(f"largest stable time step: {dt_fs:g} fs")
         return positions, velocities, dt_fs, tested + results
 
