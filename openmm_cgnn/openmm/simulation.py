@@ -742,13 +742,14 @@ class CGRun:
             return context, integrator
 
         context, integrator = start()
-        failed = ""
-        if cfg.thermalize_steps:
-            try:
+        failed, state = "", None
+        try:
+            if cfg.thermalize_steps:
                 integrator.step(cfg.thermalize_steps)
-            except (openmm.OpenMMException, ValueError) as exc:
-                failed = str(exc).splitlines()[0]
-        state = context.getState(getPositions=True, getVelocities=True, getEnergy=True)
+            # The CPU platform's getState raises on NaN coordinates itself.
+            state = context.getState(getPositions=True, getVelocities=True, getEnergy=True)
+        except (openmm.OpenMMException, ValueError) as exc:
+            failed = str(exc).splitlines()[0]
         if failed or not _finite_state(state):
             del context, integrator
             diagnosis, step = find_cause(self.cgnn, start, cfg.thermalize_steps)
