@@ -26,7 +26,9 @@ LAMMPS_DT_FS = 5.0  # the synthetic run's 0.005 ps step
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    run = SyntheticSystem().simulate(tmp_path_factory.mktemp("import") / "run", n_frames=40, steps_per_frame=20, kind="aa")
+    # Argon's own mass: a PDB carries no masses, so the import takes the element's, and the
+    # mapping (whose bead masses must match the atoms') then fits both runs.
+    run = SyntheticSystem(mass_amu=39.948).simulate(tmp_path_factory.mktemp("import") / "run", n_frames=40, steps_per_frame=20, kind="aa")
     return read_frames(run, require_forces=True), run / "mapping.json"
 
 
