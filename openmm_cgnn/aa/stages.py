@@ -40,8 +40,8 @@ class AARunError(RuntimeError):
 class RunSettings:
     """Everything that fixes a run's trajectory (stored in run.json, compared on resume)."""
 
-    n_pairs: int
-    composition: dict[str, int]
+    n_units: int | None  # formula units of the liquid; None when the counts are off its ratio
+    composition: dict[str, int]  # molecules of each residue, in box order
     temperature_K: float
     equilibrate_ps: float
     production_ps: float
@@ -55,6 +55,13 @@ class RunSettings:
     friction_per_ps: float
     platform: str
     forcefield: str  # description (source and hash)
+
+    def unit_counts(self) -> dict[str, int | None]:
+        """``n_units``, plus ``n_pairs`` when the box is pairs (two molecule types, as many of each)."""
+        counts: dict[str, int | None] = {"n_units": self.n_units}
+        if len(self.composition) == 2 and len(set(self.composition.values())) == 1:
+            counts["n_pairs"] = next(iter(self.composition.values()))
+        return counts
 
     @property
     def dt_ps(self) -> float:
@@ -395,7 +402,7 @@ class SingleRun:
         densities = self._npt_densities(progress)
         summary = {
             "kind": "aa",
-            "n_pairs": self.s.n_pairs,
+            **self.s.unit_counts(),
             "composition": self.s.composition,
             "n_atoms": int(self.masses.size),
             "temperature_K": self.s.temperature_K,
