@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .builder import box_edge_nm
-from .stages import CHECKPOINT, RunSettings, SingleRun, _atomic_write, stdout_log
+from .stages import CHECKPOINT, GPU_PLATFORMS, RunSettings, SingleRun, _atomic_write, stdout_log
 
 if TYPE_CHECKING:
     from ..liquids import Liquid
@@ -113,7 +113,7 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
            resume: bool = False, overwrite: bool = False, start_density_kg_m3: float | None = None,
            forcefield_dir: str | Path | None = None, residues: Sequence[str] | None = None,
            liquid: "str | Path | Liquid | None" = None, count_option: str = "--pairs",
-           pressure_bar: float = 1.0, friction_per_ps: float = 1.0,
+           device_index: int | None = None, pressure_bar: float = 1.0, friction_per_ps: float = 1.0,
            log: Callable[[str], None] = stdout_log) -> dict[str, Any]:
     """Build, minimise, equilibrate (NPT) and run NVT production at each temperature.
 
@@ -166,6 +166,12 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
     platform = platform or fastest_platform()
     if platform not in names:
         raise AAInputError(f"--platform {platform!r} is not available; available: {', '.join(names)}")
+    if device_index is not None:
+        if isinstance(device_index, bool) or not isinstance(device_index, int) or device_index < 0:
+            raise AAInputError(f"--device-index must be a non-negative integer, got {device_index!r}")
+        if platform not in GPU_PLATFORMS:
+            raise AAInputError(f"--device-index needs a GPU platform ({', '.join(GPU_PLATFORMS)}), "
+                               f"not --platform {platform}")
 
     if liquid is not None and residues:
         raise AAInputError("--residues and --liquid exclude each other (the liquid names its molecules)")
@@ -253,7 +259,7 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
         counts = ", ".join(f"{n} {r}" for r, n in composition.items())
         log(f"[aa {t:g} K] {runs[t]}: {counts}, {topology.getNumAtoms()} atoms, cutoff {cutoff_nm:g} nm, "
             f"platform {platform}")
-        summary = SingleRun(runs[t], s, topology, positions, ff, metadata, log).run()
+        summary = SingleRun(runs[t], s, topology, positions, ff, metadata, log, device_index).run()
         summary["dir"] = str(runs[t])
         summaries.append(summary)
         if multi:

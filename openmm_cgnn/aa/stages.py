@@ -124,17 +124,24 @@ def density_convergence(densities: Sequence[float]) -> dict[str, Any]:
             "density_drift_kg_m3": drift, "density_converged": bool(converged)}
 
 
-def platform_properties(name: str) -> dict[str, str]:
-    # CPU threads follow OPENMM_CPU_THREADS (read by OpenMM itself); GPUs use mixed precision.
-    return {"Precision": "mixed"} if name in ("CUDA", "OpenCL", "HIP") else {}
+GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
+
+
+def platform_properties(name: str, device_index: int | None = None) -> dict[str, str]:
+    # CPU threads follow OPENMM_CPU_THREADS (read by OpenMM itself); GPUs use mixed precision, on
+    # the device ``device_index`` when given (OpenMM picks one otherwise).
+    if name not in GPU_PLATFORMS:
+        return {}
+    return {"Precision": "mixed", **({"DeviceIndex": str(device_index)} if device_index is not None else {})}
 
 
 class SingleRun:
     """Drives one run directory; ``run()`` starts or resumes it and returns its summary."""
 
     def __init__(self, run_dir: Path, settings: RunSettings, topology: Any, positions: np.ndarray, ff: Any,
-                 metadata: dict[str, Any], log=print) -> None:
+                 metadata: dict[str, Any], log=print, device_index: int | None = None) -> None:
         self.dir = Path(run_dir)
+        self.device_index = device_index  # not a setting: a run may resume on another GPU
         self.s = settings
         self.topology = topology
         self.initial_positions = positions
@@ -166,7 +173,8 @@ class SingleRun:
         integrator = openmm.LangevinMiddleIntegrator(self.s.temperature_K, self.s.friction_per_ps, self.s.dt_ps)
         integrator.setRandomNumberSeed(self.s.openmm_seed(1))
         platform = openmm.Platform.getPlatformByName(self.s.platform)
-        return openmm.Context(self._system(barostat), integrator, platform, platform_properties(self.s.platform))
+        properties = platform_properties(self.s.platform, self.device_index)
+        return openmm.Context(self._system(barostat), integrator, platform, properties)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--charge-scale", type=float, default=1.0, help="scale all charges (default 1.0; 0.8 common)")
     parser.add_argument("--platform", default=None, help="OpenMM platform (default: the fastest available)")
+    parser.add_argument("--device-index", type=int, default=None, metavar="N",
+                        help="GPU to run on (OpenMM's DeviceIndex; GPU platforms only; default: OpenMM's choice)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (placement, velocities, thermostat)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             charge_scale=args.charge_scale, platform=args.platform, seed=args.seed, cutoff_nm=args.cutoff_nm,
             dt_fs=args.dt_fs, resume=args.resume, overwrite=args.overwrite,
             start_density_kg_m3=args.start_density, forcefield_dir=args.forcefield_dir,
-            residues=args.residues, liquid=args.liquid, count_option=option)
+            residues=args.residues, liquid=args.liquid, count_option=option, device_index=args.device_index)
     except (AAInputError, AARunError, LiquidError) as exc:
         raise CLIError(str(exc)) from None
     density = summary["density_kg_m3"]

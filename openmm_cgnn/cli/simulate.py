@@ -76,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time steps the stability check tries, largest first (default 20 15 10 8 6 5 4 3 2 1)")
     parser.add_argument("--friction", type=float, default=1.0, metavar="PER_PS", help="Langevin friction in 1/ps (default 1)")
     parser.add_argument("--platform", default=None, help="OpenMM platform (default CUDA if available, else CPU)")
+    parser.add_argument("--device-index", type=int, default=None, metavar="N",
+                        help="GPU to run on (OpenMM's DeviceIndex; GPU platforms only; default: OpenMM's choice)")
     parser.add_argument("--save-every-steps", type=int, default=1000, metavar="K", help="frame, DCD and checkpoint interval (default 1000)")
     parser.add_argument("--report-every-steps", type=int, default=None, metavar="K", help="state.csv/progress interval (default: save interval)")
     parser.add_argument("--no-minimize", action="store_true", help="skip the energy minimisation of the starting structure")
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     source, mapping_path = resolve_forcefield(args.forcefield)
     config = RunConfig(
         temperature_K=args.temperature, steps=args.steps, dt_fs=args.dt_fs, friction_per_ps=args.friction,
-        platform=args.platform, save_every_steps=args.save_every_steps, report_every_steps=args.report_every_steps,
+        platform=args.platform, device_index=args.device_index, save_every_steps=args.save_every_steps, report_every_steps=args.report_every_steps,
         seed=args.seed, minimize=not args.no_minimize, progress=not args.quiet,
     )
     if args.dt_candidates_fs:

@@ -48,6 +48,7 @@ class RunConfig:
     dt_fs: float | None = None  # None: the largest step that passes the stability check
     friction_per_ps: float = 1.0
     platform: str | None = None  # None: CUDA if present, else CPU
+    device_index: int | None = None  # GPU platforms: OpenMM's DeviceIndex (None: OpenMM picks)
     save_every_steps: int = 1000
     report_every_steps: int | None = None  # state.csv and progress; default save_every_steps
     seed: int = 0
@@ -68,6 +69,8 @@ class RunConfig:
             raise SimulationError(f"save interval must be >= 1 step, got {self.save_every_steps}")
         if self.friction_per_ps < 0:
             raise SimulationError(f"friction must be >= 0, got {self.friction_per_ps} /ps")
+        if self.device_index is not None and self.device_index < 0:
+            raise SimulationError(f"--device-index must be >= 0, got {self.device_index}")
 
 
 @dataclass
@@ -100,9 +103,11 @@ def choose_platform(name: str | None) -> Any:
     return openmm.Platform.getPlatformByName(name)
 
 
-def platform_properties(platform: Any) -> dict[str, str]:
+def platform_properties(platform: Any, device_index: int | None = None) -> dict[str, str]:
     if platform.getName() in ("CUDA", "OpenCL"):
-        return {"Precision": "mixed"}
+        return {"Precision": "mixed", **({"DeviceIndex": str(device_index)} if device_index is not None else {})}
+    if device_index is not None:
+        raise SimulationError(f"--device-index needs a GPU platform (CUDA, OpenCL), not {platform.getName()}")
     return {}
 
 
@@ -303,7 +308,7 @@ class CGRun:
         self.system = self.cg.system()
         self.cgnn.add_to(self.system)
         platform = choose_platform(cfg.platform)
-        properties = platform_properties(platform)
+        properties = platform_properties(platform, cfg.device_index)
         previous = json.loads((self.out / "checkpoint.json").read_text()) if self.resume else None
         if previous is not None:
             self._check_resume_settings(previous, platform)
