@@ -23,10 +23,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def add_system_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the CG starting structure comes from (shared with ``export``)."""
     start = parser.add_mutually_exclusive_group(required=True)
-    start.add_argument("--pairs", type=int, metavar="N", help="pack N formula units (one molecule of each residue type in the mapping)")
+    start.add_argument("--pairs", type=int, metavar="N",
+                       help="pack N ion pairs of a 1:1 liquid (one molecule of each residue type in the mapping)")
+    start.add_argument("--molecules", nargs="+", metavar="RES=N",
+                       help="pack these molecule counts (any stoichiometry), e.g. BMIM=100 BF4=100")
     start.add_argument("--from-aa", type=Path, metavar="DIR", help="start from a frame of this run (AA runs are mapped; CG runs also work)")
     parser.add_argument("--frame", type=int, default=-1, help="frame of --from-aa to start from (default -1, the last)")
-    parser.add_argument("--density", type=float, metavar="KG_M3", help="target density for --pairs, kg/m3 (e.g. the all-atom density)")
+    parser.add_argument("--density", type=float, metavar="KG_M3",
+                        help="target density for --pairs/--molecules, kg/m3 (e.g. the all-atom density)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: packing, velocities, Langevin noise (default 0)")
     parser.add_argument(
         "--prior", choices=["auto", "openmm", "model", "none"], default="auto",
@@ -48,13 +52,26 @@ def resolve_forcefield(path: Path) -> tuple[Path, Path]:
 def cg_system_from_args(args: argparse.Namespace, mapping: Any, source: Path) -> Any:
     from ..openmm.topology import build_cg_system
 
-    bond_lengths = None
-    if args.pairs is not None:
+    from ..liquids import LiquidError, parse_counts
+
+    bond_lengths, molecules = None, None
+    if args.pairs is not None or args.molecules is not None:
+        option = "--pairs" if args.pairs is not None else "--molecules"
         if args.density is None:
-            raise CLIError("--pairs needs --density KG_M3 (the target density; e.g. the all-atom run's)")
+            raise CLIError(f"{option} needs --density KG_M3 (the target density; e.g. the all-atom run's)")
+        try:
+            molecules = parse_counts(args.molecules) if args.molecules is not None else None
+        except LiquidError as exc:
+            raise CLIError(str(exc)) from None
         bond_lengths = _prior_bond_lengths(source, mapping)
     return build_cg_system(mapping, from_run=args.from_aa, frame=args.frame, pairs=args.pairs, density_kg_m3=args.density,
-                           seed=args.seed, bond_lengths=bond_lengths)
+                           seed=args.seed, bond_lengths=bond_lengths, molecules=molecules)
+
+
+def _start_description(args: argparse.Namespace) -> str:
+    if args.from_aa:
+        return str(args.from_aa)
+    return f"packed {args.pairs} pairs" if args.pairs is not None else f"packed {' '.join(args.molecules)}"
 
 
 def _prior_bond_lengths(source: Path, mapping: Any) -> dict | None:
@@ -110,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         cg = cg_system_from_args(args, mapping, source)
         force = CGNNForce(source, cg, args.temperature, prior=args.prior)
         result = CGRun(force, cg, args.out, config, resume=args.resume, overwrite=args.overwrite,
-                       metadata={"start": str(args.from_aa) if args.from_aa else f"packed {args.pairs} pairs"}).run()
+                       metadata={"start": _start_description(args)}).run()
     except SimulationUnstable as exc:
         print(f"openmm-cgnn simulate: {exc}", file=sys.stderr)
         return 3
