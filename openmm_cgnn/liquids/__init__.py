@@ -238,15 +238,7 @@ def composition_for(liquid: Liquid | None, residues: Sequence[str], *, pairs: in
     flag, value = given[0]
     stoichiometry = liquid.stoichiometry if liquid is not None else {r: 1 for r in residues}
     if flag == "--molecules":
-        counts = dict(value)
-        unknown = sorted(set(counts) - set(stoichiometry))
-        if unknown or not counts:
-            raise LiquidError(f"--molecules: {', '.join(unknown) or 'nothing'} given; the molecule types are "
-                              f"{', '.join(stoichiometry)}")
-        for residue, n in counts.items():
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise LiquidError(f"--molecules {residue}={n}: counts must be positive integers")
-        return {r: counts[r] for r in stoichiometry if r in counts}, flag
+        return checked_counts(value, list(stoichiometry), "the molecule types are"), flag
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise LiquidError(f"{flag} must be a positive integer, got {value!r}")
     if flag == "--pairs" and any(n != 1 for n in stoichiometry.values()):
@@ -254,6 +246,17 @@ def composition_for(liquid: Liquid | None, residues: Sequence[str], *, pairs: in
         raise LiquidError(f"--pairs is for 1:1 liquids; {liquid.name if liquid else 'this liquid'} is "
                           f"{ratio} ({', '.join(stoichiometry)}): use --units or --molecules")
     return {r: n * value for r, n in stoichiometry.items()}, flag
+
+
+def checked_counts(counts: Mapping[str, int], known: Sequence[str], known_as: str) -> dict[str, int]:
+    """``--molecules`` counts checked against the ``known`` residues, in their order."""
+    unknown = sorted(set(counts) - set(known))
+    if unknown or not counts:
+        raise LiquidError(f"--molecules: {', '.join(unknown) or 'nothing'} given; {known_as} {', '.join(known)}")
+    for residue, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise LiquidError(f"--molecules {residue}={n}: counts must be positive integers")
+    return {r: int(counts[r]) for r in known if r in counts}
 
 
 def parse_counts(text: Sequence[str] | str, option: str = "--molecules") -> dict[str, int]:

@@ -239,14 +239,9 @@ def composition_for_pairs(mapping: Mapping, n_pairs: int) -> dict[str, int]:
 
 def composition_for_counts(mapping: Mapping, counts: TypingMapping[str, int]) -> dict[str, int]:
     """Explicit molecule counts ``{residue: n}``, checked against the mapping, in mapping order."""
-    unknown = sorted(set(counts) - set(mapping.residues))
-    if unknown or not counts:
-        raise MappingError(f"--molecules: {', '.join(unknown) or 'nothing'} given; the mapping has residues "
-                           f"{', '.join(mapping.residues)}")
-    for name, n in counts.items():
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"--molecules {name}={n}: counts must be positive integers")
-    return {name: int(counts[name]) for name in mapping.residues if name in counts}
+    from ..liquids import checked_counts
+
+    return checked_counts(counts, list(mapping.residues), "the mapping has residues")
 
 
 def _check_box(box: np.ndarray) -> np.ndarray:
