@@ -128,9 +128,7 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
     argument for bad input, before anything is written.
     """
     from .builder import BoxBuildError, build_box, build_box_auto
-    from .forcefield import ForceFieldDataError, build_system, load_forcefield
-
-    from ..liquids import Liquid, LiquidError, composition_for, load_liquid
+    from .forcefield import ForceFieldDataError, build_system
 
     temps = [temperatures] if isinstance(temperatures, (int, float)) else list(temperatures)
     if isinstance(count, Mapping):
@@ -173,35 +171,7 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
             raise AAInputError(f"--device-index needs a GPU platform ({', '.join(GPU_PLATFORMS)}), "
                                f"not --platform {platform}")
 
-    if liquid is not None and residues:
-        raise AAInputError("--residues and --liquid exclude each other (the liquid names its molecules)")
-    try:
-        if liquid is not None and not isinstance(liquid, Liquid):
-            liquid = load_liquid(liquid)
-    except LiquidError as exc:
-        raise AAInputError(str(exc)) from None
-    ff_option = "--forcefield-dir" if forcefield_dir is not None or liquid is None else f"{liquid.path}: forcefield.dir"
-    try:
-        ff = load_forcefield(forcefield_dir if forcefield_dir is not None or liquid is None else liquid.forcefield_dir)
-    except ForceFieldDataError as exc:
-        raise AAInputError(f"{ff_option}: {exc}") from None
-    residues_option = "--residues" if liquid is None else f"{liquid.path}: molecules"
-    residues = liquid.residues if liquid is not None else list(residues) if residues else list(ff.residues)
-    unknown = [r for r in residues if r not in ff.residues]
-    if unknown or len(set(residues)) != len(residues):
-        raise AAInputError(f"{residues_option} {residues}: each must be one of {list(ff.residues)} "
-                           f"(in {ff.xml_path}), once")
-    try:
-        composition, _ = composition_for(liquid, residues, **{count_option.lstrip("-"): count})
-    except (LiquidError, TypeError) as exc:
-        raise AAInputError(str(exc)) from None
-    net = sum(ff.residues[r].charge * n for r, n in composition.items())
-    if abs(net) > 1e-6:
-        counts = ", ".join(f"{n} {r}" for r, n in composition.items())
-        # Explicit counts are the user's to fix; otherwise the molecule list or its ratio is wrong.
-        where = "--molecules" if count_option == "--molecules" else residues_option
-        raise AAInputError(f"{where}: {counts} has net charge {net:+g} e; a box must be neutral")
-    n_units = _formula_units(composition, liquid.stoichiometry if liquid is not None else {r: 1 for r in residues})
+    ff, composition, n_units, liquid = _molecules(count, count_option, liquid, residues, forcefield_dir)
 
     if start_density_kg_m3 is not None:
         _positive(start_density_kg_m3, "--start-density")
@@ -265,6 +235,46 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
         if multi:
             _write_parent_summary(out, summaries, temps)
     return summaries[0] if not multi else json.loads((out / "summary.json").read_text())
+
+
+def _molecules(count: int | Mapping[str, int], count_option: str, liquid: "str | Path | Liquid | None",
+               residues: Sequence[str] | None, forcefield_dir: str | Path | None):
+    """(force field, {residue: molecules}, formula units or None, Liquid or None), checked; errors name the option."""
+    from ..liquids import Liquid, LiquidError, composition_for, load_liquid
+    from .forcefield import ForceFieldDataError, load_forcefield
+
+    if liquid is not None and residues:
+        raise AAInputError("--residues and --liquid exclude each other (the liquid names its molecules)")
+    try:
+        if liquid is not None and not isinstance(liquid, Liquid):
+            liquid = load_liquid(liquid)
+    except LiquidError as exc:
+        raise AAInputError(str(exc)) from None
+    # --forcefield-dir overrides the liquid's data (e.g. a regenerated copy).
+    use_liquid_data = forcefield_dir is None and liquid is not None
+    try:
+        ff = load_forcefield(liquid.forcefield_dir if use_liquid_data else forcefield_dir)
+    except ForceFieldDataError as exc:
+        where = f"{liquid.path}: forcefield.dir" if use_liquid_data else "--forcefield-dir"
+        raise AAInputError(f"{where}: {exc}") from None
+    residues_option = "--residues" if liquid is None else f"{liquid.path}: molecules"
+    residues = liquid.residues if liquid is not None else list(residues) if residues else list(ff.residues)
+    unknown = [r for r in residues if r not in ff.residues]
+    if unknown or len(set(residues)) != len(residues):
+        raise AAInputError(f"{residues_option} {residues}: each must be one of {list(ff.residues)} "
+                           f"(in {ff.xml_path}), once")
+    try:
+        composition, _ = composition_for(liquid, residues, **{count_option.lstrip("-"): count})
+    except (LiquidError, TypeError) as exc:
+        raise AAInputError(str(exc)) from None
+    net = sum(ff.residues[r].charge * n for r, n in composition.items())
+    if abs(net) > 1e-6:
+        counts = ", ".join(f"{n} {r}" for r, n in composition.items())
+        # Explicit counts are the user's to fix; otherwise the molecule list or its ratio is wrong.
+        where = "--molecules" if count_option == "--molecules" else residues_option
+        raise AAInputError(f"{where}: {counts} has net charge {net:+g} e; a box must be neutral")
+    stoichiometry = liquid.stoichiometry if liquid is not None else {r: 1 for r in residues}
+    return ff, composition, _formula_units(composition, stoichiometry), liquid
 
 
 def _formula_units(composition: Mapping[str, int], stoichiometry: Mapping[str, int]) -> int | None:
