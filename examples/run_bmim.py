@@ -6,7 +6,7 @@
     python examples/run_bmim.py --gpus 0,1           # full size, temperatures spread over two GPUs
 
 Every option of ``openmm-cgnn run`` works here (``--jobs``, ``--gpus``, ``--print-commands``, ...);
-other liquids: ``openmm-cgnn run --liquid emim_bf4 --quick`` or ``python examples/run_liquid.py``.
+other liquids: ``openmm-cgnn run --liquid emim_bf4 --quick``.
 """
 
 from __future__ import annotations
