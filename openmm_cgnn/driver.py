@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .aa.stages import GPU_PLATFORMS
 from .liquids import LIQUIDS_DIR, Liquid, LiquidError
 
 # Run lengths and network sizes per size: not liquid-specific. The quick size keeps the chain
@@ -69,9 +70,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "platform": "CUDA",
     },
 }
-GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
-
-
 class DriverError(ValueError):
     """Bad driver input; one line naming the option."""
 
