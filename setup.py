@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["openmm_cgnn", "openmm_cgnn.*"]),
-    package_data={"openmm_cgnn": ["aa/data/*", "analysis/data/*", "openmm/cpp/*"]},
+    package_data={"openmm_cgnn": ["aa/data/*", "aa/data/*/*", "liquids/*.json", "openmm/cpp/*"]},
     install_requires=[
         # The three pins were tried together: openmmtorch 1.5 needs a CUDA build of torch (the
         # default 2.9.1 wheel, which also runs on CPU-only machines), and OpenMM 8.6 crashes when

@@ -115,15 +115,26 @@ def get_platform(name: str | None = None, option: str = "--platform", *, candida
     return openmm.Platform.getPlatformByName(name)
 
 
-def platform_properties(platform: Any, *, threads: int | None = None, precision: str | None = None) -> dict[str, str]:
+def platform_properties(platform: Any, device_index: int | None = None, *, threads: int | None = None,
+                        precision: str | None = None, option: str = "--device-index") -> dict[str, str]:
     """Context properties for ``platform`` (an ``openmm.Platform`` or its name).
 
-    GPUs: ``Precision`` (default mixed). CPU: ``Threads`` when ``threads`` is given; otherwise
-    OpenMM reads ``OPENMM_CPU_THREADS`` itself.
+    GPUs: ``Precision`` (default mixed) and ``DeviceIndex`` when ``device_index`` is given (OpenMM
+    picks a device otherwise). CPU: ``Threads`` when ``threads`` is given; otherwise OpenMM reads
+    ``OPENMM_CPU_THREADS`` itself. A device index for a platform without devices is an error naming
+    ``option``.
     """
     name = platform if isinstance(platform, str) else platform.getName()
+    if device_index is not None and (isinstance(device_index, bool) or not isinstance(device_index, int)
+                                     or device_index < 0):
+        raise PlatformError(f"{option} must be a non-negative integer, got {device_index!r}")
     if name in GPU_PLATFORMS:
-        return {"Precision": precision or DEFAULT_GPU_PRECISION}
+        properties = {"Precision": precision or DEFAULT_GPU_PRECISION}
+        if device_index is not None:
+            properties["DeviceIndex"] = str(device_index)
+        return properties
+    if device_index is not None:
+        raise PlatformError(f"{option} needs a GPU platform ({', '.join(GPU_PLATFORMS)}), not {name}")
     if name == "CPU" and threads is not None:
         return {"Threads": str(int(threads))}
     return {}

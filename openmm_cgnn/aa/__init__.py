@@ -2,7 +2,7 @@
 
 Public API (loaded on first use, so importing this package does not import OpenMM):
 
-* ``run_aa(out, n_pairs, temperatures, equilibrate_ps, production_ps, save_every_ps, ...)``
+* ``run_aa(out, count, temperatures, equilibrate_ps, production_ps, save_every_ps, liquid=..., ...)``
 * ``build_system(topology, ff=None, cutoff_nm=1.0, charge_scale=1.0)``
 * ``load_forcefield(directory=None)``, ``build_box(ff, composition, density, seed)``
 * ``convert(clandp_dir, out_dir, molecules)`` (regenerates ``aa/data``)

@@ -11,13 +11,16 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ..platforms import PlatformError, available_platforms, get_platform, versions  # noqa: F401  (aa API)
+from ..platforms import PlatformError, available_platforms, get_platform, platform_properties, versions  # noqa: F401  (aa API)
 from .builder import box_edge_nm
 from ..io import (CorruptFileError, check_output_dir, output_dir, read_marker, staging_path, verify_checksum,
                   write_text_atomic)
 from .stages import CHECKPOINT, AARunError, RunSettings, SingleRun, stdout_log
+
+if TYPE_CHECKING:
+    from ..liquids import Liquid
 
 DEFAULT_CUTOFF_NM = 1.0
 MIN_CUTOFF_NM = 0.4  # below this the truncated LJ and PME real-space sums are poor
@@ -26,7 +29,8 @@ MIN_CUTOFF_NM = 0.4  # below this the truncated LJ and PME real-space sums are p
 MAX_COMPRESSION = 1.6
 RUN_JSON = "run.json"
 # Settings a resumed run must share with the original (production_ps may grow).
-RESUME_KEYS = {"n_pairs": "--pairs", "composition": "--residues", "temperature_K": "--temperature",
+RESUME_KEYS = {"composition": "the molecule counts (--liquid, --pairs, --units, --molecules, --residues)",
+               "temperature_K": "--temperature",
                "equilibrate_ps": "--equilibrate-ps", "save_every_ps": "--save-every-ps",
                "charge_scale": "--charge-scale", "seed": "--seed", "cutoff_nm": "--cutoff-nm", "dt_fs": "--dt-fs",
                "start_density_kg_m3": "--start-density", "platform": "--platform",
@@ -64,26 +68,34 @@ def _multiple_of_dt(value_ps: float, dt_ps: float, flag: str) -> None:
         raise AAInputError(f"{flag} {value_ps:g} ps is not a whole number of {dt_ps * 1000:g} fs time steps")
 
 
-def run_aa(out: str | Path, n_pairs: int, temperatures: float | Sequence[float], equilibrate_ps: float,
-           production_ps: float, save_every_ps: float, *, charge_scale: float = 1.0, platform: str | None = None,
-           seed: int = 0, cutoff_nm: float | None = None, dt_fs: float = 2.0, resume: bool = False,
-           overwrite: bool = False, start_density_kg_m3: float | None = None,
+def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float | Sequence[float],
+           equilibrate_ps: float, production_ps: float, save_every_ps: float, *, charge_scale: float = 1.0,
+           platform: str | None = None, seed: int = 0, cutoff_nm: float | None = None, dt_fs: float = 2.0,
+           resume: bool = False, overwrite: bool = False, start_density_kg_m3: float | None = None,
            forcefield_dir: str | Path | None = None, residues: Sequence[str] | None = None,
-           pressure_bar: float = 1.0, friction_per_ps: float = 1.0,
+           liquid: "str | Path | Liquid | None" = None, count_option: str = "--pairs",
+           device_index: int | None = None, pressure_bar: float = 1.0, friction_per_ps: float = 1.0,
            log: Callable[[str], None] = stdout_log) -> dict[str, Any]:
     """Build, minimise, equilibrate (NPT) and run NVT production at each temperature.
 
-    ``n_pairs`` molecules of each residue in ``residues`` (default: every residue of the force
-    field data, e.g. BMIM and BF4), inserted at ``start_density_kg_m3`` (default: the densest of
+    ``count`` is a number of formula units or explicit molecule counts ``{residue: n}``. The
+    molecule types and their ratio come from ``liquid`` (a name, a liquid file or a
+    :class:`~openmm_cgnn.liquids.Liquid`; its force field unless ``forcefield_dir`` is given), or
+    else from ``residues`` (default: every residue of the force field data), one of each per unit.
+    ``count_option`` is the option named in errors about the count (``--pairs``, ``--units``,
+    ``--molecules``). Molecules are inserted at ``start_density_kg_m3`` (default: the densest of
     ``builder.START_DENSITY_LADDER`` that fits). Returns the summary (with several temperatures: the list of
     per-temperature summaries under ``"runs"``). Raises :class:`AAInputError` naming the
     argument for bad input, before anything is written.
     """
     from .builder import BoxBuildError, build_box, build_box_auto
-    from .forcefield import ForceFieldDataError, build_system, load_forcefield
+    from .forcefield import ForceFieldDataError, build_system
 
     temps = [temperatures] if isinstance(temperatures, (int, float)) else list(temperatures)
-    _positive(n_pairs, "--pairs", integer=True)
+    if isinstance(count, Mapping):
+        count_option = "--molecules"
+    else:
+        _positive(count, count_option, integer=True)
     if not temps:
         raise AAInputError("--temperature needs at least one value")
     for t in temps:
@@ -111,21 +123,11 @@ def run_aa(out: str | Path, n_pairs: int, temperatures: float | Sequence[float],
 
     try:  # the fastest platform that starts here when none is given
         platform = get_platform(platform).getName()
+        platform_properties(platform, device_index)  # a device index needs a GPU platform
     except PlatformError as exc:
         raise AAInputError(str(exc)) from None
 
-    try:
-        ff = load_forcefield(forcefield_dir)
-    except ForceFieldDataError as exc:
-        raise AAInputError(f"--forcefield-dir: {exc}") from None
-    residues = list(residues) if residues else list(ff.residues)
-    unknown = [r for r in residues if r not in ff.residues]
-    if unknown or len(set(residues)) != len(residues):
-        raise AAInputError(f"--residues {residues}: each must be one of {list(ff.residues)}, once")
-    net = sum(ff.residues[r].charge for r in residues)
-    if abs(net) > 1e-6:
-        raise AAInputError(f"--residues {residues}: one of each has net charge {net:+g} e; a box must be neutral")
-    composition = {r: int(n_pairs) for r in residues}
+    ff, composition, n_units, liquid = _molecules(count, count_option, liquid, residues, forcefield_dir)
 
     if start_density_kg_m3 is not None:
         _positive(start_density_kg_m3, "--start-density")
@@ -144,10 +146,10 @@ def run_aa(out: str | Path, n_pairs: int, temperatures: float | Sequence[float],
     limit = max_cutoff_nm(start_edge)
     if cutoff_nm > limit:
         raise AAInputError(f"--cutoff-nm {cutoff_nm:g} is more than half the box edge after NPT compression "
-                           f"(start edge {start_edge:.2f} nm, allowed <= {limit:.2f} nm); use more --pairs")
+                           f"(start edge {start_edge:.2f} nm, allowed <= {limit:.2f} nm); use a larger {count_option}")
     if cutoff_nm < MIN_CUTOFF_NM:
-        raise AAInputError(f"--pairs {n_pairs} gives a box too small for a cutoff of at least {MIN_CUTOFF_NM} nm "
-                           f"(start edge {start_edge:.2f} nm)")
+        raise AAInputError(f"{count_option} {_describe(count)} gives a box too small for a cutoff of at least "
+                           f"{MIN_CUTOFF_NM} nm (start edge {start_edge:.2f} nm)")
     try:
         build_system(topology, ff, cutoff_nm=cutoff_nm, charge_scale=charge_scale)
     except ForceFieldDataError as exc:
@@ -159,7 +161,7 @@ def run_aa(out: str | Path, n_pairs: int, temperatures: float | Sequence[float],
     multi = len(temps) > 1
     runs = {t: (out / run_dir_name(t) if multi else out) for t in temps}
     settings = {t: RunSettings(
-        n_pairs=int(n_pairs), composition=composition, temperature_K=float(t), equilibrate_ps=float(equilibrate_ps),
+        n_units=n_units, composition=composition, temperature_K=float(t), equilibrate_ps=float(equilibrate_ps),
         production_ps=float(production_ps), save_every_ps=float(save_every_ps), charge_scale=float(charge_scale),
         seed=seed, cutoff_nm=float(cutoff_nm), dt_fs=float(dt_fs), start_density_kg_m3=float(start_density_kg_m3),
         pressure_bar=float(pressure_bar), friction_per_ps=float(friction_per_ps), platform=platform,
@@ -168,8 +170,8 @@ def run_aa(out: str | Path, n_pairs: int, temperatures: float | Sequence[float],
     # A replacement is built beside the old run and swapped in when every temperature is done.
     try:
         with output_dir(out, "aa", replace) as work:
-            summaries = _run_all(work, out, temps, settings, topology, positions, ff, forcefield, composition, n_pairs,
-                                 cutoff_nm, platform, log)
+            summaries = _run_all(work, out, temps, settings, topology, positions, ff, forcefield, composition, liquid,
+                                 cutoff_nm, platform, device_index, log)
     except AARunError as exc:
         if replace:
             raise AARunError(f"{exc} (the failed run is in {staging_path(out)}; {out} is unchanged)") from None
@@ -181,8 +183,9 @@ def run_aa(out: str | Path, n_pairs: int, temperatures: float | Sequence[float],
 
 
 def _run_all(work: Path, out: Path, temps: list[float], settings: dict[float, RunSettings], topology: Any,
-             positions: Any, ff: Any, forcefield: str, composition: dict[str, int], n_pairs: int, cutoff_nm: float,
-             platform: str, log: Callable[[str], None]) -> list[dict[str, Any]]:
+             positions: Any, ff: Any, forcefield: str, composition: dict[str, int], liquid: "Liquid | None",
+             cutoff_nm: float, platform: str, device_index: int | None,
+             log: Callable[[str], None]) -> list[dict[str, Any]]:
     multi = len(temps) > 1
     runs = {t: (work / run_dir_name(t) if multi else work) for t in temps}
     stack = versions()
@@ -192,20 +195,74 @@ def _run_all(work: Path, out: Path, temps: list[float], settings: dict[float, Ru
         write_text_atomic(runs[t] / RUN_JSON, json.dumps(s.__dict__, indent=2) + "\n")
         metadata = {"kind": "aa", "temperature_K": s.temperature_K, "charge_scale": s.charge_scale,
                     "forcefield": forcefield, "forcefield_dir": str(ff.directory), "seed": s.seed, "versions": stack,
-                    "platform": platform, "n_pairs": s.n_pairs, "composition": composition, "cutoff_nm": s.cutoff_nm,
+                    "platform": platform, **s.unit_counts(), "composition": composition, "cutoff_nm": s.cutoff_nm,
+                    "liquid": liquid.name if liquid is not None else None,
                     "dt_fs": s.dt_fs, "save_every_ps": s.save_every_ps, "equilibrate_ps": s.equilibrate_ps,
                     "pressure_bar": s.pressure_bar, "friction_per_ps": s.friction_per_ps,
                     "time_origin": "start of NVT production (frame k at k * save_every_ps)",
                     "thermostat": "LangevinMiddleIntegrator", "ensemble": "NVT at the NPT mean volume",
                     "constraints": "CL&P cons bonds (X-H)", "nonbonded": "PME + LJ geometric mixing with LRC"}
-        log(f"[aa {t:g} K] {runs[t]}: {n_pairs} pairs, {topology.getNumAtoms()} atoms, cutoff {cutoff_nm:g} nm, "
+        counts = ", ".join(f"{n} {r}" for r, n in composition.items())
+        log(f"[aa {t:g} K] {runs[t]}: {counts}, {topology.getNumAtoms()} atoms, cutoff {cutoff_nm:g} nm, "
             f"platform {platform}")
-        summary = SingleRun(runs[t], s, topology, positions, ff, metadata, log).run()
+        summary = SingleRun(runs[t], s, topology, positions, ff, metadata, log, device_index).run()
         summary["dir"] = str(out / runs[t].relative_to(work))
         summaries.append(summary)
         if multi:
             _write_parent_summary(work, summaries, temps)
     return summaries
+
+
+def _molecules(count: int | Mapping[str, int], count_option: str, liquid: "str | Path | Liquid | None",
+               residues: Sequence[str] | None, forcefield_dir: str | Path | None):
+    """(force field, {residue: molecules}, formula units or None, Liquid or None), checked; errors name the option."""
+    from ..liquids import Liquid, LiquidError, composition_for, load_liquid
+    from .forcefield import ForceFieldDataError, load_forcefield
+
+    if liquid is not None and residues:
+        raise AAInputError("--residues and --liquid exclude each other (the liquid names its molecules)")
+    try:
+        if liquid is not None and not isinstance(liquid, Liquid):
+            liquid = load_liquid(liquid)
+    except LiquidError as exc:
+        raise AAInputError(str(exc)) from None
+    # --forcefield-dir overrides the liquid's data (e.g. a regenerated copy).
+    use_liquid_data = forcefield_dir is None and liquid is not None
+    try:
+        ff = load_forcefield(liquid.forcefield_dir if use_liquid_data else forcefield_dir)
+    except ForceFieldDataError as exc:
+        where = f"{liquid.path}: forcefield.dir" if use_liquid_data else "--forcefield-dir"
+        raise AAInputError(f"{where}: {exc}") from None
+    residues_option = "--residues" if liquid is None else f"{liquid.path}: molecules"
+    residues = liquid.residues if liquid is not None else list(residues) if residues else list(ff.residues)
+    unknown = [r for r in residues if r not in ff.residues]
+    if unknown or len(set(residues)) != len(residues):
+        raise AAInputError(f"{residues_option} {residues}: each must be one of {list(ff.residues)} "
+                           f"(in {ff.xml_path}), once")
+    try:
+        composition, _ = composition_for(liquid, residues, **{count_option.lstrip("-"): count})
+    except (LiquidError, TypeError) as exc:
+        raise AAInputError(str(exc)) from None
+    net = sum(ff.residues[r].charge * n for r, n in composition.items())
+    if abs(net) > 1e-6:
+        counts = ", ".join(f"{n} {r}" for r, n in composition.items())
+        # Explicit counts are the user's to fix; otherwise the molecule list or its ratio is wrong.
+        where = "--molecules" if count_option == "--molecules" else residues_option
+        raise AAInputError(f"{where}: {counts} has net charge {net:+g} e; a box must be neutral")
+    stoichiometry = liquid.stoichiometry if liquid is not None else {r: 1 for r in residues}
+    return ff, composition, _formula_units(composition, stoichiometry), liquid
+
+
+def _formula_units(composition: Mapping[str, int], stoichiometry: Mapping[str, int]) -> int | None:
+    """Whole formula units in ``composition``, or None when the counts are not in the liquid's ratio."""
+    units = {composition.get(r, 0) / n for r, n in stoichiometry.items()}
+    if len(units) == 1 and (value := units.pop()) == int(value) and value > 0:
+        return int(value)
+    return None
+
+
+def _describe(count: int | Mapping[str, int]) -> str:
+    return ",".join(f"{r}={n}" for r, n in count.items()) if isinstance(count, Mapping) else str(count)
 
 
 def _prepare_directory(out: Path, runs: dict[float, Path], settings: dict[float, RunSettings], resume: bool,
@@ -241,7 +298,8 @@ def _prepare_directory(out: Path, runs: dict[float, Path], settings: dict[float,
 def _write_parent_summary(out: Path, summaries: list[dict[str, Any]], temps: list[float]) -> None:
     first = summaries[0]
     # The per-run keys appear as lists (in temperature order) so the parent has the same keys.
-    parent = {"kind": "aa", "n_pairs": first["n_pairs"], "temperature_K": temps, "platform": first["platform"],
+    parent = {"kind": "aa", **{k: first[k] for k in ("n_units", "n_pairs", "composition") if k in first},
+              "temperature_K": temps, "platform": first["platform"],
               "density_kg_m3": [s["density_kg_m3"] for s in summaries],
               "n_frames": [s["n_frames"] for s in summaries],
               "charge_scale": first["charge_scale"], "complete": len(summaries) == len(temps),

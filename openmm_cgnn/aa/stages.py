@@ -40,8 +40,8 @@ class AARunError(RuntimeError):
 class RunSettings:
     """Everything that fixes a run's trajectory (stored in run.json, compared on resume)."""
 
-    n_pairs: int
-    composition: dict[str, int]
+    n_units: int | None  # formula units of the liquid; None when the counts are off its ratio
+    composition: dict[str, int]  # molecules of each residue, in box order
     temperature_K: float
     equilibrate_ps: float
     production_ps: float
@@ -55,6 +55,13 @@ class RunSettings:
     friction_per_ps: float
     platform: str
     forcefield: str  # description (source and hash)
+
+    def unit_counts(self) -> dict[str, int | None]:
+        """``n_units``, plus ``n_pairs`` when the box is pairs (two molecule types, as many of each)."""
+        counts: dict[str, int | None] = {"n_units": self.n_units}
+        if len(self.composition) == 2 and len(set(self.composition.values())) == 1:
+            counts["n_pairs"] = next(iter(self.composition.values()))
+        return counts
 
     @property
     def dt_ps(self) -> float:
@@ -121,8 +128,9 @@ class SingleRun:
     """Drives one run directory; ``run()`` starts or resumes it and returns its summary."""
 
     def __init__(self, run_dir: Path, settings: RunSettings, topology: Any, positions: np.ndarray, ff: Any,
-                 metadata: dict[str, Any], log=print) -> None:
+                 metadata: dict[str, Any], log=print, device_index: int | None = None) -> None:
         self.dir = Path(run_dir)
+        self.device_index = device_index  # not a setting: a run may resume on another GPU
         self.s = settings
         self.topology = topology
         self.initial_positions = positions
@@ -154,7 +162,8 @@ class SingleRun:
         integrator = openmm.LangevinMiddleIntegrator(self.s.temperature_K, self.s.friction_per_ps, self.s.dt_ps)
         integrator.setRandomNumberSeed(self.s.openmm_seed(1))
         platform = openmm.Platform.getPlatformByName(self.s.platform)
-        return openmm.Context(self._system(barostat), integrator, platform, platform_properties(self.s.platform))
+        properties = platform_properties(self.s.platform, self.device_index)
+        return openmm.Context(self._system(barostat), integrator, platform, properties)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -418,7 +427,7 @@ class SingleRun:
         densities = self._npt_densities(progress)
         summary = {
             "kind": "aa",
-            "n_pairs": self.s.n_pairs,
+            **self.s.unit_counts(),
             "composition": self.s.composition,
             "n_atoms": int(self.masses.size),
             "temperature_K": self.s.temperature_K,

@@ -1,24 +1,21 @@
 """Mass density of runs, and the experimental density of the same liquid from a data table.
 
-The experimental tables live in ``data/experimental_density.json``; a liquid is recognised by the
-element formulae of its molecule types (Hill order) and their ratio, so residue names do not matter.
+The experimental tables live in the liquid files (``openmm_cgnn/liquids/*.json``, field
+``experimental_density``); a run is matched to a liquid by the element formulae of its molecule
+types (Hill order) and their ratio, so residue names do not matter.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from math import gcd
-from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from .periodic import orthorhombic_lengths
 
 AMU_PER_NM3_TO_KG_PER_M3 = 1.66053906660  # 1 amu/nm^3 = 1.6605 kg/m^3
-DATA_FILE = Path(__file__).with_name("data") / "experimental_density.json"
 
 
 def hill_formula(elements: Sequence[str]) -> str:
@@ -52,12 +49,6 @@ def _reduced(counts: dict[str, int]) -> dict[str, int]:
     return {k: int(n) // divisor for k, n in counts.items()}
 
 
-@lru_cache(maxsize=1)
-def _load_table(path: str) -> list[dict]:
-    data = json.loads(Path(path).read_text())
-    return data["liquids"]
-
-
 @dataclass
 class ExperimentalDensity:
     name: str
@@ -82,15 +73,18 @@ class ExperimentalDensity:
                 "measured_range_K": [float(self.temperature_K.min()), float(self.temperature_K.max())]}
 
 
-def find_experimental_density(
-    molecule_counts: dict[str, int], data_file: str | Path = DATA_FILE
-) -> ExperimentalDensity | None:
-    """The table entry whose components match ``molecule_counts`` (formula -> count) in ratio, if any."""
+def find_experimental_density(molecule_counts: dict[str, int], liquids: Sequence[Any] | None = None
+                              ) -> ExperimentalDensity | None:
+    """The experimental density of the liquid whose formula units match ``molecule_counts``
+    (formula -> count) in ratio, if that liquid has one (default: the shipped liquids)."""
+    from ..liquids import available_liquids, load_liquid
+
     wanted = _reduced(molecule_counts)
-    for entry in _load_table(str(data_file)):
-        if _reduced(entry["components"]) == wanted:
+    for liquid in liquids if liquids is not None else [load_liquid(n) for n in available_liquids()]:
+        entry = liquid.experimental_density
+        if entry is not None and _reduced(liquid.formula_units()) == wanted:
             return ExperimentalDensity(
-                name=entry["name"],
+                name=liquid.title,
                 source=entry["source"],
                 temperature_K=np.asarray(entry["temperature_K"], dtype=np.float64),
                 density_kg_m3=np.asarray(entry["density_kg_m3"], dtype=np.float64),

@@ -20,11 +20,20 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulate", "run CG molecular dynamics in OpenMM with CGNNForce"),
     "evaluate": ("evaluate", "compare CG and AA structure and dynamics: RDFs, diffusion, Arrhenius"),
     "info": ("info", "versions, OpenMM platforms and plugin load failures (is CUDA there?)"),
+    "run": ("run", "the whole chain for one liquid (aa, map, train, export, simulate, evaluate), or its commands"),
 }
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2, no traceback."""
+
+
+def torch_device(text: str) -> str:
+    """``--device`` values: ``cpu``, ``cuda`` or ``cuda:N`` (one GPU of several)."""
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

@@ -2,8 +2,13 @@
 
 Example (quick, CPU)::
 
-    openmm-cgnn aa --pairs 16 --temperature 450 500 --equilibrate-ps 20 --production-ps 20 \
-        --save-every-ps 0.5 --out runs/aa --platform CPU
+    openmm-cgnn aa --liquid emim_bf4 --pairs 16 --temperature 450 500 --equilibrate-ps 20 \
+        --production-ps 20 --save-every-ps 0.5 --out runs/aa --platform CPU
+
+``--liquid`` names a shipped liquid (``bmim_bf4``, ``emim_bf4``, ``bmim_pf6``) or a liquid file
+(docs/contracts.md section 6); without it the box is one molecule of each residue of the force
+field data per unit ([BMIM][BF4] for the package's data). The size is ``--pairs N`` (1:1 liquids),
+``--units N`` (formula units, any stoichiometry) or ``--molecules RES=N ...``.
 
 CPU threads follow ``OPENMM_CPU_THREADS``. The cutoff defaults to 1.0 nm, less for small boxes
 (half the start box edge after the largest compression NPT is allowed: see ``aa/run.py``).
@@ -17,7 +22,13 @@ from . import CLIError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pairs", type=int, required=True, help="ion pairs (molecules of each residue)")
+    count = parser.add_mutually_exclusive_group(required=True)
+    count.add_argument("--pairs", type=int, help="ion pairs, for 1:1 liquids (the same as --units)")
+    count.add_argument("--units", type=int, help="formula units (the liquid's stoichiometry, e.g. 1 cation + 2 anions)")
+    count.add_argument("--molecules", nargs="+", metavar="RES=N", help="molecules of each residue, e.g. EMIM=16 BF4=16")
+    parser.add_argument("--liquid", default=None, metavar="NAME_OR_FILE",
+                        help="liquid: a shipped name (bmim_bf4, emim_bf4, bmim_pf6) or a liquid file (default: one "
+                             "molecule of each residue of --forcefield-dir per unit)")
     parser.add_argument("--temperature", type=float, nargs="+", required=True, metavar="T",
                         help="temperature(s) in K; several give DIR/T<T>K/ sub-directories")
     parser.add_argument("--equilibrate-ps", type=float, required=True, help="NPT length (ps); density from its 2nd half")
@@ -26,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--charge-scale", type=float, default=1.0, help="scale all charges (default 1.0; 0.8 common)")
     parser.add_argument("--platform", default=None, help="OpenMM platform (default: the fastest available)")
+    parser.add_argument("--device-index", type=int, default=None, metavar="N",
+                        help="GPU to run on (OpenMM's DeviceIndex; GPU platforms only; default: OpenMM's choice)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (placement, velocities, thermostat)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -36,23 +49,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="density (kg/m3) of the inserted start box before NPT (default: the densest of "
                              "1000, 950, ... that random insertion fills)")
     parser.add_argument("--residues", nargs="+", default=None,
-                        help="residues, one molecule of each per pair (default: all in the force-field data)")
+                        help="without --liquid: residues, one molecule of each per unit (default: all in the force-field data)")
     parser.add_argument("--forcefield-dir", default=None,
-                        help="converted force-field data (default: the package's; see python -m openmm_cgnn.aa.convert)")
+                        help="converted force-field data (default: the liquid's, else the package's; "
+                             "see python -m openmm_cgnn.aa.convert)")
 
 
 def run(args: argparse.Namespace) -> int:
     from openmm_cgnn.aa.run import AAInputError, run_aa
     from openmm_cgnn.aa.stages import AARunError
+    from openmm_cgnn.liquids import LiquidError, parse_counts
 
+    option, count = next((f"--{name}", value) for name, value in
+                         (("pairs", args.pairs), ("units", args.units), ("molecules", args.molecules)) if value is not None)
     try:
+        if option == "--molecules":
+            count = parse_counts(count)
         summary = run_aa(
-            args.out, args.pairs, args.temperature, args.equilibrate_ps, args.production_ps, args.save_every_ps,
+            args.out, count, args.temperature, args.equilibrate_ps, args.production_ps, args.save_every_ps,
             charge_scale=args.charge_scale, platform=args.platform, seed=args.seed, cutoff_nm=args.cutoff_nm,
             dt_fs=args.dt_fs, resume=args.resume, overwrite=args.overwrite,
             start_density_kg_m3=args.start_density, forcefield_dir=args.forcefield_dir,
-            residues=args.residues)
-    except (AAInputError, AARunError) as exc:
+            residues=args.residues, liquid=args.liquid, count_option=option, device_index=args.device_index)
+    except (AAInputError, AARunError, LiquidError) as exc:
         raise CLIError(str(exc)) from None
     density = summary["density_kg_m3"]
     densities = density if isinstance(density, list) else [density]

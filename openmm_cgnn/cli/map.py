@@ -14,7 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..io import check_output_dir, output_dir, write_json_atomic
-from . import CLIError
+from . import CLIError, torch_device
 
 _BEAD_ITEM = re.compile(r"^\s*([A-Za-z0-9_+\-]+)\s*=\s*(\d+)\s*$")
 
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"at most this many molecules x frames per residue type, drawn at random under --seed (default {DEFAULT_MAX_SAMPLES}; 0 = all)",
     )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"samples per optimiser step (default {DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="torch device for training (default cpu)")
+    parser.add_argument("--device", type=torch_device, default="cpu", help="torch device for training (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no per-restart progress (bar or log lines)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a mapping directory that map wrote before (never any other directory)")
@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-samples must be >= 0, got {args.max_samples}")
     if args.rho < 0:
         raise CLIError(f"--rho must be >= 0, got {args.rho}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available here")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: no CUDA device is available here")
     out = Path(args.out)
     replace = check_output_dir(out, "mapping", overwrite=args.overwrite)  # before the compute
 

@@ -23,10 +23,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def add_system_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the CG starting structure comes from (shared with ``export``)."""
     start = parser.add_mutually_exclusive_group(required=True)
-    start.add_argument("--pairs", type=int, metavar="N", help="pack N formula units (one molecule of each residue type in the mapping)")
+    start.add_argument("--pairs", type=int, metavar="N",
+                       help="pack N ion pairs of a 1:1 liquid (one molecule of each residue type in the mapping)")
+    start.add_argument("--molecules", nargs="+", metavar="RES=N",
+                       help="pack these molecule counts (any stoichiometry), e.g. BMIM=100 BF4=100")
     start.add_argument("--from-aa", type=Path, metavar="DIR", help="start from a frame of this run (AA runs are mapped; CG runs also work)")
     parser.add_argument("--frame", type=int, default=-1, help="frame of --from-aa to start from (default -1, the last)")
-    parser.add_argument("--density", type=float, metavar="KG_M3", help="target density for --pairs, kg/m3 (e.g. the all-atom density)")
+    parser.add_argument("--density", type=float, metavar="KG_M3",
+                        help="target density for --pairs/--molecules, kg/m3 (e.g. the all-atom density)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: packing, velocities, Langevin noise (default 0)")
     parser.add_argument(
         "--prior", choices=["auto", "openmm", "model", "none"], default="auto",
@@ -48,13 +52,26 @@ def resolve_forcefield(path: Path) -> tuple[Path, Path]:
 def cg_system_from_args(args: argparse.Namespace, mapping: Any, source: Path) -> Any:
     from ..openmm.topology import build_cg_system
 
-    bond_lengths = None
-    if args.pairs is not None:
+    from ..liquids import LiquidError, parse_counts
+
+    bond_lengths, molecules = None, None
+    if args.pairs is not None or args.molecules is not None:
+        option = "--pairs" if args.pairs is not None else "--molecules"
         if args.density is None:
-            raise CLIError("--pairs needs --density KG_M3 (the target density; e.g. the all-atom run's)")
+            raise CLIError(f"{option} needs --density KG_M3 (the target density; e.g. the all-atom run's)")
+        try:
+            molecules = parse_counts(args.molecules) if args.molecules is not None else None
+        except LiquidError as exc:
+            raise CLIError(str(exc)) from None
         bond_lengths = _prior_bond_lengths(source, mapping)
     return build_cg_system(mapping, from_run=args.from_aa, frame=args.frame, pairs=args.pairs, density_kg_m3=args.density,
-                           seed=args.seed, bond_lengths=bond_lengths)
+                           seed=args.seed, bond_lengths=bond_lengths, molecules=molecules)
+
+
+def _start_description(args: argparse.Namespace) -> str:
+    if args.from_aa:
+        return str(args.from_aa)
+    return f"packed {args.pairs} pairs" if args.pairs is not None else f"packed {' '.join(args.molecules)}"
 
 
 def _prior_bond_lengths(source: Path, mapping: Any) -> dict | None:
@@ -76,6 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time steps the stability check tries, largest first (default 20 15 10 8 6 5 4 3 2 1)")
     parser.add_argument("--friction", type=float, default=1.0, metavar="PER_PS", help="Langevin friction in 1/ps (default 1)")
     parser.add_argument("--platform", default=None, help="OpenMM platform (default CUDA if available, else CPU)")
+    parser.add_argument("--device-index", type=int, default=None, metavar="N",
+                        help="GPU to run on (OpenMM's DeviceIndex; GPU platforms only; default: OpenMM's choice)")
     parser.add_argument("--save-every-steps", type=int, default=1000, metavar="K", help="frame, DCD and checkpoint interval (default 1000)")
     parser.add_argument("--report-every-steps", type=int, default=None, metavar="K", help="state.csv/progress interval (default: save interval)")
     parser.add_argument("--no-minimize", action="store_true", help="skip the energy minimisation of the starting structure")
@@ -100,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out)  # before any compute; CGRun checks what --out holds
     config = RunConfig(
         temperature_K=args.temperature, steps=args.steps, dt_fs=args.dt_fs, friction_per_ps=args.friction,
-        platform=args.platform, save_every_steps=args.save_every_steps, report_every_steps=args.report_every_steps,
+        platform=args.platform, device_index=args.device_index, save_every_steps=args.save_every_steps, report_every_steps=args.report_every_steps,
         seed=args.seed, minimize=not args.no_minimize, progress=not args.quiet,
     )
     if args.dt_candidates_fs:
@@ -113,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         cg = cg_system_from_args(args, mapping, source)
         force = CGNNForce(source, cg, args.temperature, prior=args.prior)
         result = CGRun(force, cg, args.out, config, resume=args.resume, overwrite=args.overwrite,
-                       metadata={"start": str(args.from_aa) if args.from_aa else f"packed {args.pairs} pairs"}).run()
+                       metadata={"start": _start_description(args)}).run()
     except SimulationUnstable as exc:
         print(f"openmm-cgnn simulate: {exc}", file=sys.stderr)
         return 3

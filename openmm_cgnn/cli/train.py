@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import CLIError
+from . import CLIError, torch_device
 
 QUICK_EPOCHS = 30
 
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"frames per optimiser step, over all processes under torchrun (default {defaults.batch_size})")
     parser.add_argument("--lr", type=float, default=None,
                         help=f"Adam learning rate (default {defaults.lr}; 1e-3 with --quick)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="torch device (default: cuda when present)")
+    parser.add_argument("--device", type=torch_device, default=None, help="torch device (default: cuda when present)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of initialisation and shuffling (default {defaults.seed})")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in MODELDIR exactly")
     parser.add_argument("--overwrite", action="store_true", help="replace the model files in an existing MODELDIR")

@@ -83,6 +83,7 @@ class RunConfig:
     dt_fs: float | None = None  # None: the largest step that passes the stability check
     friction_per_ps: float = 1.0
     platform: str | None = None  # None: CUDA if present, else CPU
+    device_index: int | None = None  # GPU platforms: OpenMM's DeviceIndex (None: OpenMM picks)
     save_every_steps: int = 1000
     report_every_steps: int | None = None  # state.csv and progress; default save_every_steps
     seed: int = 0
@@ -103,6 +104,8 @@ class RunConfig:
             raise SimulationError(f"save interval must be >= 1 step, got {self.save_every_steps}")
         if self.friction_per_ps < 0:
             raise SimulationError(f"friction must be >= 0, got {self.friction_per_ps} /ps")
+        if self.device_index is not None and self.device_index < 0:
+            raise SimulationError(f"--device-index must be >= 0, got {self.device_index}")
 
 
 @dataclass
@@ -429,7 +432,7 @@ class CGRun:
         cfg = self.config
         self.topology = self.cg.topology()
         self.system = self.cg.system()
-        properties = platform_properties(platform)
+        properties = platform_properties(platform, cfg.device_index)
         self.cgnn.add_to(self.system, platform)  # on CUDA: the graph-safe module with CUDA graphs
         previous = json.loads((self.out / "checkpoint.json").read_text()) if self.resume else None
         if previous is not None:

@@ -225,10 +225,21 @@ class CGSystem:
 
 
 def composition_for_pairs(mapping: Mapping, n_pairs: int) -> dict[str, int]:
-    """``n_pairs`` formula units: one molecule of every residue type in the mapping per unit."""
+    """``n_pairs`` formula units of a 1:1 liquid: one molecule of every residue type in the mapping per unit.
+
+    Other stoichiometries give their counts (``composition_for_counts``; the liquid file's
+    ``Liquid.composition(units)`` computes them).
+    """
     if n_pairs < 1:
         raise ValueError(f"the number of pairs must be at least 1, got {n_pairs}")
     return {name: int(n_pairs) for name in mapping.residues}
+
+
+def composition_for_counts(mapping: Mapping, counts: TypingMapping[str, int]) -> dict[str, int]:
+    """Explicit molecule counts ``{residue: n}``, checked against the mapping, in mapping order."""
+    from ..liquids import checked_counts
+
+    return checked_counts(counts, list(mapping.residues), "the mapping has residues")
 
 
 def _check_box(box: np.ndarray) -> np.ndarray:
@@ -312,12 +323,16 @@ def build_cg_system(
     density_kg_m3: float | None = None,
     seed: int = 0,
     bond_lengths: TypingMapping[tuple[str, int, int], float] | None = None,
+    molecules: TypingMapping[str, int] | None = None,
 ) -> CGSystem:
-    """The starting CG system: a frame of a run (AA runs are mapped) or ``pairs`` formula units packed at a density."""
-    if (from_run is None) == (pairs is None):
-        raise ValueError("give exactly one of a run directory (from_run) or a number of pairs")
+    """The starting CG system: a frame of a run (AA runs are mapped), or molecules packed at a density:
+    ``pairs`` formula units of a 1:1 liquid or explicit ``molecules`` counts."""
+    if sum(x is not None for x in (from_run, pairs, molecules)) != 1:
+        raise ValueError("give exactly one of a run directory (from_run), a number of pairs or molecule counts")
     if from_run is not None:
         return CGSystem.from_run(mapping, from_run, frame)
     if density_kg_m3 is None:
         raise ValueError("a packed start needs the target density in kg/m3 (e.g. the density of the all-atom run)")
-    return CGSystem.packed(mapping, composition_for_pairs(mapping, int(pairs)), density_kg_m3, seed, bond_lengths)
+    counts = composition_for_counts(mapping, molecules) if molecules is not None else \
+        composition_for_pairs(mapping, int(pairs))
+    return CGSystem.packed(mapping, counts, density_kg_m3, seed, bond_lengths)
