@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .aa.stages import GPU_PLATFORMS
+from .platforms import GPU_PLATFORMS
 from .liquids import LIQUIDS_DIR, Liquid, LiquidError
 
 # Run lengths and network sizes per size: not liquid-specific. The quick size keeps the chain

@@ -176,13 +176,14 @@ def test_devices_each_job_gets():
 def test_device_index_reaches_openmm_properties():
     import openmm
 
-    from openmm_cgnn.aa.stages import platform_properties as aa_properties
-    from openmm_cgnn.openmm.simulation import SimulationError, platform_properties
+    from openmm_cgnn.platforms import PlatformError, platform_properties
 
-    assert aa_properties("CUDA", 2) == {"Precision": "mixed", "DeviceIndex": "2"}
-    assert aa_properties("CUDA") == {"Precision": "mixed"} and aa_properties("CPU") == {}
-    with pytest.raises(SimulationError, match="--device-index"):
+    assert platform_properties("CUDA", 2) == {"Precision": "mixed", "DeviceIndex": "2"}
+    assert platform_properties("CUDA") == {"Precision": "mixed"} and platform_properties("CPU") == {}
+    with pytest.raises(PlatformError, match="--device-index"):
         platform_properties(openmm.Platform.getPlatformByName("CPU"), 1)
+    with pytest.raises(PlatformError, match="--device-index"):
+        platform_properties("CUDA", -1)
 
 
 def test_run_bmim_is_the_driver(tmp_path):

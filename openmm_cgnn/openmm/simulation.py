@@ -392,6 +392,10 @@ class CGRun:
         and its cause there (when the disk still takes one); the old run of --overwrite stays put.
         """
         platform = choose_platform(self.config.platform)  # a bad --platform fails before anything is written
+        try:
+            platform_properties(platform, self.config.device_index)  # and so does --device-index without a GPU
+        except PlatformError as exc:
+            raise SimulationError(str(exc)) from None
         self._open_output()
         try:
             result = self._run(platform)
