@@ -208,7 +208,7 @@ class SingleRun:
         try:
             write_json_atomic(self.dir / "summary.json", {
                 "kind": "aa", "status": f"failed: {type(exc).__name__}", "error": cause,
-                "n_pairs": self.s.n_pairs, "temperature_K": self.s.temperature_K})
+                **self.s.unit_counts(), "composition": self.s.composition, "temperature_K": self.s.temperature_K})
         except OSError:
             pass  # a full disk may refuse even this; the exception still says what failed
 
