@@ -180,3 +180,27 @@ def test_force_map_fitted_for_other_masses_is_refused(tmp_path):
         apply_mapping(fitted, frames, force_map="optimal")
     assert collect_force_samples(gaussian_mapping(), [read_frames(tmp_path / "run")])["GAU"].n_samples == 12
     assert mean_squared_force(np.zeros((2, 6)), collect_force_samples(gaussian_mapping(), [read_frames(tmp_path / "run")])["GAU"]) == 0.0
+
+
+def test_training_uses_the_optimal_map_by_default_and_sum_on_request(tmp_path, capsys):
+    from mapping_toys import trimer, write_toy_run
+
+    from openmm_cgnn.cli import main
+
+    run = write_toy_run(tmp_path / "run", [(trimer(), 8)], n_frames=12, seed=5, box_nm=2.0)
+    beads = [Bead("A", ["A1", "A2", "A3", "HA"]), Bead("B", ["B1", "B2", "B3"]), Bead("C", ["C1", "C2", "C3", "HC"])]
+    old = Mapping(residues={"TRI": ResidueMapping(atoms=trimer().atoms, beads=beads, bead_bonds=[(0, 1), (1, 2)])}).to_dict()
+    old["format"] = "openmm_cgnn.mapping/1"
+    (tmp_path / "mapping.json").write_text(json.dumps(old))
+    common = ["train", "--data", str(run), "--mapping", str(tmp_path / "mapping.json"), "--quick", "--epochs", "1",
+              "--no-progress", "--device", "cpu", "--model-option", "features=8", "inter_cutoff_nm=0.6"]
+    assert main([*common, "--out", str(tmp_path / "optimal")]) == 0
+    assert "has no force map: fitted the optimal one" in capsys.readouterr().out
+    assert main([*common, "--out", str(tmp_path / "sum"), "--force-map", "sum"]) == 0
+    results = {}
+    for name in ("optimal", "sum"):
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["data"]["force_map"] == name and metrics["train_config"]["force_map"] == name
+        results[name] = metrics["baselines"]["constant_per_type"]["train"]["overall"]["force_rms"]
+    assert Mapping.load(tmp_path / "optimal").has_force_map and not Mapping.load(tmp_path / "sum").has_force_map
+    assert results["optimal"] < results["sum"]  # the optimal labels are the quieter ones

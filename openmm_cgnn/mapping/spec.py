@@ -224,7 +224,7 @@ class CGFrames:
     residue_name: list[str]  # (M,)
     masses: np.ndarray  # (M,) amu
     bonds: np.ndarray  # (K, 2) int64
-    force_map: str = "sum"  # how AA forces became bead forces ("sum" or "optimal"); CG runs: "sum" (their own)
+    force_map: str = "sum"  # how AA forces became bead forces: "sum", "optimal"; "cg" for a CG run's own forces
 
     @property
     def n_frames(self) -> int:
@@ -260,7 +260,7 @@ class CGFrames:
         for k, part in enumerate(parts[1:], start=1):
             if not first.same_topology(part):
                 raise MappingError(f"CG frames part {k} has a different CG topology from part 0 (bead types or molecules differ)")
-            if part.force_map != first.force_map:
+            if part.force_map != first.force_map and part.forces is not None and first.forces is not None:
                 raise MappingError(f"CG frames part {k} has forces from the {part.force_map!r} force map, part 0 from "
                                    f"the {first.force_map!r} one: labels of different maps do not mix")
         has_forces = all(p.forces is not None for p in parts)
@@ -477,6 +477,7 @@ def cg_frames_from_cg_run(mapping: Mapping, frames: Frames) -> CGFrames:
         residue_name=residue_name,
         masses=top.mass.copy(),
         bonds=np.array(bonds, dtype=np.int64).reshape(-1, 2),
+        force_map="cg",
     )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..frames import evenly_spaced
-from .data import TrainingData, TrainingDataError, load_training_data
+from .data import TrainingData, TrainingDataError, load_training_data, with_force_map
 from .metrics import constant_model_errors, mean_force_per_type, plot_loss_curve, write_json_atomic
 from .trainer import CHECKPOINT, OUTPUT_FILES, TrainConfig, Trainer, TrainingError, resolve_device
 
@@ -208,8 +208,15 @@ def train(
         mapping = Mapping.load(mapping_path)
     except MappingError as exc:
         raise TrainingDataError(str(exc)) from exc
+    if config.force_map == "optimal":
+        mapping, force_report = with_force_map(data_paths, mapping, max_frames=config.max_frames)
+        for name, entry in force_report.items():
+            print(f"{mapping_path} has no force map: fitted the optimal one on the --data runs; {name}: mean squared "
+                  f"mapped force {entry['mean_squared_force_optimal']:.4g} (summed map "
+                  f"{entry['mean_squared_force_sum']:.4g}) (kJ/mol/nm)^2", flush=True)
     data = load_training_data(data_paths, mapping, max_frames=config.max_frames,
-                              validation_fraction=config.validation_fraction, n_blocks=config.n_blocks)
+                              validation_fraction=config.validation_fraction, n_blocks=config.n_blocks,
+                              force_map=config.force_map)
     if list(data.train.bead_type_names) != mapping.bead_type_names:
         raise TrainingDataError(f"{mapping_path}: bead types differ from those of the data")
 

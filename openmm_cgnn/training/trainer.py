@@ -56,6 +56,7 @@ class TrainConfig:
     max_frames: int | None = None
     use_temperature: bool = False
     quick: bool = False
+    force_map: str = "optimal"  # how AA forces become labels: "optimal" (mapping/forcemap.py) or "sum"
 
     # Fields that may differ between an interrupted run and its resumption.
     RESUMABLE_CHANGES = ("epochs", "device", "early_stopping_patience")
