@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how all-atom forces become bead forces: the mapping's statistically optimal force map "
                              "(fitted on --data when mapping.json has none) or each bead's atoms summed "
                              f"(default {defaults.force_map})")
+    parser.add_argument("--prior-form", choices=["tabulated", "harmonic"], default=defaults.prior_form,
+                        help="bond and angle priors: tabulated Boltzmann inversions (can hold several wells) or "
+                             f"harmonic wells (default {defaults.prior_form})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -116,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         early_stopping_patience=args.patience,
         quick=args.quick,
         force_map=args.force_map,
+        prior_form=args.prior_form,
     )
     try:
         metrics = train(args.data, args.mapping, args.out, config, model_overrides=overrides, resume=args.resume,

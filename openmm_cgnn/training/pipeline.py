@@ -71,7 +71,7 @@ def _sizing_sample(data: TrainingData, use_temperature: bool) -> dict[str, torch
 
 
 def build_model(data: TrainingData, quick: bool, use_temperature: bool, seed: int,
-                overrides: dict[str, Any] | None = None):
+                overrides: dict[str, Any] | None = None, prior_form: str = "tabulated"):
     """Fit the priors on the training frames and build a CGModel sized for this data.
 
     Two settings come from the data: the pair capacity (densest frame plus head-room) and the
@@ -91,7 +91,7 @@ def build_model(data: TrainingData, quick: bool, use_temperature: bool, seed: in
         warnings.warn("the 1/T input is enabled but all frames share one temperature: it cannot be learned from them")
 
     try:
-        prior = fit_priors(train, cutoff_nm=config.inter_cutoff_nm)
+        prior = fit_priors(train, cutoff_nm=config.inter_cutoff_nm, bonded_form=prior_form)
     except ValueError as exc:
         raise TrainingDataError(f"fitting the priors to the training data failed: {exc}") from exc
     # prior.json rounds the parameters; train with exactly what is saved, so a resumed or reloaded
@@ -232,7 +232,7 @@ def train(
         trainer = Trainer(model, data, config, device)
         trainer.load_resume_state(saved["train_state"], saved["optimizer"], saved["state_dict"])
     else:
-        model = build_model(data, config.quick, config.use_temperature, config.seed, model_overrides)
+        model = build_model(data, config.quick, config.use_temperature, config.seed, model_overrides, config.prior_form)
         trainer = Trainer(model, data, config, device)
     # Only now, with data and model known to be usable, is anything in MODELDIR replaced.
     prepare_output_dir(out_dir, resume)
