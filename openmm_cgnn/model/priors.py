@@ -502,11 +502,13 @@ def boltzmann_table(values: np.ndarray, kT: float, jacobian, grid: np.ndarray, w
                     low_percentile: float = 0.1) -> np.ndarray:
     """-kT ln(P(x)/J(x)) on ``grid``, with harmonic walls where the samples are too few.
 
-    P is a kernel density (histogram on a fine grid, Gaussian-smoothed with half Silverman's
-    bandwidth, which keeps two wells apart) evaluated inside the sampled range (the
-    ``low_percentile`` to 100 - ``low_percentile`` percentiles of the samples). Beyond it each side
-    continues from the last inside grid point with that point's outward slope (never pulling
-    outward) plus ``wall_k``/2 d^2. The minimum is shifted to 0.
+    P/J is estimated as a kernel ratio: Gaussian-smoothed counts over Gaussian-smoothed Jacobian
+    volume of fine bins (half Silverman's bandwidth, which keeps two wells apart). Smoothing P
+    before dividing by J would inflate P/J where J vanishes (sin theta at pi). It is evaluated inside
+    the sampled range (the ``low_percentile`` to 100 - ``low_percentile`` percentiles); beyond it each
+    side continues from the last inside grid point with that point's outward slope (never pulling
+    outward) plus ``wall_k``/2 d^2. Bins stay within the grid, the variable's domain for angles.
+    The minimum is shifted to 0.
     """
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
@@ -515,23 +517,26 @@ def boltzmann_table(values: np.ndarray, kT: float, jacobian, grid: np.ndarray, w
     std = max(float(values.std()), spacing)
     bandwidth = max(0.5 * 1.06 * std * len(values) ** -0.2, spacing)
     fine = bandwidth / 4.0
-    edges = np.arange(low - 5 * bandwidth, high + 5 * bandwidth + fine, fine)
-    counts, edges = np.histogram(values, edges)
-    kernel_x = np.arange(-16, 17) * fine
-    kernel = np.exp(-0.5 * (kernel_x / bandwidth) ** 2)
-    density = np.convolve(counts.astype(np.float64), kernel / kernel.sum(), mode="same")
+    start, stop = max(low - 5 * bandwidth, float(grid[0])), min(high + 5 * bandwidth, float(grid[-1]))
+    edges = np.linspace(start, stop, max(int(np.ceil((stop - start) / fine)), 8) + 1)
+    counts = np.histogram(values, edges)[0].astype(np.float64)
+    volume = (jacobian(edges[:-1]) + 4.0 * jacobian(0.5 * (edges[1:] + edges[:-1])) + jacobian(edges[1:])) / 6.0
+    volume = volume * np.diff(edges)
+    offsets = np.arange(-16, 17) * (edges[1] - edges[0])
+    kernel = np.exp(-0.5 * (offsets / bandwidth) ** 2)
+    smooth_counts = np.convolve(counts, kernel, mode="same")
+    smooth_volume = np.convolve(volume, kernel, mode="same")
     centres = 0.5 * (edges[1:] + edges[:-1])
     inside = np.flatnonzero((grid >= low) & (grid <= high))
-    weight = jacobian(grid[inside])
-    prob = np.interp(grid[inside], centres, density)
-    usable = (prob > 0) & (weight > 0)
-    inside, weight, prob = inside[usable], weight[usable], prob[usable]
+    ratio = np.interp(grid[inside], centres, smooth_counts) / np.interp(grid[inside], centres, smooth_volume)
+    usable = np.isfinite(ratio) & (ratio > 0)
+    inside, ratio = inside[usable], ratio[usable]
     energy = np.empty(len(grid))
     if len(inside) < 4:  # too narrow a distribution for the grid: a harmonic well at the mean
         energy[:] = 0.5 * (kT / std**2) * (grid - values.mean()) ** 2
         return energy - energy.min()
     first, last = inside[0], inside[-1]
-    energy[first:last + 1] = np.interp(grid[first:last + 1], grid[inside], -kT * np.log(prob / weight))
+    energy[first:last + 1] = np.interp(grid[first:last + 1], grid[inside], -kT * np.log(ratio))
     slope_low = min(0.0, (energy[first + 1] - energy[first]) / spacing)
     slope_high = max(0.0, (energy[last] - energy[last - 1]) / spacing)
     below, above = grid[:first] - grid[first], grid[last + 1:] - grid[last]
