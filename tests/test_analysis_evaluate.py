@@ -129,7 +129,16 @@ def test_too_short_runs_are_not_converged(tmp_path):
 def test_verdict_against_the_targets(evaluated):
     _, metrics = evaluated
     verdict = metrics["verdict"]
-    assert verdict["targets"] == {"Ea_relative": 0.15, "rdf_error": 0.05}
+    assert verdict["targets"] == {"Ea_relative": 0.15, "rdf_error": 0.05, "bonded_tv": 0.05}
+    for name, judged in verdict["bonded"].items():  # every bond and angle type, its worst temperature
+        group = judged["kind"] + "s"
+        assert judged["worst_tv"] == max(s[group][name]["error"] for s in metrics["structure"].values())
+    # Bonded total-variation differences: met, missed, and within two noise floors (not resolved).
+    for tv, floor, status in ((0.03, 0.01, "met"), (0.09, 0.02, "missed"), (0.09, 0.05, "not resolved")):
+        fake = {"arrhenius": {}, "rdf": {}, "structure": {"400": {"angles": {"R:A-B-C": {"error": tv, "noise_floor": floor}}},
+                                                          "500": {"angles": {"R:A-B-C": {"error": tv / 2, "noise_floor": floor}}}}}
+        judged = target_verdict(fake, EvaluationSettings())["bonded"]["R:A-B-C"]
+        assert (judged["status"], judged["temperature"], judged["kind"]) == (status, "400", "angle")
     for species in COUNTS:  # the synthetic CG activation energies are 33-40% below AA's
         judged = verdict["Ea"][species]
         assert judged["status"] == "missed"

@@ -56,6 +56,8 @@ class EvaluationSettings:
     # The verdict's targets: |E_a(CG) / E_a(AA) - 1| and the worst RDF error must stay under these.
     target_ea_relative: float = 0.15
     target_rdf_error: float = 0.05
+    # ... and the worst total-variation difference of a bond or angle distribution (CG vs mapped AA).
+    target_bonded_tv: float = 0.05
 
 
 @dataclass
@@ -296,8 +298,10 @@ def compare_bonded(aa: Run, cg: Run) -> tuple[dict, dict, dict]:
     angles = {k: compare_distributions(bond_angles(aa.cg, v), bond_angles(cg.cg, angles_cg[k]))
               for k, v in angles_aa.items()}
     metrics = {
-        "bonds": {k: {"mean_nm": c.mean, "std_nm": c.std, "error": c.error} for k, c in bonds.items()},
-        "angles": {k: {"mean_deg": c.mean, "std_deg": c.std, "error": c.error} for k, c in angles.items()},
+        "bonds": {k: {"mean_nm": c.mean, "std_nm": c.std, "error": c.error, "noise_floor": c.noise_floor}
+                  for k, c in bonds.items()},
+        "angles": {k: {"mean_deg": c.mean, "std_deg": c.std, "error": c.error, "noise_floor": c.noise_floor}
+                   for k, c in angles.items()},
     }
     return metrics, bonds, angles
 
@@ -382,7 +386,8 @@ def target_verdict(metrics: dict, settings: EvaluationSettings) -> dict:
     resolved", not "missed", so a user knows to sample more rather than retrain.
     """
     verdict: dict[str, Any] = {"targets": {"Ea_relative": settings.target_ea_relative,
-                                           "rdf_error": settings.target_rdf_error}, "Ea": {}, "rdf": {}}
+                                           "rdf_error": settings.target_rdf_error,
+                                           "bonded_tv": settings.target_bonded_tv}, "Ea": {}, "rdf": {}, "bonded": {}}
     for species, entry in metrics["arrhenius"].items():
         difference = entry.get("Ea_relative_difference")
         if difference is None:
@@ -411,6 +416,19 @@ def target_verdict(metrics: dict, settings: EvaluationSettings) -> dict:
             status = "not resolved"
         verdict["rdf"][group] = {"status": status, "worst_error": error, "noise_floor": floor, "pair": pair,
                                  "temperature": key, "max_noise_floor": max(c[1] for c in cases)}
+    # Per bond and angle type: the worst total-variation difference over the temperatures.
+    for group in ("bonds", "angles"):
+        for key, bonded in metrics.get("structure", {}).items():
+            for name, m in bonded.get(group, {}).items():
+                worst = verdict["bonded"].get(name)
+                if worst is None or m["error"] > worst["worst_tv"]:
+                    verdict["bonded"][name] = {"kind": group[:-1], "worst_tv": m["error"], "temperature": key,
+                                               "noise_floor": m.get("noise_floor", 0.0)}
+    for entry in verdict["bonded"].values():
+        if entry["worst_tv"] <= settings.target_bonded_tv:
+            entry["status"] = "met"
+        else:
+            entry["status"] = "missed" if entry["worst_tv"] > RESOLVED_OVER_NOISE * entry["noise_floor"] else "not resolved"
     return verdict
 
 

@@ -111,6 +111,10 @@ def _summary(metrics: dict[str, Any]) -> list[str]:
             status += " " + notes.mark(f"the error is within a few counting-noise floors ({_pct(judged['noise_floor'])}):"
                                        " sample more frames or a larger box to decide")
         rows.append([f"worst RDF error, {label}", value, f"under {_pct(targets.get('rdf_error'))}", status])
+    for name, judged in verdict.get("bonded", {}).items():
+        rows.append([f"{judged['kind']} {name}: total-variation difference", f"{_pct(judged['worst_tv'])} "
+                     f"(at {judged['temperature']} K; noise floor {_pct(judged['noise_floor'])})",
+                     f"under {_pct(targets.get('bonded_tv'))}", _VERDICT_WORDS[judged["status"]]])
     return ["## Summary", ""] + _table(["quantity", "value", "target", "verdict"], rows) + notes.lines()
 
 
@@ -206,11 +210,12 @@ def _structure(metrics: dict[str, Any], plots: set[str]) -> list[str]:
     for key, bonded in metrics["structure"].items():
         for group, unit, fmt in (("bonds", "nm", ".3f"), ("angles", "deg", ".1f")):
             for name, m in bonded[group].items():
-                rows.append([name, key, _spread(m, unit, "aa", fmt), _spread(m, unit, "cg", fmt), _pct(m["error"])])
+                rows.append([name, key, _spread(m, unit, "aa", fmt), _spread(m, unit, "cg", fmt), _pct(m["error"]),
+                             _pct(m.get("noise_floor"))])
     if rows:
         out += ["Bond and angle distributions (mean ± standard deviation; difference = total-variation "
-                "distance):", ""]
-        out += _table(["term", "T (K)", "AA (mapped)", "CG", "difference"], rows)
+                "distance; noise floor = that distance between the two time halves of the AA sample):", ""]
+        out += _table(["term", "T (K)", "AA (mapped)", "CG", "difference", "noise floor"], rows)
     for prefix in ("rdf_com_", "rdf_bead_", "bonds_", "angles_"):
         out += [f"![{name[:-4]}]({name})" for name in sorted(plots) if name.startswith(prefix)]
     return out + [""]

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="verdict: CG activation energy within this fraction of AA's (default 0.15)")
     parser.add_argument("--target-rdf-error", type=float, default=0.05, metavar="FRACTION",
                         help="verdict: worst RDF error under this (default 0.05)")
+    parser.add_argument("--target-bonded-tv", type=float, default=0.05, metavar="FRACTION",
+                        help="verdict: total-variation difference of each bond and angle distribution under this "
+                             "(default 0.05)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines and no closing summary line")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a report directory that evaluate wrote before (never any other directory)")
@@ -66,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--start-ps must be >= 0, got {args.start_ps}")
     if args.rdf_max_frames < 1 or args.rdf_bin_nm <= 0:
         raise CLIError("--rdf-max-frames and --rdf-bin-nm must be positive")
-    for flag, value in (("--target-ea", args.target_ea), ("--target-rdf-error", args.target_rdf_error)):
+    for flag, value in (("--target-ea", args.target_ea), ("--target-rdf-error", args.target_rdf_error),
+                        ("--target-bonded-tv", args.target_bonded_tv)):
         if not value > 0:
             raise CLIError(f"{flag} must be a positive fraction, got {value}")
     settings = EvaluationSettings(
@@ -75,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         viscosity_pa_s=_viscosity(args.viscosity_pa_s, "--viscosity-pa-s"),
         cg_viscosity_pa_s=_viscosity(args.cg_viscosity_pa_s, "--cg-viscosity-pa-s"),
         target_ea_relative=args.target_ea, target_rdf_error=args.target_rdf_error,
+        target_bonded_tv=args.target_bonded_tv,
     )
     log = None if args.quiet else (lambda message: print(message, file=sys.stderr))
     try:

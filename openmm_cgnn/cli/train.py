@@ -51,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-option", nargs="+", default=[], metavar="NAME=VALUE",
                         help="override a network hyper-parameter of the --quick or reference size, e.g. "
                              "features=64 filters=64 inter_cutoff_nm=0.9 (names as in hparams.json)")
+    parser.add_argument("--force-map", choices=["optimal", "sum"], default=defaults.force_map,
+                        help="how all-atom forces become bead forces: the mapping's statistically optimal force map "
+                             "(fitted on --data when mapping.json has none) or each bead's atoms summed "
+                             f"(default {defaults.force_map})")
+    parser.add_argument("--prior-form", choices=["tabulated", "harmonic"], default=defaults.prior_form,
+                        help="bond and angle priors: tabulated Boltzmann inversions (can hold several wells) or "
+                             f"harmonic wells (default {defaults.prior_form})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -116,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         use_temperature=args.temperature_input,
         early_stopping_patience=args.patience,
         quick=args.quick,
+        force_map=args.force_map,
+        prior_form=args.prior_form,
     )
     try:
         metrics = train(args.data, args.mapping, args.out, config, model_overrides=overrides, resume=args.resume,

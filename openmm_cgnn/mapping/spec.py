@@ -1,8 +1,10 @@
 """What a CG mapping is, its file (``mapping.json``), and how it turns runs into CG frames.
 
 A mapping assigns every atom of each residue (molecule) type to exactly one bead. Bead positions are
-centres of mass, bead forces are sums of atomic forces, bead masses sums of atomic masses: the
-choices under which mapped instantaneous forces are the right target for force matching.
+centres of mass and bead masses sums of atomic masses. Bead forces are a linear force map of the
+atomic forces: the summed map (each bead's own atoms), or a residue's stored force map (weights
+over all its atoms, ``forcemap.py``: the statistically optimal one). Any map with ``B M^T = I`` for
+the position map M makes mapped instantaneous forces the right target for force matching.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import numpy as np
 
 from ..frames import Frames, FramesError, read_frames
 
-FORMAT = "openmm_cgnn.mapping/1"
+FORMAT = "openmm_cgnn.mapping/2"
+# Version 1 had no force maps; it reads as a mapping whose residues all use the summed map.
+READABLE_FORMATS = ("openmm_cgnn.mapping/1", FORMAT)
 
 
 class MappingError(ValueError):
@@ -35,11 +39,17 @@ class Bead:
 
 @dataclass
 class ResidueMapping:
-    """The beads of one residue type; ``atoms`` is the residue template's atom order."""
+    """The beads of one residue type; ``atoms`` is the residue template's atom order.
+
+    ``force_weights`` (beads x atoms, columns in ``atoms`` order) is the residue's force map when one
+    was fitted; ``force_map_info`` says how it compares with the summed map on its samples.
+    """
 
     atoms: list[str]
     beads: list[Bead]
     bead_bonds: list[tuple[int, int]] = field(default_factory=list)
+    force_weights: np.ndarray | None = None
+    force_map_info: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, residue: str, source: str = "mapping") -> None:
         where = f"{source}: residue '{residue}'"
@@ -66,6 +76,12 @@ class ResidueMapping:
         for i, j in self.bead_bonds:
             if not (0 <= i < len(self.beads) and 0 <= j < len(self.beads)) or i == j:
                 raise MappingError(f"{where}: 'bead_bonds' entry {[i, j]} is not a pair of bead indices")
+        if self.force_weights is not None:
+            weights = np.asarray(self.force_weights, dtype=np.float64)
+            if weights.shape != (len(self.beads), len(self.atoms)) or not np.all(np.isfinite(weights)):
+                raise MappingError(f"{where}: 'force_map.weights' must be a finite {len(self.beads)} x {len(self.atoms)} "
+                                   f"matrix (beads x atoms), got shape {weights.shape}")
+            self.force_weights = weights
 
     def atom_to_bead(self) -> dict[str, int]:
         return {atom: k for k, bead in enumerate(self.beads) for atom in bead.atoms}
@@ -120,23 +136,33 @@ class Mapping:
             offset += len(rm.beads)
         raise MappingError(f"mapping has no residue '{residue}' (it has {list(self.residues)})")
 
+    @property
+    def has_force_map(self) -> bool:
+        """Every residue carries a stored force map."""
+        return all(rm.force_weights is not None for rm in self.residues.values())
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "residues": {
-                name: {
-                    "atoms": list(rm.atoms),
-                    "beads": [{"name": b.name, "atoms": list(b.atoms), "mass": round(float(b.mass), 6)} for b in rm.beads],
-                    "bead_bonds": [list(map(int, b)) for b in rm.bead_bonds],
-                }
-                for name, rm in self.residues.items()
-            },
-            "training": self.training,
-        }
+        residues = {}
+        for name, rm in self.residues.items():
+            residues[name] = {
+                "atoms": list(rm.atoms),
+                "beads": [{"name": b.name, "atoms": list(b.atoms), "mass": round(float(b.mass), 6)} for b in rm.beads],
+                "bead_bonds": [list(map(int, b)) for b in rm.bead_bonds],
+            }
+            if rm.force_weights is not None:
+                # Full float64 precision (repr) so B M^T = I holds exactly after a round trip.
+                residues[name]["force_map"] = {"weights": [[float(w) for w in row] for row in rm.force_weights],
+                                               **rm.force_map_info}
+        return {"format": FORMAT, "residues": residues, "training": self.training}
 
     def sha256(self) -> str:
-        """Hash of what defines the CG system (residues, atoms, beads), not of training notes."""
-        canonical = json.dumps(self.to_dict()["residues"], sort_keys=True, separators=(",", ":"))
+        """Hash of what defines the CG system (residues, atoms, beads), not of training notes.
+
+        The force map only changes training labels, not the CG system, so it is left out: a model
+        keeps the hash of the same mapping with or without one (and of its version-1 file).
+        """
+        residues = {name: {k: v for k, v in rd.items() if k != "force_map"} for name, rd in self.to_dict()["residues"].items()}
+        canonical = json.dumps(residues, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def save(self, path: str | Path) -> Path:
@@ -148,8 +174,8 @@ class Mapping:
     def from_dict(cls, data: dict[str, Any], source: str = "mapping") -> "Mapping":
         if not isinstance(data, dict):
             raise MappingError(f"{source}: expected a JSON object with 'format' and 'residues', got {type(data).__name__}")
-        if data.get("format") != FORMAT:
-            raise MappingError(f"{source}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
+        if data.get("format") not in READABLE_FORMATS:
+            raise MappingError(f"{source}: field 'format' is {data.get('format')!r}, expected one of {list(READABLE_FORMATS)}")
         if not isinstance(data.get("residues"), dict) or not data["residues"]:
             raise MappingError(f"{source}: field 'residues' must be a non-empty object")
         residues = OrderedDict()
@@ -158,8 +184,12 @@ class Mapping:
                 if not isinstance(rd, dict) or not isinstance(rd["beads"], list) or not isinstance(rd["atoms"], list):
                     raise TypeError("'atoms' and 'beads' must be lists")
                 beads = [Bead(name=str(b["name"]), atoms=list(b["atoms"]), mass=float(b.get("mass", 0.0))) for b in rd["beads"]]
+                force_map = dict(rd.get("force_map") or {})
+                weights = force_map.pop("weights", None)
                 rm = ResidueMapping(
-                    atoms=list(rd["atoms"]), beads=beads, bead_bonds=[tuple(map(int, b)) for b in rd.get("bead_bonds", [])]
+                    atoms=list(rd["atoms"]), beads=beads, bead_bonds=[tuple(map(int, b)) for b in rd.get("bead_bonds", [])],
+                    force_weights=None if weights is None else np.array(weights, dtype=np.float64),
+                    force_map_info=force_map,
                 )
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise MappingError(f"{source}: residue '{name}' is missing or has a bad field ({exc})") from exc
@@ -202,6 +232,7 @@ class CGFrames:
     residue_name: list[str]  # (M,)
     masses: np.ndarray  # (M,) amu
     bonds: np.ndarray  # (K, 2) int64
+    force_map: str = "sum"  # how AA forces became bead forces: "sum", "optimal"; "cg" for a CG run's own forces
 
     @property
     def n_frames(self) -> int:
@@ -237,6 +268,9 @@ class CGFrames:
         for k, part in enumerate(parts[1:], start=1):
             if not first.same_topology(part):
                 raise MappingError(f"CG frames part {k} has a different CG topology from part 0 (bead types or molecules differ)")
+            if part.force_map != first.force_map and part.forces is not None and first.forces is not None:
+                raise MappingError(f"CG frames part {k} has forces from the {part.force_map!r} force map, part 0 from "
+                                   f"the {first.force_map!r} one: labels of different maps do not mix")
         has_forces = all(p.forces is not None for p in parts)
         return replace(
             first,
@@ -310,14 +344,33 @@ def _check_bead_mass(mapping: Mapping, residue: str, bead: Bead, run_mass: float
                            f"weigh {run_mass:g} amu in {path}; the mapping does not belong to these runs")
 
 
-def _bead_matrices(mapping: Mapping, frames: Frames) -> tuple[Any, Any, list[int], list[int], list[str], list[str], np.ndarray]:
-    """Sparse (M, N) matrices for centre of mass and force sum, plus per-bead bookkeeping."""
+def _resolve_force_map(mapping: Mapping, force_map: str | None, source: Any) -> bool:
+    """True when the stored per-residue force maps are used, False for the summed map."""
+    if force_map is None:
+        return mapping.has_force_map
+    if force_map == "sum":
+        return False
+    if force_map == "optimal":
+        if not mapping.has_force_map:
+            lacking = [name for name, rm in mapping.residues.items() if rm.force_weights is None]
+            raise MappingError(f"{source}: the mapping has no stored force map for residue(s) {lacking} "
+                               "(a version-1 mapping.json? fit one with mapping.forcemap.fit_force_map)")
+        return True
+    raise MappingError(f"force map must be 'optimal' or 'sum', got {force_map!r}")
+
+
+def _bead_matrices(mapping: Mapping, frames: Frames, stored_force_map: bool = False):
+    """Sparse (M, N) matrices for centre of mass, bead membership and the force map, plus per-bead bookkeeping."""
     from scipy import sparse
+
+    from .forcemap import position_map
 
     top = frames.topology
     rows, cols, weights = [], [], []
+    force_rows, force_cols, force_weights = [], [], []
     bead_type, molecule, bead_name, residue_name, bonds = [], [], [], [], []
     masses = top.mass
+    checked: set[str] = set()
     n_beads = 0
     for res in range(top.n_residues):
         atoms = top.residue_atoms(res)
@@ -333,6 +386,14 @@ def _bead_matrices(mapping: Mapping, frames: Frames) -> tuple[Any, Any, list[int
                 f"{frames.path}: residue '{name}' (index {res}) has atoms {sorted(names)}, the mapping expects {sorted(rm.atoms)}"
             )
         index_of = dict(zip(names, atoms))
+        molecule_atoms = np.array([index_of[a] for a in rm.atoms])
+        if stored_force_map and name not in checked:
+            # The stored map was fitted for some atom masses; it is unbiased only if B M^T = I for these.
+            product = rm.force_weights @ position_map(rm, masses[molecule_atoms]).T
+            if not np.allclose(product, np.eye(len(rm.beads)), atol=1e-5):
+                raise MappingError(f"{frames.path}: residue '{name}': the mapping's force map does not satisfy B M^T = I "
+                                   "with this run's atom masses (fitted on other data?)")
+            checked.add(name)
         first_bead = n_beads
         for k, bead in enumerate(rm.beads):
             idx = np.array([index_of[a] for a in bead.atoms])
@@ -340,6 +401,10 @@ def _bead_matrices(mapping: Mapping, frames: Frames) -> tuple[Any, Any, list[int
             rows += [n_beads] * len(idx)
             cols += list(idx)
             weights += list(masses[idx])
+            if stored_force_map:
+                force_rows += [n_beads] * len(molecule_atoms)
+                force_cols += list(molecule_atoms)
+                force_weights += list(rm.force_weights[k])
             bead_type.append(mapping.bead_type_index(name, k))
             molecule.append(res)
             bead_name.append(bead.name)
@@ -353,19 +418,27 @@ def _bead_matrices(mapping: Mapping, frames: Frames) -> tuple[Any, Any, list[int
     if np.any(bead_mass <= 0):
         raise MappingError(f"{frames.path}: a bead has zero total mass (atom masses missing from the topology?)")
     com = sparse.diags(1.0 / bead_mass) @ mass_w
+    force = sparse.csr_matrix((force_weights, (force_rows, force_cols)), shape=(n_beads, n)) if stored_force_map else member
     molecule_index = np.unique(np.array(molecule), return_inverse=True)[1]
-    return com, member, bead_type, list(molecule_index), bead_name, residue_name, np.array(bonds, dtype=np.int64).reshape(-1, 2)
+    return (com, member, force, bead_type, list(molecule_index), bead_name, residue_name,
+            np.array(bonds, dtype=np.int64).reshape(-1, 2))
 
 
-def apply_mapping(mapping: Mapping, frames: Frames) -> CGFrames:
-    """Map all-atom frames to beads: centre-of-mass positions, summed forces, summed masses."""
-    com, member, bead_type, molecule_index, bead_name, residue_name, bonds = _bead_matrices(mapping, frames)
+def apply_mapping(mapping: Mapping, frames: Frames, force_map: str | None = None) -> CGFrames:
+    """Map all-atom frames to beads: centre-of-mass positions, mapped forces, summed masses.
+
+    ``force_map``: ``"optimal"`` (the mapping's stored force map; an error if it has none),
+    ``"sum"`` (each bead's atoms summed) or None (the stored map when the mapping has one, else the sum).
+    """
+    stored = _resolve_force_map(mapping, force_map, frames.path)
+    com, member, force_matrix, bead_type, molecule_index, bead_name, residue_name, bonds = \
+        _bead_matrices(mapping, frames, stored)
     top = frames.topology
     whole = make_molecules_whole(frames.positions, frames.box, top.residue_index, top.bonds)
     positions = _sparse_apply(com, whole)
     forces = None
     if frames.forces is not None:
-        forces = _sparse_apply(member, frames.forces.astype(np.float64)).astype(np.float32)
+        forces = _sparse_apply(force_matrix, frames.forces.astype(np.float64)).astype(np.float32)
     return CGFrames(
         positions=positions.astype(np.float32),
         forces=forces,
@@ -379,6 +452,7 @@ def apply_mapping(mapping: Mapping, frames: Frames) -> CGFrames:
         residue_name=residue_name,
         masses=np.asarray(member @ top.mass).ravel(),
         bonds=bonds,
+        force_map="optimal" if stored else "sum",
     )
 
 
@@ -421,14 +495,16 @@ def cg_frames_from_cg_run(mapping: Mapping, frames: Frames) -> CGFrames:
         residue_name=residue_name,
         masses=top.mass.copy(),
         bonds=np.array(bonds, dtype=np.int64).reshape(-1, 2),
+        force_map="cg",
     )
 
 
-def load_cg_frames(path_or_dir: str | Path, mapping: Mapping, **read_kw: Any) -> CGFrames:
-    """CG frames of any run: AA runs are mapped, CG runs (metadata ``kind == "cg"``) read as beads."""
+def load_cg_frames(path_or_dir: str | Path, mapping: Mapping, force_map: str | None = None, **read_kw: Any) -> CGFrames:
+    """CG frames of any run: AA runs are mapped (``force_map`` as in :func:`apply_mapping`), CG runs
+    (metadata ``kind == "cg"``) read as beads."""
     frames = read_frames(path_or_dir, **read_kw)
     if frames.kind == "cg":
         return cg_frames_from_cg_run(mapping, frames)
     if frames.kind != "aa":
         raise FramesError(f"{frames.path}: metadata 'kind' is {frames.kind!r}, expected 'aa' or 'cg'")
-    return apply_mapping(mapping, frames)
+    return apply_mapping(mapping, frames, force_map)

@@ -84,7 +84,8 @@ class SystemForce(nn.Module):
     def system(self) -> SystemTensors:
         return SystemTensors(self.bead_type, self.molecule_index, self.intra_i, self.intra_j,
                              self.bond_i, self.bond_j, self.bond_r0, self.bond_k,
-                             self.angle_i, self.angle_j, self.angle_k, self.angle_theta0, self.angle_k_theta)
+                             self.angle_i, self.angle_j, self.angle_k, self.angle_theta0, self.angle_k_theta,
+                             self.bond_entry, self.angle_entry)
 
     @torch.jit.export
     def set_temperature(self, temperature_K: float) -> None:

@@ -1,9 +1,15 @@
-"""Physical priors under the network: excluded volume, harmonic bonds and angles (``prior.json``).
+"""Physical priors under the network: excluded volume, bonds and angles (``prior.json``).
 
 The priors keep a CG simulation out of regions the training data never visited (overlapping
 beads, stretched bonds); the network learns the correction on top. Their parameters are fitted
 from mapped data by Boltzmann inversion (:func:`fit_priors`) and saved in ``prior.json``
 (format in docs/contracts.md), which the OpenMM stage can also turn into native forces.
+
+Bonds and angles come in two forms. ``harmonic``: one well, k/2 (x - x0)^2. ``tabulated``: the
+Boltzmann inversion itself, U = -kT ln[P(r)/r^2] or -kT ln[P(theta)/sin theta], smoothed on a grid
+and evaluated as a natural cubic spline (the interpolation OpenMM's Continuous1DFunction uses, so
+the native forces are the same function), with harmonic walls beyond the sampled range. Only the
+tabulated form can hold two wells, such as the butyl chain's gauche/trans angle.
 """
 
 from __future__ import annotations
@@ -23,7 +29,12 @@ from ..io import write_text_atomic
 from .geometry import pair_vectors, safe_norm
 from .system import SystemTensors, molecule_tables, residue_layout
 
-PRIOR_FORMAT = "openmm_cgnn.prior/1"
+PRIOR_FORMAT = "openmm_cgnn.prior/2"
+# Version 1 had harmonic bonds and angles only; it reads as bonded_form "harmonic".
+READABLE_PRIOR_FORMATS = ("openmm_cgnn.prior/1", PRIOR_FORMAT)
+BONDED_FORMS = ("tabulated", "harmonic")
+BOND_GRID_POINTS = 96
+ANGLE_GRID_POINTS = 181  # 1 degree spacing over [0, pi]
 MOLAR_GAS_CONSTANT = 0.00831446261815324  # kJ/mol/K
 
 
@@ -46,12 +57,105 @@ def harmonic_angle_energy(positions: Tensor, box: Tensor, index_i: Tensor, index
     """Sum of k/2 (theta - theta0)^2 per frame with theta the angle i-j-k at bead j, (B,) float64."""
     if index_i.numel() == 0:
         return torch.zeros(positions.shape[0], dtype=torch.float64, device=positions.device)
+    theta = angle_values(positions, box, index_i, index_j, index_k)
+    return (0.5 * k * (theta - theta0) ** 2).to(torch.float64).sum(-1)
+
+
+def angle_values(positions: Tensor, box: Tensor, index_i: Tensor, index_j: Tensor, index_k: Tensor) -> Tensor:
+    """Angles i-j-k at bead j (rad), (B, A); acos clamped just inside +-1 so forces stay finite when straight."""
     first = pair_vectors(positions, box, index_j, index_i)
     second = pair_vectors(positions, box, index_j, index_k)
     cosine = (first * second).sum(-1) / torch.sqrt((first * first).sum(-1) * (second * second).sum(-1))
-    # acos has an infinite slope at +-1; clamping just inside keeps forces finite for straight angles.
-    theta = torch.acos(torch.clamp(cosine, -1.0 + 1e-6, 1.0 - 1e-6))
-    return (0.5 * k * (theta - theta0) ** 2).to(torch.float64).sum(-1)
+    return torch.acos(torch.clamp(cosine, -1.0 + 1e-6, 1.0 - 1e-6))
+
+
+def spline_energy(x: Tensor, entry: Tensor, values: Tensor, second: Tensor, x_min: Tensor, spacing: Tensor,
+                  slope_low: Tensor, slope_high: Tensor, wall_k: Tensor) -> Tensor:
+    """Tabulated energies at ``x`` (B, T) for terms using tables ``entry`` (T,): the natural cubic
+    spline through ``values`` (tables, G) with second derivatives ``second``, continued beyond the
+    grid by its edge slope plus wall_k/2 d^2. Gathers only: static shapes, no host reads."""
+    points = values.shape[1]
+    low = x_min[entry].to(x.dtype)
+    step = spacing[entry].to(x.dtype)
+    high = low + step * (points - 1)
+    inside = torch.minimum(torch.maximum(x, low), high)
+    u = (inside - low) / step
+    segment = torch.clamp(torch.floor(u.detach()), 0.0, float(points - 2))
+    t = u - segment
+    flat = entry * points + segment.long()
+    y = values.reshape(-1).to(x.dtype)
+    m = second.reshape(-1).to(x.dtype)
+    s = 1.0 - t
+    energy = s * y[flat] + t * y[flat + 1] + step * step / 6.0 * ((s * s * s - s) * m[flat] + (t * t * t - t) * m[flat + 1])
+    beyond = x - inside
+    slope = torch.where(beyond < 0, slope_low[entry].to(x.dtype), slope_high[entry].to(x.dtype))
+    return energy + slope * beyond + 0.5 * wall_k[entry].to(x.dtype) * beyond * beyond
+
+
+def natural_spline_second_derivatives(values: np.ndarray, spacing: float) -> np.ndarray:
+    """Second derivatives of the natural cubic spline through equally spaced ``values`` (zero at both ends)."""
+    n = len(values)
+    second = np.zeros(n)
+    if n < 3:
+        return second
+    diagonal = np.full(n - 2, 4.0)
+    rhs = 6.0 * (values[2:] - 2.0 * values[1:-1] + values[:-2]) / (spacing * spacing)
+    # Thomas algorithm for the tridiagonal system [1 4 1] M = rhs.
+    for k in range(1, n - 2):
+        factor = 1.0 / diagonal[k - 1]
+        diagonal[k] -= factor
+        rhs[k] -= factor * rhs[k - 1]
+    inner = np.zeros(n - 2)
+    inner[-1] = rhs[-1] / diagonal[-1]
+    for k in range(n - 4, -1, -1):
+        inner[k] = (rhs[k] - inner[k + 1]) / diagonal[k]
+    second[1:-1] = inner
+    return second
+
+
+class _Tables(nn.Module):
+    """Spline tables of tabulated bonded terms, one per prior.json entry, all on G grid points."""
+
+    def __init__(self, x_min: Sequence[float], x_max: Sequence[float], energies: Sequence[Sequence[float]],
+                 wall_k: Sequence[float], kind: str):
+        super().__init__()
+        self.x_min: List[float] = [float(v) for v in x_min]
+        self.x_max: List[float] = [float(v) for v in x_max]
+        self.energies: List[List[float]] = [[float(e) for e in row] for row in energies]
+        self.wall_k: List[float] = [float(v) for v in wall_k]
+        points = {len(row) for row in self.energies}
+        if len(points) > 1 or (points and min(points) < 4):
+            raise ValueError(f"{kind}: every table needs the same number (>= 4) of energies, got {sorted(points)}")
+        n = points.pop() if points else 4
+        values = np.zeros((len(self.energies), n))
+        second = np.zeros_like(values)
+        slopes = np.zeros((len(self.energies), 2))
+        for row, (low, high, energy, wall) in enumerate(zip(self.x_min, self.x_max, self.energies, self.wall_k)):
+            energy = np.asarray(energy, dtype=np.float64)
+            if not (high > low and np.all(np.isfinite(energy)) and wall >= 0 and math.isfinite(wall)):
+                raise ValueError(f"{kind}: bad table {row}: range [{low}, {high}], wall_k {wall}, finite energies "
+                                 f"{bool(np.all(np.isfinite(energy)))}")
+            step = (high - low) / (n - 1)
+            values[row], second[row] = energy, natural_spline_second_derivatives(energy, step)
+            slopes[row] = ((energy[1] - energy[0]) / step - step * second[row, 1] / 6.0,
+                           (energy[-1] - energy[-2]) / step + step * second[row, -2] / 6.0)
+        self.register_buffer("values", torch.as_tensor(values), persistent=False)
+        self.register_buffer("second", torch.as_tensor(second), persistent=False)
+        self.register_buffer("low", torch.as_tensor(np.array(self.x_min, dtype=np.float64).reshape(-1)), persistent=False)
+        self.register_buffer("spacing", torch.as_tensor(
+            (np.array(self.x_max, dtype=np.float64) - np.array(self.x_min, dtype=np.float64)).reshape(-1) / (n - 1)),
+            persistent=False)
+        self.register_buffer("slope_low", torch.as_tensor(slopes[:, 0].copy()), persistent=False)
+        self.register_buffer("slope_high", torch.as_tensor(slopes[:, 1].copy()), persistent=False)
+        self.register_buffer("walls", torch.as_tensor(np.array(self.wall_k, dtype=np.float64).reshape(-1)), persistent=False)
+
+    def forward(self, x: Tensor, entry: Tensor) -> Tensor:
+        return spline_energy(x, entry, self.values, self.second, self.low, self.spacing, self.slope_low,
+                             self.slope_high, self.walls)
+
+    def table_dicts(self, unit: str) -> list[dict[str, Any]]:
+        return [{f"min_{unit}": low, f"max_{unit}": high, "energy_kj_mol": energy, f"wall_k_kj_mol_{unit}2": wall}
+                for low, high, energy, wall in zip(self.x_min, self.x_max, self.energies, self.wall_k)]
 
 
 class ExcludedVolumePrior(nn.Module):
@@ -142,6 +246,61 @@ class HarmonicAnglePrior(nn.Module):
                 for r, b, t, k in zip(self.residues, self.beads, self.theta0, self.k)]
 
 
+class TabulatedBondPrior(HarmonicBondPrior):
+    """Tabulated bonds: a spline table per entry over [min_nm, max_nm], harmonic walls beyond.
+
+    ``r0``/``k`` keep the entry's harmonic fit (bond lengths for packing, the harmonic carrier's
+    numbers); the energy is the table's alone.
+    """
+
+    def __init__(self, residues: Sequence[str], beads: Sequence[Sequence[int]], r0_nm: Sequence[float],
+                 k_kj_mol_nm2: Sequence[float], tables: Sequence[dict[str, Any]]):
+        super().__init__(residues, beads, r0_nm, k_kj_mol_nm2)
+        if len(tables) != len(self.residues):
+            raise ValueError("bonds: every entry needs a 'table' in the tabulated form")
+        self.tables = _Tables([t["min_nm"] for t in tables], [t["max_nm"] for t in tables],
+                              [t["energy_kj_mol"] for t in tables], [t["wall_k_kj_mol_nm2"] for t in tables], "bonds")
+        for low in self.tables.x_min:
+            if not low >= 0.0:
+                raise ValueError(f"bonds: table min_nm must be >= 0, got {low}")
+
+    def forward(self, positions: Tensor, box: Tensor, system: SystemTensors) -> Tensor:
+        if system.bond_i.numel() == 0:
+            return torch.zeros(positions.shape[0], dtype=torch.float64, device=positions.device)
+        vectors = pair_vectors(positions, box, system.bond_i, system.bond_j)
+        distance = torch.sqrt((vectors * vectors).sum(-1))
+        return self.tables(distance, system.bond_entry).to(torch.float64).sum(-1)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [dict(entry, table=table) for entry, table in zip(super().to_list(), self.tables.table_dicts("nm"))]
+
+
+class TabulatedAnglePrior(HarmonicAnglePrior):
+    """Tabulated angles: a spline table per entry over [0, pi] (walls included in the table)."""
+
+    def __init__(self, residues: Sequence[str], beads: Sequence[Sequence[int]], theta0_rad: Sequence[float],
+                 k_kj_mol_rad2: Sequence[float], tables: Sequence[dict[str, Any]]):
+        super().__init__(residues, beads, theta0_rad, k_kj_mol_rad2)
+        if len(tables) != len(self.residues):
+            raise ValueError("angles: every entry needs a 'table' in the tabulated form")
+        self.tables = _Tables([t["min_rad"] for t in tables], [t["max_rad"] for t in tables],
+                              [t["energy_kj_mol"] for t in tables], [t.get("wall_k_kj_mol_rad2", 0.0) for t in tables],
+                              "angles")
+        for low, high in zip(self.tables.x_min, self.tables.x_max):
+            # OpenMM's Continuous1DFunction is 0 outside its range: it must cover every angle.
+            if abs(low) > 1e-12 or abs(high - math.pi) > 1e-12:
+                raise ValueError(f"angles: a table must span [0, pi] rad, got [{low}, {high}]")
+
+    def forward(self, positions: Tensor, box: Tensor, system: SystemTensors) -> Tensor:
+        if system.angle_i.numel() == 0:
+            return torch.zeros(positions.shape[0], dtype=torch.float64, device=positions.device)
+        theta = angle_values(positions, box, system.angle_i, system.angle_j, system.angle_k)
+        return self.tables(theta, system.angle_entry).to(torch.float64).sum(-1)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [dict(entry, table=table) for entry, table in zip(super().to_list(), self.tables.table_dicts("rad"))]
+
+
 class PriorSet(nn.Module):
     """The three priors for one set of bead types; reads and writes ``prior.json``."""
 
@@ -170,16 +329,24 @@ class PriorSet(nn.Module):
     def cutoff_nm(self) -> float:
         return self.excluded_volume.cutoff
 
+    @property
+    def bonded_form(self) -> str:
+        """"tabulated" when the bonds or angles are tables, else "harmonic"."""
+        tabulated = isinstance(self.bonds, TabulatedBondPrior) or isinstance(self.angles, TabulatedAnglePrior)
+        return "tabulated" if tabulated else "harmonic"
+
     # ---- system terms -------------------------------------------------------------------------
     def system_terms(self, bead_type: np.ndarray, molecule_index: np.ndarray):
-        """Bond and angle terms laid onto a system: ((K,2) index, r0, k), ((A,3) index, theta0, k)."""
+        """Bond and angle terms laid onto a system: ((K,2) index, r0, k, entry), ((A,3) index, theta0, k, entry);
+        ``entry`` is each term's position in the prior's bond or angle list (its table when tabulated)."""
         if not self.bonds.residues and not self.angles.residues:
-            return ((np.zeros((0, 2), np.int64), np.zeros(0), np.zeros(0)),
-                    (np.zeros((0, 3), np.int64), np.zeros(0), np.zeros(0)))
+            return ((np.zeros((0, 2), np.int64), np.zeros(0), np.zeros(0), np.zeros(0, np.int64)),
+                    (np.zeros((0, 3), np.int64), np.zeros(0), np.zeros(0), np.zeros(0, np.int64)))
         residues, table = molecule_tables(bead_type, molecule_index, self.bead_type_names)
         residue_array = np.array(residues, dtype=object)
 
         def expand(kind: str, entries_residue, entries_beads, *values):
+            values = values + (list(range(len(entries_residue))),)
             index, expanded = [], [[] for _ in values]
             for entry, (residue, beads) in enumerate(zip(entries_residue, entries_beads)):
                 molecules = np.flatnonzero(residue_array == residue)
@@ -195,8 +362,8 @@ class PriorSet(nn.Module):
                     out.append(np.full(len(molecules), vals[entry], dtype=np.float64))
             width = 2 if kind == "bonds" else 3
             index_array = np.concatenate(index) if index else np.zeros((0, width), np.int64)
-            return (index_array.reshape(-1, width),
-                    *[np.concatenate(v) if v else np.zeros(0) for v in expanded])
+            *reals, entry = [np.concatenate(v) if v else np.zeros(0) for v in expanded]
+            return (index_array.reshape(-1, width), *reals, entry.astype(np.int64))
 
         bonds = expand("bonds", self.bonds.residues, self.bonds.beads, self.bonds.r0, self.bonds.k)
         angles = expand("angles", self.angles.residues, self.angles.beads, self.angles.theta0, self.angles.k)
@@ -228,6 +395,7 @@ class PriorSet(nn.Module):
         return {
             "format": PRIOR_FORMAT,
             "bead_type_names": list(names),
+            "bonded_form": self.bonded_form,
             "excluded_volume": {"exponent": ev.exponent, "cutoff_nm": ev.cutoff, "epsilon_kj_mol": ev.epsilon,
                                 "sigma_nm": sigma},
             "bonds": self.bonds.to_list(),
@@ -237,8 +405,11 @@ class PriorSet(nn.Module):
     @classmethod
     def from_dict(cls, data: dict[str, Any], bead_type_names: Sequence[str] | None = None,
                   source: str = "prior.json") -> "PriorSet":
-        if not isinstance(data, dict) or data.get("format") != PRIOR_FORMAT:
-            raise ValueError(f"{source}: 'format' must be {PRIOR_FORMAT!r}")
+        if not isinstance(data, dict) or data.get("format") not in READABLE_PRIOR_FORMATS:
+            raise ValueError(f"{source}: 'format' must be one of {list(READABLE_PRIOR_FORMATS)}")
+        form = data.get("bonded_form", "harmonic")
+        if form not in BONDED_FORMS:
+            raise ValueError(f"{source}: 'bonded_form' must be one of {list(BONDED_FORMS)}, got {form!r}")
         names = list(data.get("bead_type_names") or bead_type_names or [])
         if not names:
             raise ValueError(f"{source}: no 'bead_type_names' in the file and none given")
@@ -257,11 +428,16 @@ class PriorSet(nn.Module):
                 names, sigma, exponent=float(ev_data.get("exponent", 12)), cutoff_nm=float(ev_data.get("cutoff_nm", 0.8)),
                 epsilon_kj_mol=float(ev_data.get("epsilon_kj_mol", 1.0)))
             bonds_data = data.get("bonds") or []
-            bonds = HarmonicBondPrior([b["residue"] for b in bonds_data], [b["beads"] for b in bonds_data],
-                                      [b["r0_nm"] for b in bonds_data], [b["k_kj_mol_nm2"] for b in bonds_data])
+            bond_args = ([b["residue"] for b in bonds_data], [b["beads"] for b in bonds_data],
+                         [b["r0_nm"] for b in bonds_data], [b["k_kj_mol_nm2"] for b in bonds_data])
             angles_data = data.get("angles") or []
-            angles = HarmonicAnglePrior([a["residue"] for a in angles_data], [a["beads"] for a in angles_data],
-                                        [a["theta0_rad"] for a in angles_data], [a["k_kj_mol_rad2"] for a in angles_data])
+            angle_args = ([a["residue"] for a in angles_data], [a["beads"] for a in angles_data],
+                          [a["theta0_rad"] for a in angles_data], [a["k_kj_mol_rad2"] for a in angles_data])
+            if form == "tabulated":
+                bonds = TabulatedBondPrior(*bond_args, [b["table"] for b in bonds_data])
+                angles = TabulatedAnglePrior(*angle_args, [a["table"] for a in angles_data])
+            else:
+                bonds, angles = HarmonicBondPrior(*bond_args), HarmonicAnglePrior(*angle_args)
             return cls(names, excluded_volume, bonds, angles)
         except (KeyError, TypeError, ValueError) as exc:
             missing = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
@@ -309,6 +485,74 @@ def _harmonic_by_boltzmann_inversion(values: np.ndarray, jacobian, kT: float) ->
     return float(x0), float(2 * quadratic)
 
 
+def boltzmann_table(values: np.ndarray, kT: float, jacobian, grid: np.ndarray, wall_k: float,
+                    low_percentile: float = 0.1) -> np.ndarray:
+    """-kT ln(P(x)/J(x)) on ``grid``, with harmonic walls where the samples are too few.
+
+    The samples between the ``low_percentile`` and 100 - ``low_percentile`` percentiles are
+    histogrammed (about sqrt(n) bins, 20 to 100); each bin with at least 5 counts gives
+    -kT ln(count / Jacobian volume) with the counting error kT/sqrt(count), and a cubic smoothing
+    spline (FITPACK, chi^2 = number of bins) is fitted through them. Its roughness penalty acts on
+    jumps of the third derivative, so a harmonic well keeps its curvature (a kernel density would
+    broaden it) while two wells stay two where the data say so. Dividing counts by the exact bin
+    volume, not a smoothed density by J, keeps P/J right where J vanishes (sin theta at pi).
+    Beyond the fitted range each side continues from the last inside grid point with its outward
+    slope (never pulling outward) plus ``wall_k``/2 d^2. The minimum is shifted to 0.
+    """
+    from scipy.interpolate import UnivariateSpline
+
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    low, high = np.percentile(values, [low_percentile, 100.0 - low_percentile])
+    spacing = float(grid[1] - grid[0])
+    std = max(float(values.std()), spacing)
+    n_bins = int(np.clip(np.sqrt(len(values)), 20, 100))
+    counts, edges = np.histogram(values, np.linspace(low, high, n_bins + 1) if high > low else n_bins)
+    volume = (jacobian(edges[:-1]) + 4.0 * jacobian(0.5 * (edges[1:] + edges[:-1])) + jacobian(edges[1:])) / 6.0
+    volume = volume * np.diff(edges)
+    keep = (counts >= 5) & (volume > 0)
+    energy = np.empty(len(grid))
+    if keep.sum() < 5:  # too narrow or too few samples for a table: a harmonic well at the mean
+        energy[:] = 0.5 * (kT / std**2) * (grid - values.mean()) ** 2
+        return energy - energy.min()
+    centres = 0.5 * (edges[1:] + edges[:-1])[keep]
+    free = -kT * np.log(counts[keep] / volume[keep])
+    spline = UnivariateSpline(centres, free, w=np.sqrt(counts[keep]) / kT, k=3, s=float(keep.sum()))
+    inside = np.flatnonzero((grid >= centres[0]) & (grid <= centres[-1]))
+    if len(inside) < 2:
+        energy[:] = 0.5 * (kT / std**2) * (grid - values.mean()) ** 2
+        return energy - energy.min()
+    first, last = inside[0], inside[-1]
+    energy[first:last + 1] = spline(grid[first:last + 1])
+    slope_low = min(0.0, float(spline.derivative()(grid[first])))
+    slope_high = max(0.0, float(spline.derivative()(grid[last])))
+    below, above = grid[:first] - grid[first], grid[last + 1:] - grid[last]
+    energy[:first] = energy[first] + slope_low * below + 0.5 * wall_k * below**2
+    energy[last + 1:] = energy[last] + slope_high * above + 0.5 * wall_k * above**2
+    return energy - energy.min()
+
+
+def _tabulate_terms(samples: dict, temperatures: np.ndarray, jacobian, kind: str) -> dict:
+    """A table per term from its pooled samples at the frame-averaged kT (see :func:`fit_priors`)."""
+    kT = MOLAR_GAS_CONSTANT * float(np.mean(temperatures))
+    tables = {}
+    for key, values in samples.items():
+        flat = np.asarray(values, dtype=np.float64).ravel()
+        flat = flat[np.isfinite(flat)]
+        wall_k = kT / max(float(flat.var()), 1e-12)
+        if kind == "bonds":
+            low, high = np.percentile(flat, [0.1, 99.9])
+            pad = max(0.5 * (high - low), 2.0 * float(flat.std()))
+            grid = np.linspace(max(low - pad, 0.0), high + pad, BOND_GRID_POINTS)
+            tables[key] = {"min_nm": float(grid[0]), "max_nm": float(grid[-1]), "wall_k_kj_mol_nm2": wall_k,
+                           "energy_kj_mol": boltzmann_table(flat, kT, jacobian, grid, wall_k).tolist()}
+        else:
+            grid = np.linspace(0.0, math.pi, ANGLE_GRID_POINTS)
+            tables[key] = {"min_rad": 0.0, "max_rad": math.pi, "wall_k_kj_mol_rad2": wall_k,
+                           "energy_kj_mol": boltzmann_table(flat, kT, jacobian, grid, wall_k).tolist()}
+    return tables
+
+
 def _frame_temperatures(cg, temperature_K: float | None) -> np.ndarray:
     frames = len(cg.positions)
     if temperature_K is not None:
@@ -340,16 +584,21 @@ def _fit_harmonic_terms(samples: dict, temperatures: np.ndarray, jacobian) -> di
 def fit_priors(
     cg, exponent: float = 12.0, cutoff_nm: float = 0.8, temperature_K: float | None = None,
     sigma_percentile: float = 0.5, epsilon_kj_mol: float | None = None, angles: bool = True,
-    max_frames: int = 200,
+    max_frames: int = 200, bonded_form: str = "tabulated",
 ) -> PriorSet:
     """Fit the priors to mapped CG data (a ``CGFrames``).
 
     - Bonds (``cg.bonds``) and the angles they form: harmonic fit of the Boltzmann-inverted
       distribution, -kT ln(P(r)/r^2) and -kT ln(P(theta)/sin theta), at each frame's temperature.
+      With ``bonded_form="tabulated"`` (default) the energy is the inversion itself on a grid
+      (:func:`boltzmann_table`), from all frames pooled at their mean kT; the harmonic fit is kept
+      beside it in prior.json.
     - Excluded volume: sigma of each bead-type pair is the ``sigma_percentile`` percentile of its
       intermolecular distances below ``cutoff_nm`` (closest approach); the pair energy at sigma is
       about ``epsilon_kj_mol`` (default kT). Pairs never seen within the cutoff get sigma 0 (off).
     """
+    if bonded_form not in BONDED_FORMS:
+        raise ValueError(f"fit_priors: bonded_form must be one of {list(BONDED_FORMS)}, got {bonded_form!r}")
     names = list(cg.bead_type_names)
     bead_type = np.asarray(cg.bead_type, dtype=np.int64)
     molecule_index = np.asarray(cg.molecule_index, dtype=np.int64)
@@ -390,8 +639,8 @@ def fit_priors(
     bond_fit = _fit_harmonic_terms(bond_samples, temperatures, lambda r: r * r)
 
     angle_fit = {}
+    angle_samples = {}
     if angles:
-        angle_samples = {}
         for residue in sorted({key[0] for key in bond_keys_sorted}):
             neighbours: dict[int, set[int]] = {}
             for res, first, second in bond_keys_sorted:
@@ -413,11 +662,17 @@ def fit_priors(
     kT = MOLAR_GAS_CONSTANT * float(np.mean(temperatures))
     excluded_volume = ExcludedVolumePrior(names, sigma, exponent=exponent, cutoff_nm=cutoff_nm,
                                           epsilon_kj_mol=kT if epsilon_kj_mol is None else epsilon_kj_mol)
-    bonds = HarmonicBondPrior([k[0] for k in bond_fit], [[k[1], k[2]] for k in bond_fit],
-                              [v[0] for v in bond_fit.values()], [v[1] for v in bond_fit.values()])
-    angle_prior = HarmonicAnglePrior([k[0] for k in angle_fit], [[k[1], k[2], k[3]] for k in angle_fit],
-                                     [float(np.clip(v[0], 0.0, math.pi)) for v in angle_fit.values()],
-                                     [v[1] for v in angle_fit.values()])
+    bond_args = ([k[0] for k in bond_fit], [[k[1], k[2]] for k in bond_fit],
+                 [v[0] for v in bond_fit.values()], [v[1] for v in bond_fit.values()])
+    angle_args = ([k[0] for k in angle_fit], [[k[1], k[2], k[3]] for k in angle_fit],
+                  [float(np.clip(v[0], 0.0, math.pi)) for v in angle_fit.values()], [v[1] for v in angle_fit.values()])
+    if bonded_form == "tabulated":
+        bond_tables = _tabulate_terms(bond_samples, temperatures, lambda r: r * r, "bonds")
+        angle_tables = _tabulate_terms(angle_samples, temperatures, np.sin, "angles")
+        bonds = TabulatedBondPrior(*bond_args, [bond_tables[k] for k in bond_fit])
+        angle_prior = TabulatedAnglePrior(*angle_args, [angle_tables[k] for k in angle_fit])
+    else:
+        bonds, angle_prior = HarmonicBondPrior(*bond_args), HarmonicAnglePrior(*angle_args)
     return PriorSet(names, excluded_volume, bonds, angle_prior)
 
 

@@ -31,6 +31,8 @@ class SystemTensors(NamedTuple):
     angle_k: Tensor
     angle_theta0: Tensor    # (A,) rad
     angle_k_theta: Tensor   # (A,) kJ/mol/rad^2
+    bond_entry: Tensor      # (K,) long: the prior.json bond entry of each term (its table when tabulated)
+    angle_entry: Tensor     # (A,) long: the prior.json angle entry of each term
 
 
 def residue_layout(bead_type_names: Sequence[str]) -> dict[str, list[int]]:
@@ -125,8 +127,8 @@ def build_system_tensors(
     if prior is not None:
         bonds, angles = prior.system_terms(types, molecules)
     else:
-        bonds = (np.zeros((0, 2), np.int64), np.zeros(0), np.zeros(0))
-        angles = (np.zeros((0, 3), np.int64), np.zeros(0), np.zeros(0))
+        bonds = (np.zeros((0, 2), np.int64), np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
+        angles = (np.zeros((0, 3), np.int64), np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
 
     def long(values: np.ndarray) -> Tensor:
         return torch.as_tensor(np.ascontiguousarray(values), dtype=torch.long, device=device)
@@ -140,4 +142,5 @@ def build_system_tensors(
         bond_i=long(bonds[0][:, 0]), bond_j=long(bonds[0][:, 1]), bond_r0=real(bonds[1]), bond_k=real(bonds[2]),
         angle_i=long(angles[0][:, 0]), angle_j=long(angles[0][:, 1]), angle_k=long(angles[0][:, 2]),
         angle_theta0=real(angles[1]), angle_k_theta=real(angles[2]),
+        bond_entry=long(bonds[3]), angle_entry=long(angles[3]),
     )

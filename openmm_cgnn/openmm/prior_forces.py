@@ -5,7 +5,8 @@ also what plain-OpenMM users see in an exported ``system.xml``. The file is read
 laid onto the system by the model's own :class:`~openmm_cgnn.model.priors.PriorSet`, so both
 carriers use the same parameters (including the float32 rounding of sigma); only the formulas
 are written again here, in OpenMM's terms: a shifted-force excluded volume between beads of
-different molecules, harmonic bonds and angles.
+different molecules, harmonic bonds and angles, or tabulated ones as CustomCompoundBondForces
+over Continuous1DFunctions (the same natural cubic splines the model evaluates).
 """
 
 from __future__ import annotations
@@ -44,13 +45,18 @@ def prior_forces(prior: Any, bead_type: np.ndarray, molecule_index: np.ndarray, 
     if prior.excluded_volume.enabled:
         forces.append(excluded_volume_force(prior.excluded_volume, bead_type, molecule_index))
     try:
-        (bond_index, r0, k_bond), (angle_index, theta0, k_angle) = prior.system_terms(bead_type, molecule_index)
+        (bond_index, r0, k_bond, bond_entry), (angle_index, theta0, k_angle, angle_entry) = \
+            prior.system_terms(bead_type, molecule_index)
     except ValueError as exc:
         raise PriorError(f"the prior does not fit this system: {exc}") from None
-    if len(bond_index):
-        forces.append(bond_force(bond_index, r0, k_bond))
-    if len(angle_index):
-        forces.append(angle_force(angle_index, theta0, k_angle))
+    if prior.bonded_form == "tabulated":
+        forces += tabulated_forces(prior.bonds.tables, bond_index, bond_entry, "CGPriorBonds", "distance")
+        forces += tabulated_forces(prior.angles.tables, angle_index, angle_entry, "CGPriorAngles", "angle")
+    else:
+        if len(bond_index):
+            forces.append(bond_force(bond_index, r0, k_bond))
+        if len(angle_index):
+            forces.append(angle_force(angle_index, theta0, k_angle))
     for force in forces:
         force.setForceGroup(force_group)
     return forces
@@ -106,6 +112,33 @@ def angle_force(index: np.ndarray, theta0: np.ndarray, k: np.ndarray) -> Any:
     for (i, j, m), angle, stiffness in zip(index, theta0, k):
         force.addAngle(int(i), int(j), int(m), float(angle), float(stiffness))
     return force
+
+
+def tabulated_forces(tables: Any, index: np.ndarray, entry: np.ndarray, name: str, geometry: str) -> list[Any]:
+    """One CustomCompoundBondForce per table that has terms here: ``u(x)`` with ``x`` the ``distance``
+    or ``angle`` of the term's particles and ``u`` a Continuous1DFunction of the table (OpenMM
+    interpolates it with the same natural cubic spline as the model). The function is 0 outside
+    its range, so x is clamped into it and continued by the edge slope plus the harmonic wall, as
+    in :func:`openmm_cgnn.model.priors.spline_energy` (angles: the range is [0, pi], nothing is beyond)."""
+    import openmm
+
+    forces = []
+    n_particles = index.shape[1]
+    particles = ", ".join(f"p{k + 1}" for k in range(n_particles))
+    for table in np.unique(entry):
+        low, high = tables.x_min[table], tables.x_max[table]
+        slope_low, slope_high = float(tables.slope_low[table]), float(tables.slope_high[table])
+        wall = tables.wall_k[table]
+        expression = (f"u(xc) + select(step(x - xc), {slope_high!r}, {slope_low!r})*(x - xc) + {0.5 * wall!r}*(x - xc)^2; "
+                      f"xc = min(max(x, {low!r}), {high!r}); x = {geometry}({particles})")
+        force = openmm.CustomCompoundBondForce(n_particles, expression)
+        force.setName(name)
+        force.addTabulatedFunction("u", openmm.Continuous1DFunction(list(tables.energies[table]), low, high))
+        force.setUsesPeriodicBoundaryConditions(True)
+        for term in np.flatnonzero(entry == table):
+            force.addBond([int(i) for i in index[term]], [])
+        forces.append(force)
+    return forces
 
 
 def molecules(molecule_index: np.ndarray) -> list[np.ndarray]:

@@ -78,11 +78,11 @@ def check_finite(cg: "CGFrames", source: str) -> None:
         raise TrainingDataError(f"{source}: box vectors are degenerate (non-positive volume)")
 
 
-def load_run(path: str | Path, mapping: "Mapping", max_frames: int | None = None) -> "CGFrames":
+def load_run(path: str | Path, mapping: "Mapping", max_frames: int | None = None, force_map: str | None = None) -> "CGFrames":
     """One run directory (AA or CG) as ``CGFrames`` with forces, checked for mapping mismatch and NaN.
 
     ``max_frames`` keeps that many evenly spaced frames rather than the first ones, so the time-block
-    split still sees the whole trajectory.
+    split still sees the whole trajectory. ``force_map`` ("optimal", "sum") picks how AA forces are mapped.
     """
     from openmm_cgnn.mapping.spec import load_cg_frames
 
@@ -90,7 +90,7 @@ def load_run(path: str | Path, mapping: "Mapping", max_frames: int | None = None
     if not path.exists():
         raise TrainingDataError(f"{path}: data directory or file does not exist")
     try:
-        cg = load_cg_frames(path, mapping, require_forces=True, max_frames=max_frames)
+        cg = load_cg_frames(path, mapping, force_map=force_map, require_forces=True, max_frames=max_frames)
     except (KeyError, ValueError, OSError) as exc:
         # The readers name the bad field; prefix the run so several --data dirs stay distinguishable.
         message = str(exc)
@@ -132,6 +132,7 @@ class TrainingData:
             "n_beads": int(len(self.train.bead_type)),
             "bead_type_names": list(self.train.bead_type_names),
             "temperatures_K": temperatures,
+            "force_map": self.train.force_map,
             "split": {
                 "method": "contiguous time blocks per run; the tail of each block is validation",
                 "validation_fraction": self.validation_fraction,
@@ -186,15 +187,41 @@ def split_runs(
     )
 
 
+def with_force_map(data: Sequence[str | Path], mapping: "Mapping", max_frames: int | None = None) -> tuple["Mapping", dict]:
+    """``mapping`` with the optimal force map fitted on the AA runs in ``data`` when it has none
+    (a version-1 mapping.json), and the fit's report (empty when nothing was fitted)."""
+    from openmm_cgnn.frames import read_frames
+    from openmm_cgnn.mapping.forcemap import fit_force_map
+
+    if mapping.has_force_map:
+        return mapping, {}
+    runs = []
+    for path in data:
+        try:
+            frames = read_frames(path, require_forces=True, max_frames=max_frames)
+        except (KeyError, ValueError, OSError) as exc:
+            message = str(exc)
+            raise TrainingDataError(message if str(path) in message else f"{path}: {message}") from exc
+        if frames.kind == "aa":
+            runs.append(frames)
+    if not runs:  # CG runs only: their forces are already bead forces, no map is involved
+        return mapping, {}
+    try:
+        return fit_force_map(mapping, runs)
+    except ValueError as exc:
+        raise TrainingDataError(f"fitting the optimal force map failed: {exc}") from exc
+
+
 def load_training_data(
     data: Sequence[str | Path],
     mapping: "Mapping",
     max_frames: int | None = None,
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
     n_blocks: int = 1,
+    force_map: str | None = None,
 ) -> TrainingData:
     """Read every run in ``data`` through the mapping and split it (see the module docstring)."""
-    runs = [load_run(path, mapping, max_frames=max_frames) for path in data]
+    runs = [load_run(path, mapping, max_frames=max_frames, force_map=force_map) for path in data]
     return split_runs(runs, [str(p) for p in data], validation_fraction, n_blocks)
 
 

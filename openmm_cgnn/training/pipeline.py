@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from ..frames import evenly_spaced
-from .data import TrainingData, TrainingDataError, load_training_data
 from .. import io
 from ..io import write_json_atomic
+from .data import TrainingData, TrainingDataError, load_training_data, with_force_map
 from .distributed import World, process_group
 from .metrics import constant_model_errors, mean_force_per_type, plot_loss_curve
 from .trainer import CHECKPOINT, OUTPUT_FILES, TrainConfig, Trainer, TrainingError, resolve_device
@@ -100,7 +100,7 @@ def check_box_fits_cutoffs(data: TrainingData, config: Any) -> None:
 
 
 def build_model(data: TrainingData, quick: bool, use_temperature: bool, seed: int,
-                overrides: dict[str, Any] | None = None):
+                overrides: dict[str, Any] | None = None, prior_form: str = "tabulated"):
     """Fit the priors on the training frames and build a CGModel sized for this data.
 
     Two settings come from the data: the pair capacity (densest frame plus head-room) and the
@@ -121,7 +121,7 @@ def build_model(data: TrainingData, quick: bool, use_temperature: bool, seed: in
 
     check_box_fits_cutoffs(data, config)
     try:
-        prior = fit_priors(train, cutoff_nm=config.inter_cutoff_nm)
+        prior = fit_priors(train, cutoff_nm=config.inter_cutoff_nm, bonded_form=prior_form)
     except ValueError as exc:
         raise TrainingDataError(f"fitting the priors to the training data failed: {exc}") from exc
     # prior.json rounds the parameters; train with exactly what is saved, so a resumed or reloaded
@@ -275,8 +275,15 @@ def _train(data_paths: Sequence[str | Path], mapping_path: str | Path, out_dir: 
         mapping = Mapping.load(mapping_path)
     except MappingError as exc:
         raise TrainingDataError(str(exc)) from exc
+    if config.force_map == "optimal":
+        mapping, force_report = with_force_map(data_paths, mapping, max_frames=config.max_frames)
+        for name, entry in force_report.items():
+            print(f"{mapping_path} has no force map: fitted the optimal one on the --data runs; {name}: mean squared "
+                  f"mapped force {entry['mean_squared_force_optimal']:.4g} (summed map "
+                  f"{entry['mean_squared_force_sum']:.4g}) (kJ/mol/nm)^2", flush=True)
     data = load_training_data(data_paths, mapping, max_frames=config.max_frames,
-                              validation_fraction=config.validation_fraction, n_blocks=config.n_blocks)
+                              validation_fraction=config.validation_fraction, n_blocks=config.n_blocks,
+                              force_map=config.force_map)
     if list(data.train.bead_type_names) != mapping.bead_type_names:
         raise TrainingDataError(f"{mapping_path}: bead types differ from those of the data")
 
@@ -293,7 +300,7 @@ def _train(data_paths: Sequence[str | Path], mapping_path: str | Path, out_dir: 
         trainer = Trainer(model, data, config, device, world)
         trainer.load_resume_state(saved["train_state"], saved["optimizer"], saved["state_dict"])
     else:
-        model = build_model(data, config.quick, config.use_temperature, config.seed, model_overrides)
+        model = build_model(data, config.quick, config.use_temperature, config.seed, model_overrides, config.prior_form)
         trainer = Trainer(model, data, config, device, world)
     # Only now, with data and model known to be usable, is anything written, and by rank 0 alone (the
     # other ranks have read all they need: building the Trainer waited for all of them). An old model

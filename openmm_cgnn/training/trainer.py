@@ -65,6 +65,8 @@ class TrainConfig:
     max_frames: int | None = None
     use_temperature: bool = False
     quick: bool = False
+    force_map: str = "optimal"  # how AA forces become labels: "optimal" (mapping/forcemap.py) or "sum"
+    prior_form: str = "tabulated"  # bonded priors: "tabulated" (Boltzmann inversion splines) or "harmonic"
 
     # Fields that may differ between an interrupted run and its resumption.
     RESUMABLE_CHANGES = ("epochs", "device", "early_stopping_patience")
