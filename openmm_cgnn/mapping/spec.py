@@ -146,7 +146,9 @@ class Mapping:
         for name, rm in self.residues.items():
             residues[name] = {
                 "atoms": list(rm.atoms),
-                "beads": [{"name": b.name, "atoms": list(b.atoms), "mass": round(float(b.mass), 6)} for b in rm.beads],
+                # A bead of unknown mass (0) is written without one: it then takes its atoms' masses.
+                "beads": [{"name": b.name, "atoms": list(b.atoms), **({"mass": round(float(b.mass), 6)} if b.mass > 0 else {})}
+                          for b in rm.beads],
                 "bead_bonds": [list(map(int, b)) for b in rm.bead_bonds],
             }
             if rm.force_weights is not None:
