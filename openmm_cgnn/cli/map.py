@@ -127,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
         for bead in rm.beads:
             print(f"  {bead.name} ({bead.mass:.2f} amu): {' '.join(bead.atoms)}")
         fm = force_report[name]
+        ratio = fm["ratio_optimal_to_sum"]  # None when the runs' mapped forces are all zero
         print(f"  mean squared mapped force: summed map {fm['mean_squared_force_sum']:.4g}, optimal map "
-              f"{fm['mean_squared_force_optimal']:.4g} (kJ/mol/nm)^2 per bead, ratio {fm['ratio_optimal_to_sum']:.3f} "
-              f"over {fm['n_samples']} molecules x frames")
+              f"{fm['mean_squared_force_optimal']:.4g} (kJ/mol/nm)^2 per bead, ratio "
+              f"{'n/a' if ratio is None else format(ratio, '.3f')} over {fm['n_samples']} molecules x frames")
     print(f"wrote {out / 'mapping.json'} and mapping_report.json, loss_*.png, assignment_*.png in {report['seconds']:.1f} s")
     return 0
