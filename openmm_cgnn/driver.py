@@ -195,24 +195,21 @@ def plan(liquid: Liquid, size: str, out: Path, platform: str | None = None, gpus
         "export", "export",
         ["export", "--model", str(model_dir), "--from-aa", str(train_dirs[-1]), "--out", str(export_dir)],
         export_dir / "system.xml", ["aa", "train"]))
+    def cg_run(k: int, t: float, aa_dir: Path, out_dir: Path, *special: str) -> tuple[list[str], str | None]:
+        """A CG run's arguments: the trained one and its prior-only twin differ only in ``special``."""
+        device_args, device = device_of(k)
+        return (["simulate", "--forcefield", str(model_dir), *special, "--from-aa", str(aa_dir), "--temperature", f"{t:g}",
+                 "--steps", str(cfg["cg_steps"]), "--save-every-steps", str(cfg["cg_save_every_steps"]),
+                 "--platform", platform, *device_args, "--seed", "1", "--out", str(out_dir), "--resume"], device)
+
     for k, (t, aa_dir, cg_dir) in enumerate(zip(temperatures, aa_dirs, cg_dirs)):
-        device_args, device = device_of(k)
-        stages.append(Stage(
-            f"simulate {t:g} K", "simulate",
-            ["simulate", "--forcefield", str(model_dir), "--from-aa", str(aa_dir), "--temperature", f"{t:g}",
-             "--steps", str(cfg["cg_steps"]), "--save-every-steps", str(cfg["cg_save_every_steps"]),
-             *options(cfg.get("simulate", {})), "--platform", platform, *device_args, "--seed", "1",
-             "--out", str(cg_dir), "--resume"],
-            cg_dir / "summary.json", ["aa", "train"], device))
+        args, device = cg_run(k, t, aa_dir, cg_dir, *options(cfg.get("simulate", {})))
+        stages.append(Stage(f"simulate {t:g} K", "simulate", args, cg_dir / "summary.json", ["aa", "train"], device))
     for k, (t, aa_dir, cg_dir, prior_dir) in enumerate(zip(temperatures, aa_dirs, cg_dirs, prior_dirs)):
-        device_args, device = device_of(k)
-        stages.append(Stage(  # the ablation: the trained run's time step (--dt-from), length and seed
-            f"prior-only {t:g} K", "simulate_prior",
-            ["simulate", "--forcefield", str(model_dir), "--network", "off", "--from-aa", str(aa_dir),
-             "--temperature", f"{t:g}", "--steps", str(cfg["cg_steps"]), "--save-every-steps",
-             str(cfg["cg_save_every_steps"]), "--dt-from", str(cg_dir), "--platform", platform, *device_args,
-             "--seed", "1", "--out", str(prior_dir), "--resume"],
-            prior_dir / "summary.json", ["aa", "train", "simulate"], device))
+        # the ablation: the network off, at the trained run's time step (--dt-from), length and seed
+        args, device = cg_run(k, t, aa_dir, prior_dir, "--network", "off", "--dt-from", str(cg_dir))
+        stages.append(Stage(f"prior-only {t:g} K", "simulate_prior", args, prior_dir / "summary.json",
+                            ["aa", "train", "simulate"], device))
     held_out_args = ["--held-out-temperature", *(f"{t:g}" for t in held_out)] if held_out else []
     stages.append(Stage(
         "evaluate", "evaluate",
