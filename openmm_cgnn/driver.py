@@ -1,7 +1,11 @@
 """The whole chain for one liquid (``openmm-cgnn run``): plan the stage commands, then run or print them.
 
 Stages: all-atom ground truth at several temperatures -> learned mapping (CGAE) -> Hybridgraph
-force field (force matching) -> export for plain OpenMM -> CG simulations -> evaluation report.
+force field (force matching) -> export for plain OpenMM -> CG simulations -> prior-only CG
+simulations (the ablation: the same model with its network switched off, the same time step and
+length) -> evaluation report. A size's held-out temperatures (liquid file) get an AA run and CG
+runs but are left out of mapping and training, so the report shows the model at a temperature it
+never saw.
 Each stage is the ``openmm-cgnn`` command a user would type. :func:`plan` lists them in
 dependency order; :func:`run_plan` runs them (per-temperature stages ``jobs`` at a time, each
 skipped when its output already exists, so an interrupted run picks up where it stopped);
@@ -79,7 +83,7 @@ class Stage:
     """One ``openmm-cgnn`` command of the chain."""
 
     name: str  # e.g. "aa 450 K"
-    group: str  # aa, map, train, export, simulate, evaluate: stages of a group are independent
+    group: str  # aa, map, train, export, simulate, simulate_prior, evaluate: stages of a group are independent
     args: list[str]  # arguments of ``openmm-cgnn``
     done: Path  # exists (and, for run directories, says it finished) once the stage is done
     needs: list[str] = field(default_factory=list)  # groups that must finish first
@@ -161,8 +165,12 @@ def plan(liquid: Liquid, size: str, out: Path, platform: str | None = None, gpus
 
     units = liquid.sizes[size].units
     temperatures = liquid.sizes[size].temperatures_K
+    held_out = liquid.sizes[size].held_out_K
     aa_dirs = [out / "aa" / f"T{t:g}K" for t in temperatures]
     cg_dirs = [out / "cg" / f"T{t:g}K" for t in temperatures]
+    prior_dirs = [out / "cg_prior" / f"T{t:g}K" for t in temperatures]
+    # Nothing of a held-out temperature reaches the model: neither the mapping nor the force labels.
+    train_dirs = [d for t, d in zip(temperatures, aa_dirs) if t not in held_out]
     map_dir, model_dir, export_dir, report_dir = out / "mapping", out / "model", out / "export", out / "report"
     stages = []
     for k, (t, aa_dir) in enumerate(zip(temperatures, aa_dirs)):
@@ -174,33 +182,40 @@ def plan(liquid: Liquid, size: str, out: Path, platform: str | None = None, gpus
             aa_dir / "summary.json", [], device))
     stages.append(Stage(
         "map", "map",
-        ["map", "--data", *map(str, aa_dirs), "--beads", liquid.beads_option(), "--out", str(map_dir), "--seed", "1",
+        ["map", "--data", *map(str, train_dirs), "--beads", liquid.beads_option(), "--out", str(map_dir), "--seed", "1",
          "--device", torch_device, *options(cfg["map"])],
         map_dir / "mapping.json", ["aa"], torch_device if gpus else None))
     stages.append(Stage(
         "train", "train",
-        ["train", "--data", *map(str, aa_dirs), "--mapping", str(map_dir / "mapping.json"), "--out", str(model_dir),
+        ["train", "--data", *map(str, train_dirs), "--mapping", str(map_dir / "mapping.json"), "--out", str(model_dir),
          "--device", torch_device, "--seed", "1", "--temperature-input", *options(cfg["train"]),
          *(["--resume"] if (model_dir / "checkpoint.pt").exists() else [])],
         model_dir / "model.pt", ["aa", "map"], torch_device if gpus else None))
     stages.append(Stage(
         "export", "export",
-        ["export", "--model", str(model_dir), "--from-aa", str(aa_dirs[-1]), "--out", str(export_dir)],
+        ["export", "--model", str(model_dir), "--from-aa", str(train_dirs[-1]), "--out", str(export_dir)],
         export_dir / "system.xml", ["aa", "train"]))
-    for k, (t, aa_dir, cg_dir) in enumerate(zip(temperatures, aa_dirs, cg_dirs)):
+    def cg_run(k: int, t: float, aa_dir: Path, out_dir: Path, *special: str) -> tuple[list[str], str | None]:
+        """A CG run's arguments: the trained one and its prior-only twin differ only in ``special``."""
         device_args, device = device_of(k)
-        stages.append(Stage(
-            f"simulate {t:g} K", "simulate",
-            ["simulate", "--forcefield", str(model_dir), "--from-aa", str(aa_dir), "--temperature", f"{t:g}",
-             "--steps", str(cfg["cg_steps"]), "--save-every-steps", str(cfg["cg_save_every_steps"]),
-             *options(cfg.get("simulate", {})), "--platform", platform, *device_args, "--seed", "1",
-             "--out", str(cg_dir), "--resume"],
-            cg_dir / "summary.json", ["aa", "train"], device))
+        return (["simulate", "--forcefield", str(model_dir), *special, "--from-aa", str(aa_dir), "--temperature", f"{t:g}",
+                 "--steps", str(cfg["cg_steps"]), "--save-every-steps", str(cfg["cg_save_every_steps"]),
+                 "--platform", platform, *device_args, "--seed", "1", "--out", str(out_dir), "--resume"], device)
+
+    for k, (t, aa_dir, cg_dir) in enumerate(zip(temperatures, aa_dirs, cg_dirs)):
+        args, device = cg_run(k, t, aa_dir, cg_dir, *options(cfg.get("simulate", {})))
+        stages.append(Stage(f"simulate {t:g} K", "simulate", args, cg_dir / "summary.json", ["aa", "train"], device))
+    for k, (t, aa_dir, cg_dir, prior_dir) in enumerate(zip(temperatures, aa_dirs, cg_dirs, prior_dirs)):
+        # the ablation: the network off, at the trained run's time step (--dt-from), length and seed
+        args, device = cg_run(k, t, aa_dir, prior_dir, "--network", "off", "--dt-from", str(cg_dir))
+        stages.append(Stage(f"prior-only {t:g} K", "simulate_prior", args, prior_dir / "summary.json",
+                            ["aa", "train", "simulate"], device))
+    held_out_args = ["--held-out-temperature", *(f"{t:g}" for t in held_out)] if held_out else []
     stages.append(Stage(
         "evaluate", "evaluate",
-        ["evaluate", "--aa", *map(str, aa_dirs), "--cg", *map(str, cg_dirs), "--mapping", str(map_dir / "mapping.json"),
-         "--out", str(report_dir)],
-        report_dir / "report.md", ["aa", "map", "simulate"]))
+        ["evaluate", "--aa", *map(str, aa_dirs), "--cg", *map(str, cg_dirs), "--cg-prior-only", *map(str, prior_dirs),
+         *held_out_args, "--mapping", str(map_dir / "mapping.json"), "--out", str(report_dir)],
+        report_dir / "report.md", ["aa", "map", "simulate", "simulate_prior"]))
     return stages
 
 
@@ -306,6 +321,7 @@ def print_results(out: Path, elapsed_s: float) -> None:
     print(f"\nDone in {elapsed_s / 60:.1f} min. Results in {out.resolve()}:")
     for label, path in [("all-atom runs", out / "aa"), ("mapping", out / "mapping" / "mapping.json"),
                         ("model", out / "model"), ("OpenMM export", out / "export"), ("CG runs", out / "cg"),
+                        ("prior-only CG", out / "cg_prior"),
                         ("report", out / "report" / "report.md")]:
         print(f"  {label:14s} {path}")
     metrics = out / "report" / "metrics.json"

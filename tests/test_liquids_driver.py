@@ -132,9 +132,9 @@ def test_print_commands_in_dependency_order_with_gpus_round_robin(tmp_path, caps
     out = tmp_path / "chain"
     assert main(["run", "--liquid", "emim_bf4", "--gpus", "0,1", "--print-commands", "--out", str(out)]) == 0
     groups = commands_by_group(capsys.readouterr().out)
-    assert [g for g, _ in groups] == ["aa", "map", "train", "export", "simulate", "evaluate"]
+    assert [g for g, _ in groups] == ["aa", "map", "train", "export", "simulate", "simulate_prior", "evaluate"]
     commands = dict(groups)
-    assert all(argv[0] == "openmm-cgnn" and argv[1] == group for group, members in groups for argv in members)
+    assert all(argv[0] == "openmm-cgnn" and argv[1] == group.split("_")[0] for group, members in groups for argv in members)
     # Full size: four temperatures from the liquid file, each on its own GPU, round-robin over two.
     aa, simulate = commands["aa"], commands["simulate"]
     assert [option(a, "--temperature") for a in aa] == ["350", "400", "450", "500"]
@@ -153,7 +153,39 @@ def test_print_commands_in_dependency_order_with_gpus_round_robin(tmp_path, caps
     assert [option(s, "--forcefield") for s in simulate] == [option(train, "--out")] * 4
     assert [option(s, "--from-aa") for s in simulate] == aa_dirs
     assert evaluate[evaluate.index("--cg") + 1:][:4] == [option(s, "--out") for s in simulate]
+    # The ablation: the same model with the network off, at each trained run's time step, steps and seed.
+    prior = commands["simulate_prior"]
+    assert [option(p, "--dt-from") for p in prior] == [option(s, "--out") for s in simulate]
+    assert all(option(p, "--network") == "off" and option(p, k) == option(s, k)
+               for p, s in zip(prior, simulate) for k in ("--forcefield", "--steps", "--seed", "--temperature"))
+    assert evaluate[evaluate.index("--cg-prior-only") + 1:][:4] == [option(p, "--out") for p in prior]
+    assert "--held-out-temperature" not in evaluate  # the full size holds nothing out
     assert not out.exists()  # printing runs nothing
+
+
+@pytest.mark.parametrize("size, held_out, trained", [("quick", "450", ["400", "500"]),
+                                                      ("cpu", "650", ["550", "600", "700"])])
+def test_held_out_temperature_is_left_out_of_mapping_and_training(size, held_out, trained, capsys):
+    assert main(["run", "--liquid", "bmim_bf4", "--size", size, "--print-commands", "--out", "o"]) == 0
+    commands = dict(commands_by_group(capsys.readouterr().out))
+    aa_dirs = {option(a, "--temperature"): option(a, "--out") for a in commands["aa"]}
+    assert held_out in aa_dirs  # its AA run is made, and its CG runs
+    for group in ("map", "train"):
+        argv = commands[group][0]
+        data = argv[argv.index("--data") + 1:argv.index("--data") + 1 + len(trained) + 1]
+        assert data[:len(trained)] == [aa_dirs[t] for t in trained] and data[-1].startswith("-")
+    assert held_out in [option(s, "--temperature") for s in commands["simulate"] + commands["simulate_prior"]]
+    (evaluate,) = commands["evaluate"]
+    assert option(evaluate, "--held-out-temperature") == held_out
+    assert evaluate[evaluate.index("--aa") + 1:][:len(aa_dirs)] == list(aa_dirs.values())
+
+
+def test_held_out_must_leave_a_training_temperature(tmp_path):
+    for held in ([400, 450, 500], [425], "450"):
+        path = write_liquid(tmp_path, lambda data: data["sizes"]["quick"].update(held_out_K=held))
+        with pytest.raises(LiquidError, match=r"sizes.quick.held_out_K"):
+            load_liquid(path)
+    assert load_liquid("bmim_bf4").sizes["cpu"].training_temperatures_K == (550.0, 600.0, 700.0)
 
 
 def test_devices_each_job_gets():
@@ -212,8 +244,11 @@ def test_tiny_chain_for_a_second_liquid(tmp_path, monkeypatch):
     for t in (450, 500):
         cg = json.loads((out / "cg" / f"T{t}K" / "summary.json").read_text())
         assert cg["steps_done"] == 200 and cg["composition"] == {"EMIM": 8, "BF4": 8}
+        prior = json.loads((out / "cg_prior" / f"T{t}K" / "summary.json").read_text())
+        assert prior["network"] is False and prior["steps_done"] == 200 and prior["dt_fs"] == cg["dt_fs"]
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert metrics and (out / "report" / "report.md").exists()
+    assert set(metrics["ablation"]) == {"trained", "prior_only"} and metrics["held_out_temperatures_K"] == []
+    assert "## Ablation" in (out / "report" / "report.md").read_text()
     # Done stages are skipped: a second call runs nothing and succeeds.
     assert main(["run", "--liquid", "emim_bf4", "--size", "tiny", "--out", str(out)]) == 0
 

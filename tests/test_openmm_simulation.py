@@ -246,3 +246,41 @@ def test_time_step_search_regrows_on_overflow_instead_of_calling_the_step_unstab
     assert summary["status"] == "finished"
     assert summary["pair_list_regrown"][0]["where"].startswith("time-step test at 8 fs, step ")
     assert all("NaN" not in r["reason"] and "OpenMM error" not in r["reason"] for r in summary["dt_stability"])
+
+
+def test_prior_only_ablation_runs_the_prior_alone_at_the_trained_step(cg, model_dir, tmp_path, capsys):
+    """--network off: the same model's prior as native forces and no TorchForce, at the step of --dt-from."""
+    aa = write_aa_run(tmp_path / "aa", cg, temperature_K=350.0)
+    trained, prior_only = tmp_path / "cg", tmp_path / "cg_prior"
+    base = ["simulate", "--forcefield", str(model_dir), "--from-aa", str(aa), "--temperature", "350", "--steps", "40",
+            "--platform", "CPU", "--save-every-steps", "20", "--seed", "3", "--quiet"]
+    assert cli_main(base + ["--dt-fs", "4", "--out", str(trained)]) == 0
+    assert cli_main(base + ["--network", "off", "--dt-from", str(trained), "--out", str(prior_only)]) == 0
+    summary = json.loads((prior_only / "summary.json").read_text())
+    assert summary["network"] is False and summary["prior_carrier"] == "openmm" and summary["dt_fs"] == 4.0
+    assert json.loads((trained / "summary.json").read_text())["network"] is True
+    assert read_frames(prior_only).metadata["network"] is False
+
+    # The forces are the prior's alone: no TorchForce in the system, and they differ from network + prior.
+    def forces(network):
+        system = cg.system()
+        cgnn = CGNNForce(model_dir, cg, 350.0, prior="openmm", network=network)
+        cgnn.add_to(system)
+        names = [system.getForce(i).getName() for i in range(system.getNumForces())]
+        context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+        context.setPeriodicBoxVectors(*cg.box)
+        context.setPositions(cg.positions)
+        return names, context.getState(getForces=True).getForces(asNumpy=True)._value
+    names_off, f_off = forces(False)
+    names_on, f_on = forces(True)
+    assert "CGNNForce" in names_on and "CGNNForce" not in names_off
+    assert np.abs(f_off).max() > 0 and not np.allclose(f_on, f_off)
+
+    # A prior-only run cannot be resumed with the network on, nor the switch paired with the prior inside it.
+    args = base + ["--steps", "60", "--dt-fs", "4", "--resume", "--out", str(prior_only)]
+    args[args.index("40")] = "60"
+    assert cli_main(args) == 2 and "network" in capsys.readouterr().err
+    assert cli_main(base + ["--network", "off", "--prior", "model", "--out", str(tmp_path / "x")]) == 2
+    assert "native forces" in capsys.readouterr().err
+    assert cli_main(base + ["--dt-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 2
+    assert "--dt-from" in capsys.readouterr().err

@@ -4,6 +4,11 @@ AA runs are mapped to beads with the learned mapping and every quantity is then 
 and CG the same way, from :class:`~openmm_cgnn.mapping.spec.CGFrames`. Runs are paired by their
 metadata temperature; structure is compared at temperatures that have both, dynamics are
 reported for every run.
+
+Two additions make the report say what the network and the training temperatures are worth:
+prior-only CG runs (``simulate --network off``, the ablation) are compared with the AA runs the
+same way as the trained model's, and held-out temperatures (AA runs left out of training) are
+marked, with the activation energies fitted with and without them.
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ class EvaluationSettings:
     target_rdf_error: float = 0.05
     # ... and the worst total-variation difference of a bond or angle distribution (CG vs mapped AA).
     target_bonded_tv: float = 0.05
+    # Temperatures whose AA run was left out of training: marked in the report, and E_a is also
+    # fitted without them (the verdict stays on the fit over every temperature).
+    held_out_temperatures_K: tuple[float, ...] = ()
 
 
 @dataclass
@@ -73,10 +81,13 @@ class Run:
     n_molecules: dict[str, int] = field(default_factory=dict)
     # AA runs with a box fixed from NPT: the standard error of that NPT density (frames metadata)
     npt_density_sem_kg_m3: float | None = None
+    # CG runs: whether the network ran (False: a prior-only ablation run); None if not recorded
+    network: bool | None = None
 
     def summary(self) -> dict:
         return {
             "path": str(self.path), "kind": self.kind, "temperature_K": self.temperature_K,
+            **({"network": self.network} if self.network is not None else {}),
             "n_frames": self.cg.n_frames, "time_ps": [float(self.cg.time[0]), float(self.cg.time[-1])],
             "n_molecules": self.n_molecules, "n_beads": self.cg.n_beads, "box_nm": self.box_nm,
         }
@@ -140,6 +151,7 @@ def load_run(path: str | Path, mapping: Any, kind: str, settings: EvaluationSett
         total_mass_amu=float(np.sum(cg.masses)),
         n_molecules={s: int(centres.indices(s).size) for s in species},
         npt_density_sem_kg_m3=first.metadata.get("density_sem_kg_m3"),
+        network=first.metadata.get("network") if kind == "cg" else None,
     )
 
 
@@ -159,6 +171,18 @@ def _pair_by_temperature(runs: Sequence[Run], tolerance: float) -> dict[str, dic
             )
         table[key][run.kind] = run
     return dict(sorted(table.items(), key=lambda kv: anchors[kv[0]]))
+
+
+def _check_network(runs: Sequence[Run], prior_runs: Sequence[Run]) -> None:
+    """A run's metadata says whether its network ran: a prior-only run given as the trained model's
+    (or the reverse) would swap the two rows of the ablation."""
+    for run in runs:
+        if run.network is False:
+            raise EvaluationError(f"{run.path}: a prior-only run (network off) given with --cg; "
+                                  "pass it with --cg-prior-only")
+    for run in prior_runs:
+        if run.network is True:
+            raise EvaluationError(f"{run.path}: a run with the network on given with --cg-prior-only; pass it with --cg")
 
 
 def _check_same_liquid(runs: Sequence[Run]) -> None:
@@ -350,32 +374,47 @@ def _dynamics(table: dict, settings: EvaluationSettings, metrics: dict, say: Cal
     return msd_series
 
 
-def _arrhenius(metrics: dict) -> dict[str, dict[str, plots.ArrheniusSeries]]:
-    """Fill metrics["arrhenius"] from the converged D of each species and kind."""
+def _arrhenius(metrics: dict, held_out: Sequence[str] = ()) -> dict[str, dict[str, plots.ArrheniusSeries]]:
+    """Fill metrics["arrhenius"] from the converged D of each species and kind.
+
+    With ``held_out`` temperature keys, each entry also gets ``without_held_out``: the same fits
+    over the other temperatures (the transfer claim is the difference between the two).
+    """
     series: dict[str, dict[str, plots.ArrheniusSeries]] = {}
     for species, by_t in metrics["diffusion"].items():
-        entry = metrics["arrhenius"][species] = {}
-        for kind in KINDS:
-            results = [by_kind[kind] for by_kind in by_t.values() if kind in by_kind]
-            if not results:
-                continue
-            ok = [r for r in results if r["status"] == "ok"]
-            T = np.array([r["temperature_K"] for r in ok])
-            D = np.array([r["D_m2_s"] for r in ok])
-            err = np.array([r["D_err_m2_s"] for r in ok])
-            fit = fit_arrhenius(T, D, err)
-            entry[kind] = fit.to_dict()
-            if ok and all(r["D_yeh_hummer_m2_s"] is not None for r in ok):
-                corrected = np.array([r["D_yeh_hummer_m2_s"] for r in ok])
-                entry[f"{kind}_yeh_hummer"] = fit_arrhenius(T, corrected, err).to_dict()
-            series.setdefault(species, {})[kind] = plots.ArrheniusSeries(
-                T, D, err, fit.Ea_kJ_mol, fit.Ea_err_kJ_mol, fit.D0_m2_s)
-        if all(entry.get(k, {}).get("status") == "ok" for k in KINDS):
-            aa_ea, cg_ea = entry["aa"]["Ea_kJ_mol"], entry["cg"]["Ea_kJ_mol"]
-            entry["Ea_relative_difference"] = (cg_ea - aa_ea) / aa_ea
-            aa_err, cg_err = entry["aa"]["Ea_err_kJ_mol"], entry["cg"]["Ea_err_kJ_mol"]
-            entry["Ea_relative_difference_err"] = math.hypot(cg_err / aa_ea, cg_ea * aa_err / aa_ea ** 2)
+        entry, series[species] = _arrhenius_fits(by_t)
+        if held_out:
+            kept = {key: value for key, value in by_t.items() if key not in held_out}
+            entry["without_held_out"] = {"temperatures_K": list(kept), **_arrhenius_fits(kept)[0]}
+        metrics["arrhenius"][species] = entry
     return series
+
+
+def _arrhenius_fits(by_t: dict) -> tuple[dict, dict[str, plots.ArrheniusSeries]]:
+    """The Arrhenius fit of each kind over the converged D in ``by_t`` ({T key: {kind: D result}}),
+    and the relative E_a difference CG against AA when both fits worked."""
+    entry: dict[str, Any] = {}
+    series: dict[str, plots.ArrheniusSeries] = {}
+    for kind in KINDS:
+        results = [by_kind[kind] for by_kind in by_t.values() if kind in by_kind]
+        if not results:
+            continue
+        ok = [r for r in results if r["status"] == "ok"]
+        T = np.array([r["temperature_K"] for r in ok])
+        D = np.array([r["D_m2_s"] for r in ok])
+        err = np.array([r["D_err_m2_s"] for r in ok])
+        fit = fit_arrhenius(T, D, err)
+        entry[kind] = fit.to_dict()
+        if ok and all(r["D_yeh_hummer_m2_s"] is not None for r in ok):
+            corrected = np.array([r["D_yeh_hummer_m2_s"] for r in ok])
+            entry[f"{kind}_yeh_hummer"] = fit_arrhenius(T, corrected, err).to_dict()
+        series[kind] = plots.ArrheniusSeries(T, D, err, fit.Ea_kJ_mol, fit.Ea_err_kJ_mol, fit.D0_m2_s)
+    if all(entry.get(k, {}).get("status") == "ok" for k in KINDS):
+        aa_ea, cg_ea = entry["aa"]["Ea_kJ_mol"], entry["cg"]["Ea_kJ_mol"]
+        entry["Ea_relative_difference"] = (cg_ea - aa_ea) / aa_ea
+        aa_err, cg_err = entry["aa"]["Ea_err_kJ_mol"], entry["cg"]["Ea_err_kJ_mol"]
+        entry["Ea_relative_difference_err"] = math.hypot(cg_err / aa_ea, cg_ea * aa_err / aa_ea ** 2)
+    return entry, series
 
 
 def target_verdict(metrics: dict, settings: EvaluationSettings) -> dict:
@@ -458,6 +497,75 @@ def _structure(table: dict, settings: EvaluationSettings, metrics: dict, figures
                                                  "angle (degrees)", angles)
 
 
+def _prior_only(prior_runs: Sequence[Run], table: dict, settings: EvaluationSettings, metrics: dict,
+                say: Callable[[str], None]) -> dict:
+    """The ablation: each prior-only CG run against the AA run at its temperature, analysed exactly as
+    the trained model's runs are (rdf, structure, diffusion, d_ratio_cg_aa, arrhenius)."""
+    paired: dict[str, dict[str, Run]] = {}
+    for run in prior_runs:
+        key = next((k for k, v in table.items()
+                    if "aa" in v and abs(v["aa"].temperature_K - run.temperature_K) <= settings.temperature_tolerance_K),
+                   None)
+        if key is None:
+            raise EvaluationError(f"{run.path}: a prior-only run at {run.temperature_K:g} K, but no AA run at that "
+                                  "temperature to compare it with")
+        if key in paired:
+            raise EvaluationError(f"two prior-only runs at {key} K: {paired[key]['cg'].path} and {run.path}; "
+                                  "give one run per temperature")
+        paired[key] = {"aa": table[key]["aa"], "cg": run}
+    paired = {key: paired[key] for key in table if key in paired}
+    out: dict[str, Any] = {"rdf": {}, "structure": {}, "diffusion": {}, "d_ratio_cg_aa": {}, "arrhenius": {}}
+    # The AA diffusion is already measured: only the prior-only runs are analysed again.
+    for species, by_t in metrics["diffusion"].items():
+        for key in paired:
+            if "aa" in by_t.get(key, {}):
+                out["diffusion"].setdefault(species, {})[key] = {"aa": by_t[key]["aa"]}
+    prefixed = lambda message: say(f"prior-only {message}")  # noqa: E731
+    _dynamics({key: {"cg": v["cg"]} for key, v in paired.items()}, settings, out, prefixed)
+    _arrhenius(out)
+    _structure(paired, settings, out, {}, prefixed)  # no figures: the table in the report compares them
+    return out
+
+
+def model_summary(model: dict) -> dict:
+    """One model's fidelity in a few numbers, the rows of the ablation table: per temperature the worst
+    centre-of-mass and bead-type RDF errors, every bonded total-variation difference and D_CG/D_AA;
+    per species the CG activation energy and its difference from AA's."""
+    by_t: dict[str, dict[str, Any]] = {}
+    for entry in model["rdf"].values():
+        for key, m in entry["by_temperature"].items():
+            name = f"worst_{entry['kind']}_rdf_error"
+            row = by_t.setdefault(key, {})
+            if name not in row or m["error"] > row[name]["error"]:
+                row[name] = {"error": m["error"], "pair": "–".join(entry["pair"])}
+    for key, bonded in model["structure"].items():
+        by_t.setdefault(key, {})["bonded_tv"] = {name: m["error"] for group in ("bonds", "angles")
+                                                 for name, m in bonded.get(group, {}).items()}
+    for species, ratios in model["d_ratio_cg_aa"].items():
+        for key, ratio in ratios.items():
+            by_t.setdefault(key, {}).setdefault("d_ratio_cg_aa", {})[species] = {
+                "ratio": ratio.get("ratio"), "error": ratio.get("error")}
+    ea = {species: {"Ea_kJ_mol": entry.get("cg", {}).get("Ea_kJ_mol"),
+                    "Ea_err_kJ_mol": entry.get("cg", {}).get("Ea_err_kJ_mol"),
+                    "relative_difference": entry.get("Ea_relative_difference")}
+          for species, entry in model["arrhenius"].items()}
+    return {"by_temperature": dict(sorted(by_t.items(), key=lambda kv: float(kv[0]))), "Ea": ea}
+
+
+def _held_out_keys(table: dict, settings: EvaluationSettings) -> list[str]:
+    """The table keys of the held-out temperatures; each must have an AA and a CG run."""
+    keys = []
+    for t in settings.held_out_temperatures_K:
+        key = next((k for k, v in table.items() if set(v) >= set(KINDS)
+                    and abs(v["aa"].temperature_K - float(t)) <= settings.temperature_tolerance_K), None)
+        if key is None:
+            paired = ", ".join(k for k, v in table.items() if set(v) >= set(KINDS)) or "none"
+            raise EvaluationError(f"--held-out-temperature {float(t):g}: no AA and CG run pair at that temperature "
+                                  f"(paired temperatures: {paired} K)")
+        keys.append(key)
+    return keys
+
+
 def _density(aa_runs: Sequence[Run], metrics: dict) -> tuple[Any, list]:
     """Fill metrics["density"]: every AA run against the experimental table of its liquid, if known."""
     formulae = aa_runs[0].molecule_formulae
@@ -489,9 +597,13 @@ def evaluate(
     settings: EvaluationSettings | None = None,
     log: Callable[[str], None] | None = None,
     overwrite: bool = False,
+    cg_prior_dirs: Sequence[str | Path] = (),
     **options: Any,
 ) -> dict:
     """Evaluate CG runs against AA runs; writes metrics.json, PNG plots and report.md into ``out_dir``.
+
+    ``cg_prior_dirs``: prior-only CG runs (the ablation, ``simulate --network off``), reported beside
+    the trained model's ``cg_dirs`` under ``prior_only`` and ``ablation``; the verdict is the trained model's.
 
     ``mapping`` is a :class:`~openmm_cgnn.mapping.spec.Mapping` or the path of ``mapping.json``;
     ``options`` override fields of :class:`EvaluationSettings`. Nothing is written until every
@@ -515,14 +627,16 @@ def evaluate(
     # A report replaces only an earlier report (never a model's metrics.json), and only when asked.
     replace = check_output_dir(out_dir, "report", overwrite=overwrite)
 
-    runs = []
-    for kind, dirs in (("aa", aa_dirs), ("cg", cg_dirs)):
+    runs, prior_runs = [], []
+    for kind, dirs, into in (("aa", aa_dirs, runs), ("cg", cg_dirs, runs), ("cg", cg_prior_dirs, prior_runs)):
         for d in dirs:
-            say(f"reading {kind.upper()} run {d}")
-            runs.append(load_run(d, mapping, kind, settings))
-    _check_same_liquid(runs)
-    _check_viscosity_temperatures(runs, settings)
+            say(f"reading {'prior-only CG' if into is prior_runs else kind.upper()} run {d}")
+            into.append(load_run(d, mapping, kind, settings))
+    _check_network(runs, prior_runs)
+    _check_same_liquid(runs + prior_runs)
+    _check_viscosity_temperatures(runs + prior_runs, settings)
     table = _pair_by_temperature(runs, settings.temperature_tolerance_K)
+    held_out = _held_out_keys(table, settings)
 
     metrics: dict[str, Any] = {
         "format": FORMAT,
@@ -530,6 +644,8 @@ def evaluate(
                     "bead_types": mapping.bead_type_names},
         "settings": asdict(settings),
         "runs": [r.summary() for r in runs],
+        "prior_only_runs": [r.summary() for r in prior_runs],
+        "held_out_temperatures_K": held_out,
         "temperatures_K": {
             "paired": [k for k, v in table.items() if len(v) == 2],
             "aa_only": [k for k, v in table.items() if set(v) == {"aa"}],
@@ -539,9 +655,12 @@ def evaluate(
     }
     figures: dict[str, tuple] = {}
     msd_series = _dynamics(table, settings, metrics, say)
-    arrhenius_series = _arrhenius(metrics)
+    arrhenius_series = _arrhenius(metrics, held_out)
     _structure(table, settings, metrics, figures, say)
-    metrics["verdict"] = target_verdict(metrics, settings)
+    metrics["verdict"] = target_verdict(metrics, settings)  # the trained model's, never the ablation's
+    if prior_runs:
+        metrics["prior_only"] = _prior_only(prior_runs, table, settings, metrics, say)
+        metrics["ablation"] = {"trained": model_summary(metrics), "prior_only": model_summary(metrics["prior_only"])}
     reference, density_points = _density([v["aa"] for v in table.values() if "aa" in v], metrics)
 
     # Every number is known: now write, beside an old report that is swapped out at the end.

@@ -72,6 +72,17 @@ class _Notes:
         return new + ([""] if new else [])
 
 
+def _t(metrics: dict[str, Any], key: str, unit: str = "") -> str:
+    """A temperature key (and its unit), marked when its AA run was held out of training."""
+    return f"{key}{unit}" + (" (held out)" if key in metrics.get("held_out_temperatures_K", []) else "")
+
+
+def _ea_difference(entry: dict) -> str:
+    if entry.get("Ea_relative_difference") is None:
+        return ""
+    return f" ({100 * entry['Ea_relative_difference']:+.0f} ± {100 * entry['Ea_relative_difference_err']:.0f}%)"
+
+
 _VERDICT_WORDS = {"met": "**met**", "missed": "**missed**", "not measured": "not measured",
                   "not resolved": "not resolved"}
 
@@ -85,10 +96,12 @@ def _summary(metrics: dict[str, Any]) -> list[str]:
     for species, entry in metrics["arrhenius"].items():
         judged = verdict.get("Ea", {}).get(species, {})
         fitted = [f"{k.upper()} {_ea_cell(entry[k])}" for k in ("aa", "cg") if entry.get(k, {}).get("status") == "ok"]
-        value = ", ".join(fitted) + " kJ/mol" if fitted else "—"
-        if entry.get("Ea_relative_difference") is not None:
-            value += (f" ({100 * entry['Ea_relative_difference']:+.0f} ± "
-                      f"{100 * entry['Ea_relative_difference_err']:.0f}%)")
+        value = (", ".join(fitted) + " kJ/mol" if fitted else "—") + _ea_difference(entry)
+        without = entry.get("without_held_out")
+        if without is not None:  # the verdict is on the fit over every temperature; this one is beside it
+            kept = [f"{k.upper()} {_ea_cell(without[k])}" for k in ("aa", "cg") if without.get(k, {}).get("status") == "ok"]
+            value += (f"; without the held-out {', '.join(metrics['held_out_temperatures_K'])} K: "
+                      + (", ".join(kept) + " kJ/mol" if kept else "no fit") + _ea_difference(without))
         status = _VERDICT_WORDS.get(judged.get("status", ""), "—")
         if judged.get("detail"):
             status += " " + notes.mark(judged["detail"])
@@ -98,13 +111,13 @@ def _summary(metrics: dict[str, Any]) -> list[str]:
         target = f"within {_pct(targets['Ea_relative'])}" if "Ea_relative" in targets else "—"
         rows.append([f"E_a of {species}", value, target, status])
     for species, by_t in metrics["d_ratio_cg_aa"].items():
-        cells = [f"{key} K: {_ratio_cell(r)}" for key, r in by_t.items()]
+        cells = [f"{_t(metrics, key, ' K')}: {_ratio_cell(r)}" for key, r in by_t.items()]
         rows.append([f"D_CG / D_AA of {species}", "; ".join(cells), "—", "—"])
     for group, label in (("com", "molecular centres"), ("bead", "bead types")):
         judged = verdict.get("rdf", {}).get(group)
         if not judged:
             continue
-        value = (f"{_pct(judged['worst_error'])} ({judged['pair']} at {judged['temperature']} K; "
+        value = (f"{_pct(judged['worst_error'])} ({judged['pair']} at {_t(metrics, judged['temperature'], ' K')}; "
                  f"noise floor {_pct(judged['noise_floor'])})")
         status = _VERDICT_WORDS[judged["status"]]
         if judged["status"] == "not resolved":
@@ -127,11 +140,59 @@ def _diffusion_cell(result: dict | None, notes: _Notes, where: str) -> str:
 
 
 def _runs(metrics: dict[str, Any]) -> list[str]:
-    rows = [[r["kind"].upper(), f"{r['temperature_K']:g}", str(r["n_frames"]),
-             f"{r['time_ps'][0]:g}–{r['time_ps'][1]:g}",
+    held = metrics.get("held_out_temperatures_K", [])
+    rows = [[r["kind"].upper() + (" (prior only)" if prior else ""),
+             f"{r['temperature_K']:g}" + (" (held out)" if any(abs(float(k) - r["temperature_K"]) < 0.5 for k in held)
+                                          else ""),
+             str(r["n_frames"]), f"{r['time_ps'][0]:g}–{r['time_ps'][1]:g}",
              ", ".join(f"{n} {s}" for s, n in r["n_molecules"].items()), f"{r['box_nm']:.3f}", f"`{r['path']}`"]
-            for r in metrics["runs"]]
-    return ["## Runs", ""] + _table(["kind", "T (K)", "frames", "time (ps)", "molecules", "box (nm)", "path"], rows)
+            for prior, group in ((False, metrics["runs"]), (True, metrics.get("prior_only_runs", [])))
+            for r in group]
+    out = ["## Runs", ""] + _table(["kind", "T (K)", "frames", "time (ps)", "molecules", "box (nm)", "path"], rows)
+    if held:
+        out += [f"Held out: the AA runs at {', '.join(held)} K were not used in training; the CG model is "
+                "evaluated there as at the training temperatures.", ""]
+    return out
+
+
+def _ablation(metrics: dict[str, Any]) -> list[str]:
+    """The trained model beside the prior-only model (the network switched off): what the network adds."""
+    ablation = metrics.get("ablation")
+    if not ablation:
+        return []
+    out = ["## Ablation: trained model against the prior alone", "",
+           "The prior-only model is the same CG model with the network switched off (the same priors, time step "
+           "and run length). Both are compared with the same AA runs; the verdict above is the trained model's.", ""]
+    species = sorted({s for model in ablation.values() for row in model["by_temperature"].values()
+                      for s in row.get("d_ratio_cg_aa", {})})
+    rows = []
+    for label, name in (("trained", "trained"), ("prior only", "prior_only")):
+        for key, row in ablation[name]["by_temperature"].items():
+            cells = [label, _t(metrics, key)]
+            for group in ("com", "bead"):
+                worst = row.get(f"worst_{group}_rdf_error")
+                cells.append(f"{_pct(worst['error'])} ({worst['pair']})" if worst else "—")
+            tv = row.get("bonded_tv", {})
+            worst_tv = max(tv, key=tv.get) if tv else None
+            cells.append(f"{_pct(tv[worst_tv])} ({worst_tv})" if worst_tv else "—")
+            cells += [_ratio_cell(row.get("d_ratio_cg_aa", {}).get(s)) for s in species]
+            rows.append(cells)
+    out += _table(["model", "T (K)", "worst RDF error, centres", "worst RDF error, beads", "worst bonded TV"]
+                  + [f"D_CG / D_AA {s}" for s in species], rows)
+    rows = [[label, s, _ea_cell({"status": "ok", **e}) if e["Ea_kJ_mol"] is not None else "—",
+             _pct(e["relative_difference"])]
+            for label, name in (("trained", "trained"), ("prior only", "prior_only"))
+            for s, e in ablation[name]["Ea"].items()]
+    out += _table(["model", "species", "E_a CG (kJ/mol)", "CG vs AA"], rows)
+    terms = sorted({t for model in ablation.values() for row in model["by_temperature"].values()
+                    for t in row.get("bonded_tv", {})})
+    rows = [[term, _t(metrics, key), _pct(row.get("bonded_tv", {}).get(term)),
+             _pct(ablation["prior_only"]["by_temperature"].get(key, {}).get("bonded_tv", {}).get(term))]
+            for term in terms for key, row in ablation["trained"]["by_temperature"].items()]
+    if rows:
+        out += ["<details><summary>Bond and angle total-variation differences, trained against prior only</summary>",
+                ""] + _table(["term", "T (K)", "trained", "prior only"], rows) + ["</details>", ""]
+    return out
 
 
 def _dynamics(metrics: dict[str, Any], plots: set[str]) -> list[str]:
@@ -146,7 +207,7 @@ def _dynamics(metrics: dict[str, Any], plots: set[str]) -> list[str]:
     notes = _Notes()
     for species, by_t in metrics["diffusion"].items():
         for key, entry in by_t.items():
-            row = [species, key, _diffusion_cell(entry.get("aa"), notes, f"AA {species} {key} K"),
+            row = [species, _t(metrics, key), _diffusion_cell(entry.get("aa"), notes, f"AA {species} {key} K"),
                    _diffusion_cell(entry.get("cg"), notes, f"CG {species} {key} K"),
                    _ratio_cell(metrics["d_ratio_cg_aa"].get(species, {}).get(key)),
                    " / ".join(f"{entry[k]['box_nm']:.2f}" if k in entry else "—" for k in ("aa", "cg"))]
@@ -196,7 +257,7 @@ def _structure(metrics: dict[str, Any], plots: set[str]) -> list[str]:
             if entry["kind"] != group:
                 continue
             for key, m in entry["by_temperature"].items():
-                rows.append(["–".join(entry["pair"]), key, _pct(m["error"]), _pct(m["noise_floor"]),
+                rows.append(["–".join(entry["pair"]), _t(metrics, key), _pct(m["error"]), _pct(m["noise_floor"]),
                              f"{_num(m['peak_r_nm']['aa'])} / {_num(m['peak_r_nm']['cg'])}",
                              f"{_num(m['peak_g']['aa'], '.2f')} / {_num(m['peak_g']['cg'], '.2f')}"])
         if not rows:
@@ -210,7 +271,7 @@ def _structure(metrics: dict[str, Any], plots: set[str]) -> list[str]:
     for key, bonded in metrics["structure"].items():
         for group, unit, fmt in (("bonds", "nm", ".3f"), ("angles", "deg", ".1f")):
             for name, m in bonded[group].items():
-                rows.append([name, key, _spread(m, unit, "aa", fmt), _spread(m, unit, "cg", fmt), _pct(m["error"]),
+                rows.append([name, _t(metrics, key), _spread(m, unit, "aa", fmt), _spread(m, unit, "cg", fmt), _pct(m["error"]),
                              _pct(m.get("noise_floor"))])
     if rows:
         out += ["Bond and angle distributions (mean ± standard deviation; difference = total-variation "
@@ -251,7 +312,7 @@ def render_report(metrics: dict[str, Any]) -> str:
     out = ["# Evaluation: CG against mapped all-atom runs", ""]
     out += [f"Mapping `{metrics['mapping']['sha256'][:12]}` with bead types "
             + ", ".join(f"`{t}`" for t in metrics["mapping"]["bead_types"]) + ".", ""]
-    out += _summary(metrics) + _runs(metrics) + _dynamics(metrics, plots) + _structure(metrics, plots)
+    out += _summary(metrics) + _ablation(metrics) + _runs(metrics) + _dynamics(metrics, plots) + _structure(metrics, plots)
     out += _density(metrics, plots)
     return "\n".join(out) + "\n"
 

@@ -32,6 +32,11 @@ def _viscosity(values: list[str] | None, option: str) -> float | dict[float, flo
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aa", nargs="+", required=True, metavar="DIR", help="all-atom run directories (frames.h5)")
     parser.add_argument("--cg", nargs="*", default=[], metavar="DIR", help="CG run directories (frames.h5)")
+    parser.add_argument("--cg-prior-only", nargs="+", default=[], metavar="DIR",
+                        help="prior-only CG runs (simulate --network off): the ablation, reported beside the trained model")
+    parser.add_argument("--held-out-temperature", nargs="+", type=float, default=[], metavar="K",
+                        help="temperatures whose AA run was left out of training: marked in the report, and E_a "
+                             "is fitted with and without them")
     parser.add_argument("--mapping", required=True, help="mapping.json (or the directory holding it)")
     parser.add_argument("--out", required=True, metavar="REPORTDIR", help="where metrics.json, plots and report.md go")
     parser.add_argument("--viscosity-pa-s", nargs="+", metavar="ETA",
@@ -79,11 +84,12 @@ def run(args: argparse.Namespace) -> int:
         viscosity_pa_s=_viscosity(args.viscosity_pa_s, "--viscosity-pa-s"),
         cg_viscosity_pa_s=_viscosity(args.cg_viscosity_pa_s, "--cg-viscosity-pa-s"),
         target_ea_relative=args.target_ea, target_rdf_error=args.target_rdf_error,
-        target_bonded_tv=args.target_bonded_tv,
+        target_bonded_tv=args.target_bonded_tv, held_out_temperatures_K=tuple(args.held_out_temperature),
     )
     log = None if args.quiet else (lambda message: print(message, file=sys.stderr))
     try:
-        metrics = evaluate(args.aa, args.cg, args.mapping, args.out, settings=settings, log=log, overwrite=args.overwrite)
+        metrics = evaluate(args.aa, args.cg, args.mapping, args.out, settings=settings, log=log, overwrite=args.overwrite,
+                           cg_prior_dirs=args.cg_prior_only)
     except (EvaluationError, FramesError, MappingError) as exc:
         raise CLIError(str(exc)) from exc
     if not args.quiet:

@@ -82,6 +82,20 @@ def _prior_bond_lengths(source: Path, mapping: Any) -> dict | None:
     return bond_lengths(load_prior(path, mapping.bead_type_names)) if path.exists() else None
 
 
+def dt_of_run(run_dir: Path) -> float:
+    """The time step a finished CG run used (``--dt-from``)."""
+    import json
+
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"--dt-from {run_dir}: cannot read {path} ({exc})") from None
+    if summary.get("kind") != "cg" or str(summary.get("status", "ok")).startswith("failed") or not summary.get("dt_fs"):
+        raise CLIError(f"--dt-from {run_dir}: {path} is not a finished CG run with a time step")
+    return float(summary["dt_fs"])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forcefield", type=Path, required=True, metavar="MODELDIR",
                         help="trained model directory (or an export directory / model.pt)")
@@ -89,6 +103,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, required=True, metavar="K", help="temperature in K")
     parser.add_argument("--steps", type=int, required=True, help="total number of MD steps (a resumed run continues to this)")
     parser.add_argument("--dt-fs", type=float, default=None, help="time step in fs (default: the largest stable step, found by an NVE test)")
+    parser.add_argument("--dt-from", type=Path, default=None, metavar="CGRUN",
+                        help="use the time step of this finished CG run (its summary.json); the prior-only "
+                             "ablation takes the trained run's step")
+    parser.add_argument("--network", choices=["on", "off"], default="on",
+                        help="off: the ablation, the model's prior alone as native OpenMM forces, no network (default on)")
     parser.add_argument("--dt-candidates-fs", type=float, nargs="+", default=None, metavar="FS",
                         help="time steps the stability check tries, largest first (default 20 15 10 8 6 5 4 3 2 1)")
     parser.add_argument("--friction", type=float, default=1.0, metavar="PER_PS", help="Langevin friction in 1/ps (default 1)")
@@ -116,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
     from ..model.checkpoint import check_model_mapping
 
     source, mapping_path = resolve_forcefield(args.forcefield)
+    if args.dt_from is not None:
+        if args.dt_fs is not None:
+            raise CLIError("give --dt-fs or --dt-from, not both")
+        args.dt_fs = dt_of_run(args.dt_from)
     check_writable(args.out)  # before any compute; CGRun checks what --out holds
     config = RunConfig(
         temperature_K=args.temperature, steps=args.steps, dt_fs=args.dt_fs, friction_per_ps=args.friction,
@@ -130,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         mapping = Mapping.load(mapping_path)
         check_model_mapping(source, mapping.sha256(), mapping_path)
         cg = cg_system_from_args(args, mapping, source)
-        force = CGNNForce(source, cg, args.temperature, prior=args.prior)
+        force = CGNNForce(source, cg, args.temperature, prior=args.prior, network=args.network == "on")
         result = CGRun(force, cg, args.out, config, resume=args.resume, overwrite=args.overwrite,
                        metadata={"start": _start_description(args)}).run()
     except SimulationUnstable as exc:

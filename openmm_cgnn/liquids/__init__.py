@@ -44,6 +44,13 @@ class Molecule:
 class Size:
     units: int  # formula units in the box
     temperatures_K: tuple[float, ...]
+    # Of temperatures_K, those whose AA run is left out of mapping and training and used only to
+    # evaluate the CG model at a temperature it never saw (the transfer claim).
+    held_out_K: tuple[float, ...] = ()
+
+    @property
+    def training_temperatures_K(self) -> tuple[float, ...]:
+        return tuple(t for t in self.temperatures_K if t not in self.held_out_K)
 
 
 @dataclass
@@ -180,7 +187,12 @@ def _parse(path: Path, data: Any) -> Liquid:
         if (not isinstance(temps, list) or not temps or len(set(temps)) != len(temps)
                 or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps)):
             raise fail(f"{where}.temperatures_K", f"must be distinct positive temperatures in K, got {temps!r}")
-        sizes[size] = Size(units, tuple(float(t) for t in temps))
+        held = entry.get("held_out_K", [])
+        if (not isinstance(held, list) or len(set(held)) != len(held) or not set(held) <= set(temps)
+                or len(held) >= len(temps)):
+            raise fail(f"{where}.held_out_K", f"must list some of temperatures_K {temps} (not all: training needs one), "
+                                              f"got {held!r}")
+        sizes[size] = Size(units, tuple(float(t) for t in temps), tuple(float(t) for t in held))
 
     density = data.get("experimental_density")
     if density is not None:

@@ -65,6 +65,9 @@ class CGNNForce:
     ``prior``: "auto" (model directory: ``DEFAULT_PRIOR_CARRIER``; model.pt: as it was scripted),
     "openmm" (native forces), "model" (inside the TorchScript module) or "none" (network only).
 
+    ``network=False`` is the ablation: the prior alone, as native forces, and no TorchForce (the
+    prior-only CG model that shows what the network adds). It needs a prior outside the network.
+
     ``neighbor_skin_nm`` (model directories, host-reading module): skin of the reused pair list
     (``build_system_module``; None: its default, 0: search afresh at every step).
     ``max_pairs_per_bead`` (model directories): the pair-list capacity; None: the model's.
@@ -85,9 +88,15 @@ class CGNNForce:
         model_force_group: int = 0,
         neighbor_skin_nm: float | None = None,
         max_pairs_per_bead: float | None = None,
+        network: bool = True,
     ) -> None:
         if prior not in PRIOR_CARRIERS:
             raise ValueError(f"prior must be one of {PRIOR_CARRIERS}, got {prior!r}")
+        if not network:
+            if prior not in ("auto", "openmm"):
+                raise ValueError(f"the network switched off needs the prior as native forces (prior='openmm'), not {prior!r}")
+            prior = "openmm"
+        self.network = network
         self.source = Path(source)
         self.temperature = None if temperature is None else float(temperature)
         self.host_checks = host_checks
@@ -106,6 +115,9 @@ class CGNNForce:
             self._from_model_file(prior)
         else:
             raise ModelMismatchError(f"{self.source}: no model directory or model.pt there")
+        if not network and self.prior is None:
+            raise ModelMismatchError(f"{self.source}: the network switched off leaves no forces: "
+                                     f"this model has no prior outside the network (prior carrier {self.prior_carrier!r})")
         self.check_topology(self.topology)
         self.torch_force: Any = None  # the TorchForce most recently added by add_to
         self.cuda_graphs = False  # whether that force runs the graph-safe module with CUDA graphs
@@ -315,6 +327,9 @@ class CGNNForce:
         if self.prior is not None:
             extra = prior_forces(self.prior, self.bead_type, self.molecule_index, self.metadata["bead_type_names"],
                                  self.prior_force_group)
+        if not self.network:  # the prior-only ablation
+            self.cuda_graphs = False
+            return extra
         module = self.graph_safe_module() if cuda_graphs else None
         self.cuda_graphs = module is not None
         return [self._make_torch_force(module, cuda_graphs=self.cuda_graphs)] + extra
@@ -330,7 +345,7 @@ class CGNNForce:
             name = platform if isinstance(platform, str) or platform is None else platform.getName()
             cuda_graphs = name == "CUDA"
         forces = self.make_forces(cuda_graphs)
-        self.torch_force = forces[0]
+        self.torch_force = forces[0] if self.network else None
         self._system = system
         return [system.addForce(force) for force in forces]
 

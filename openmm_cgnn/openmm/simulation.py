@@ -351,6 +351,7 @@ class CGRun:
             "model": str(self.cgnn.source),
             "model_sha256": model_fingerprint(self.cgnn.source),
             "prior_carrier": self.cgnn.prior_carrier,
+            "network": self.cgnn.network,  # False: the prior-only ablation
             "temperature_K": self.config.temperature_K,
             "dt_fs": dt_fs,
             "dt_chosen_by": "user" if self.config.dt_fs is not None else "stability check",
@@ -471,6 +472,7 @@ class CGRun:
             "temperature_K": cfg.temperature_K,
             "forcefield": str(self.cgnn.source),
             "prior_carrier": self.cgnn.prior_carrier,
+            "network": self.cgnn.network,
             "seed": cfg.seed,
             "platform": platform.getName(),
             "dt_fs": dt_fs,
@@ -606,6 +608,7 @@ class CGRun:
             "temperature_K": cfg.temperature_K,
             "save_every_steps": cfg.save_every_steps,
             "n_beads": self.cg.n_beads,
+            "network": self.cgnn.network,
         }
         for key, value in checks.items():
             if key in previous and previous[key] != value:
