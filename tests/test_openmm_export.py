@@ -121,6 +121,37 @@ def test_serialized_system_round_trips(exported):
     assert meta["round_trip_check"]["reloaded_potential_energy_kj_mol"] == meta["round_trip_check"]["potential_energy_kj_mol"]
 
 
+def test_system_xml_carries_the_graph_safe_module_and_gives_the_model_forces(exported, cg, model_dir):
+    """system.xml runs with useCUDAGraphs=true (a module without host reads); deserialized on the CPU
+    platform it gives the eager model's energy and forces, and NaN (not a crash) in a second Context
+    whose box is too small."""
+    from openmm_cgnn.model import load_model
+
+    xml = (exported / "system.xml").read_text()
+    assert '<Property name="useCUDAGraphs" value="true"' in xml
+    meta = json.loads((exported / "metadata.json").read_text())
+    assert meta["system_xml_module"]["graph_safe"] and meta["system_xml_module"]["useCUDAGraphs"]
+    system = openmm.XmlSerializer.deserialize(xml)
+    pdb = app.PDBFile(str(exported / "cg.pdb"))
+    positions = np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(openmm.unit.nanometer))
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"))
+    context.setPositions(pdb.positions)
+    state = context.getState(getEnergy=True, getForces=True)
+    model = load_model(model_dir)
+    model.set_temperature(350.0)
+    energy, forces = model.energy_and_forces(torch.tensor(positions)[None], torch.tensor(cg.box)[None],
+                                             torch.as_tensor(cg.bead_type), torch.as_tensor(cg.molecule_index))
+    # the prior runs as native OpenMM forces (float64 there); the model in float32
+    assert state.getPotentialEnergy()._value == pytest.approx(float(energy[0]), rel=1e-5)
+    np.testing.assert_allclose(state.getForces(asNumpy=True)._value, forces[0].numpy(), rtol=1e-4,
+                               atol=1e-4 * float(forces.abs().max()))
+    second = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"))
+    second.setPeriodicBoxVectors(*(np.asarray(cg.box) * 0.6))  # under twice the cutoff
+    second.setPositions(positions * 0.6)
+    state = second.getState(getEnergy=True, getForces=True)
+    assert np.isnan(state.getPotentialEnergy()._value) and np.isnan(state.getForces(asNumpy=True)._value).all()
+
+
 def test_export_refuses_to_replace_without_overwrite(exported, cg, model_dir):
     before = (exported / "system.xml").read_text()
     with pytest.raises(ExportError, match="use --overwrite"):

@@ -167,15 +167,82 @@ def test_cli_simulate_user_errors(model_dir, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_setup_failures_do_not_crash_libtorch(cg, tmp_path):
-    """A model that cannot evaluate the start fails set-up with a clear error, again and again.
-
-    libtorch used to crash the process when the scripted model raised in a second Context after
-    raising in a first; the set-up stages now run the model without host checks (NaN instead).
-    """
+def test_setup_overflow_regrows_the_pair_list_and_finishes(cg, tmp_path):
+    """A start with more pairs than the capacity: set-up regrows the list (no NaN verdict on any
+    time step) and the run finishes, twice in one process (libtorch used to crash when the module
+    raised in a second Context)."""
     crowded = cg.with_positions(cg.positions * 0.3)  # far more pairs than the model's capacity
     force = CGNNForce(make_model_dir(tmp_path / "small", max_pairs_per_bead=4.0), crowded)
-    for attempt in range(3):
-        run = CGRun(force, crowded, tmp_path / f"run{attempt}", config(dt_fs=None, minimize=attempt != 1), log=lambda m: None)
-        with pytest.raises(SimulationUnstable, match="NaN"):
-            run.run()
+    for attempt in range(2):
+        run = CGRun(force, crowded, tmp_path / f"run{attempt}", config(dt_fs=None, steps=20, dt_candidates_fs=(10.0, 4.0)),
+                    log=lambda m: None)
+        summary = run.run().summary
+        assert summary["status"] == "finished"
+        if attempt == 0:  # the force keeps its regrown list for later runs
+            regrown = summary["pair_list_regrown"]
+            assert regrown and regrown[0]["where"] == "the starting structure"
+            assert regrown[0]["pair_count"] > regrown[0]["pair_capacity"] == 64
+            assert summary["max_pairs_per_bead"] == regrown[-1]["max_pairs_per_bead"] > 4.0
+        assert all("NaN" not in r["reason"] for r in summary["dt_stability"])
+
+
+def test_production_overflow_regrows_from_the_checkpoint(cg, tmp_path):
+    """The start fits the capacity (71 pairs in 72); thermal motion overflows it during the run:
+    the runner replays from the checkpoint, names the step, regrows, and the run finishes."""
+    force = CGNNForce(make_model_dir(tmp_path / "tight", max_pairs_per_bead=4.5), cg)
+    run = CGRun(force, cg, tmp_path / "run", config(dt_fs=4.0, minimize=False, thermalize_steps=0, steps=40),
+                log=lambda m: None)
+    summary = run.run().summary
+    assert summary["status"] == "finished" and summary["steps_done"] == 40 and summary["n_frames"] == 3
+    (regrow,) = summary["pair_list_regrown"]
+    assert regrow["where"].startswith("production run, step ")
+    assert regrow["pair_count"] > regrow["pair_capacity"] == 72
+    frames = read_frames(tmp_path / "run" / "frames.h5")
+    assert np.isfinite(frames.positions).all() and len(frames.positions) == 3
+    # a later --resume with a fresh force starts from the capacity the run had grown to
+    more = CGRun(CGNNForce(tmp_path / "tight", cg), cg, tmp_path / "run", config(dt_fs=4.0, steps=60), resume=True,
+                 log=lambda m: None).run().summary
+    assert more["status"] == "finished" and more["max_pairs_per_bead"] == regrow["max_pairs_per_bead"]
+
+
+def test_overflow_without_regrow_fails_with_the_cause(cg, tmp_path):
+    """A model.pt cannot be scripted again: set-up fails with one line naming the count, the
+    capacity and the way out, and summary.json records the failure and its cause."""
+    crowded = cg.with_positions(cg.positions * 0.3)
+    source = CGNNForce(make_model_dir(tmp_path / "small", max_pairs_per_bead=4.0), cg)
+    force = CGNNForce(source.save_model(tmp_path / "model.pt"), crowded)
+    run = CGRun(force, crowded, tmp_path / "run", config(dt_fs=None, dt_candidates_fs=(10.0, 4.0)), log=lambda m: None)
+    with pytest.raises(SimulationUnstable, match=r"pair-list overflow: \d+ intermolecular pairs .*capacity 64 .*"
+                                                 r"export the model again with a larger max_pairs_per_bead") as info:
+        run.run()
+    assert "\n" not in str(info.value)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed: set-up" and "pair-list overflow" in summary["error"]
+    assert summary["cause"]["causes"] == ["pair_overflow"] and summary["cause"]["pair_capacity"] == 64
+
+
+def test_production_overflow_of_a_model_pt_stops_with_the_cause(cg, tmp_path):
+    """Without a model directory to script again, the overflow in the run ends it: one line with the
+    step, the count, the capacity and the way out; summary.json keeps the cause; frames are kept."""
+    source = CGNNForce(make_model_dir(tmp_path / "tight", max_pairs_per_bead=4.5), cg)
+    force = CGNNForce(source.save_model(tmp_path / "model.pt"), cg)
+    run = CGRun(force, cg, tmp_path / "run", config(dt_fs=4.0, minimize=False, thermalize_steps=0, steps=40),
+                log=lambda m: None)
+    with pytest.raises(SimulationUnstable, match=r"production run, step \d+\. Kept \d+ frames .*pair-list overflow: "
+                                                 r"\d+ intermolecular pairs .*capacity 72"):
+        run.run()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed: unstable" and summary["cause"]["causes"] == ["pair_overflow"]
+    assert summary["cause"]["pair_count"] > 72 and summary["n_frames"] >= 1
+
+
+def test_time_step_search_regrows_on_overflow_instead_of_calling_the_step_unstable(cg, tmp_path):
+    """The start fits the capacity (71 pairs in 72), the NVE tests overflow it: the search regrows
+    the list and tests the same step again; no candidate is marked unstable for a NaN."""
+    force = CGNNForce(make_model_dir(tmp_path / "tight", max_pairs_per_bead=4.5), cg)
+    run = CGRun(force, cg, tmp_path / "run", config(dt_fs=None, minimize=False, thermalize_steps=0, steps=20,
+                                                   dt_candidates_fs=(8.0, 4.0)), log=lambda m: None)
+    summary = run.run().summary
+    assert summary["status"] == "finished"
+    assert summary["pair_list_regrown"][0]["where"].startswith("time-step test at 8 fs, step ")
+    assert all("NaN" not in r["reason"] and "OpenMM error" not in r["reason"] for r in summary["dt_stability"])

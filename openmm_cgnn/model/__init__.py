@@ -2,14 +2,23 @@
 
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
 from .config import HybridGraphConfig
-from .export import export_for_frames, read_metadata, save_scripted, script_for_system, system_metadata
+from .export import (
+    Diagnosis,
+    build_system_module,
+    diagnose,
+    export_for_frames,
+    read_metadata,
+    save_scripted,
+    script_for_system,
+    system_metadata,
+)
 from .hybridgraph import CGEnergy, CGModel, HybridGraphNet
 from .neighbors import CellNeighborSearch, DenseNeighborSearch, make_neighbor_search, suggest_max_pairs_per_bead
 from .priors import ExcludedVolumePrior, HarmonicAnglePrior, HarmonicBondPrior, PriorSet, fit_priors
 from .system import SystemTensors, build_system_tensors
 
 __all__ = [
-    "CGEnergy", "CGModel", "CellNeighborSearch", "DenseNeighborSearch", "ExcludedVolumePrior", "HarmonicAnglePrior",
+    "CGEnergy", "CGModel", "Diagnosis", "build_system_module", "diagnose", "CellNeighborSearch", "DenseNeighborSearch", "ExcludedVolumePrior", "HarmonicAnglePrior",
     "HarmonicBondPrior", "HybridGraphConfig", "HybridGraphNet", "PriorSet", "SystemTensors", "build_system_tensors",
     "export_for_frames", "fit_priors", "load_model", "make_neighbor_search", "read_checkpoint", "read_metadata",
     "save_checkpoint", "save_scripted", "script_for_system", "suggest_max_pairs_per_bead", "system_metadata",

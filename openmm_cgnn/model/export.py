@@ -1,17 +1,27 @@
-"""TorchScript export for openmm-torch's ``TorchForce``.
+"""The system module for openmm-torch's ``TorchForce``, and its TorchScript export.
 
-The exported module has the TorchForce contract ``forward(positions[N,3], boxvectors[3,3]) -> energy``
+The module has the TorchForce contract ``forward(positions[N,3], boxvectors[3,3]) -> energy``
 (nm in, kJ/mol out). openmm-torch passes float64 positions on the Reference/CPU platforms and the
 context's precision on CUDA; the module computes in the model's dtype and returns a float64
 scalar (openmm-torch reads it with ``item<double>()`` and takes forces from autograd, which
 returns them in the positions' dtype). The system's topology is baked in as buffers.
 
-Errors inside the module:
-- ``host_checks=True`` (default): NaN positions, a box under twice the cutoff and pair-list
-  overflow raise a RuntimeError naming the problem. This reads one flag on the host per call.
-- ``host_checks=False``: for ``TorchForce.setProperty("useCUDAGraphs", "true")``; nothing is read
-  on the host and the same conditions make the energy (and so the forces) NaN, which OpenMM
-  then reports as a NaN energy / coordinate.
+Bad data never raises inside the module. An exception thrown by a scripted module inside
+openmm-torch can take the whole process down (a segmentation fault once a second Context exists),
+and under CUDA graphs nothing can be raised at all. NaN/inf positions or box vectors, a box under
+twice the cutoff, a pair-list overflow and a cell overflow all give a NaN energy *and* a NaN force
+on every component of every particle; OpenMM's NaN check or the runner's own check notices, and
+:func:`diagnose` (or the module's exported ``diagnose`` method) evaluates the same module on the
+offending positions to name the cause: the :class:`~openmm_cgnn.model.geometry.Flag` bits and the
+pair count against the capacity.
+
+Two variants with the same error semantics (``build_system_module(..., host_checks=...)``):
+
+- host-reading (``host_checks=True``, the default; for the CPU and Reference platforms): the pair
+  list is reused with a skin (``VerletNeighborSearch``) and cut to the pairs found, which reads a
+  few values on the host per call;
+- graph-safe (``host_checks=False``; for ``TorchForce.setProperty("useCUDAGraphs", "true")``):
+  no host reads at all and static shapes; every call searches afresh over the full capacity.
 """
 
 from __future__ import annotations
@@ -22,14 +32,16 @@ import math
 import os
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .hybridgraph import CGEnergy, CGModel
+from .geometry import FLAG_BOX_TOO_SMALL, FLAG_CELL_OVERFLOW, FLAG_NONFINITE, FLAG_PAIR_OVERFLOW, Flag, box_too_small
+from .hybridgraph import CGEnergy, CGModel, describe_flags
 from .neighbors import (
     DEFAULT_SKIN_NM,
     CellNeighborSearch,
@@ -48,7 +60,7 @@ class SystemForce(nn.Module):
 
     def __init__(self, energy: CGEnergy, system: SystemTensors, inverse_temperature: float,
                  reference_temperature: float, uses_temperature: bool, include_prior: bool, host_checks: bool,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, cutoff_nm: float):
         super().__init__()
         self.energy = energy
         for name, value in system._asdict().items():
@@ -57,9 +69,12 @@ class SystemForce(nn.Module):
         self.reference_temperature = float(reference_temperature)
         self.uses_temperature = bool(uses_temperature)
         self.include_prior = bool(include_prior)
-        self.host_checks = bool(host_checks)
+        self.host_checks = bool(host_checks)  # host reads allowed (skin reuse, pair trimming)
+        self.graph_safe = not self.host_checks
+        self.cutoff_nm = float(cutoff_nm)  # the largest interaction range: the box must be twice as wide
         self.n_beads = int(system.bead_type.shape[0])
-        self.capacity = pair_capacity(self.n_beads, energy.neighbors.max_pairs_per_bead)
+        self.max_pairs_per_bead = float(energy.neighbors.max_pairs_per_bead)
+        self.capacity = pair_capacity(self.n_beads, self.max_pairs_per_bead)
         search = energy.neighbors
         self.neighbor_skin_nm = float(search.skin) if isinstance(search, VerletNeighborSearch) else 0.0
         if isinstance(search, VerletNeighborSearch):
@@ -78,7 +93,9 @@ class SystemForce(nn.Module):
             raise RuntimeError("set_temperature: temperature_K must be positive")
         self.inverse_temperature.fill_(1.0 / temperature_K)
 
-    def evaluate(self, positions: Tensor, boxvectors: Tensor, inverse_temperature: Tensor) -> Tensor:
+    def flagged_energy(self, positions: Tensor, boxvectors: Tensor,
+                       inverse_temperature: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(energy () float64, flags () int, intermolecular pair count ()) of one frame."""
         if positions.dim() != 2 or positions.shape[0] != self.n_beads or positions.shape[1] != 3:
             raise RuntimeError(f"positions must have shape ({self.n_beads}, 3) (CG topology order)")
         if boxvectors.dim() != 2 or boxvectors.shape[0] != 3 or boxvectors.shape[1] != 3:
@@ -91,23 +108,26 @@ class SystemForce(nn.Module):
             feature = (inverse_temperature.to(dtype).reshape(1) * self.reference_temperature - 1.0)
         energy, flags, count = self.energy(pos, box, self.system(), feature, True, self.include_prior)
         nonfinite = ~(torch.isfinite(pos).all() & torch.isfinite(box).all())
-        flags = flags | torch.where(nonfinite, 8, 0)  # FLAG_NONFINITE
-        if self.host_checks:
-            code = int(flags[0])
-            if code != 0:
-                reasons: list[str] = []
-                if code & 8:
-                    reasons.append("positions or box vectors contain NaN/inf")
-                if code & 2:
-                    reasons.append("box smaller than twice the model cutoff (or than its cell grid)")
-                if code & 1:
-                    reasons.append("intermolecular pairs (" + str(int(count[0])) + ") exceed the pair capacity ("
-                                   + str(self.capacity) + "): re-export with a larger max_pairs_per_bead")
-                if code & 4:
-                    reasons.append("a cell-list cell overflowed: re-export with neighbor_backend='dense'")
-                raise RuntimeError("CG model: " + "; ".join(reasons))
-            return energy[0]
-        return torch.where(flags[0] != 0, torch.full_like(energy[0], math.nan), energy[0])
+        flags = flags | torch.where(nonfinite, Flag.NONFINITE.value, 0)
+        # the searches check their own cutoff; the intramolecular one may reach further
+        flags = flags | torch.where(box_too_small(box, self.cutoff_nm), Flag.BOX_TOO_SMALL.value, 0)
+        return energy[0], flags[0], count[0]
+
+    def evaluate(self, positions: Tensor, boxvectors: Tensor, inverse_temperature: Tensor) -> Tensor:
+        energy, flags, count = self.flagged_energy(positions, boxvectors, inverse_temperature)
+        # Bad data: NaN energy and NaN forces on every particle, without a host read. A NaN chosen
+        # by torch.where would send no gradient (forces exactly 0), and a NaN factor on the energy
+        # alone leaves beads outside every pair at zero force; a NaN times the positions reaches
+        # every component. With good data the term is exactly 0 and changes nothing, bit for bit.
+        poison = torch.where(flags != 0, math.nan, 0.0)
+        return energy + (positions * poison.to(positions.dtype)).sum().to(energy.dtype)
+
+    @torch.jit.export
+    def diagnose(self, positions: Tensor, boxvectors: Tensor) -> Tuple[Tensor, Tensor]:
+        """(flags, intermolecular pair count) of the same evaluation ``forward`` makes; why it gave NaN."""
+        with torch.no_grad():
+            _, flags, count = self.flagged_energy(positions.detach(), boxvectors.detach(), self.inverse_temperature)
+        return flags, count
 
     def forward(self, positions: Tensor, boxvectors: Tensor) -> Tensor:
         return self.evaluate(positions, boxvectors, self.inverse_temperature)
@@ -124,20 +144,24 @@ class SystemForceWithTemperature(SystemForce):
         return self.evaluate(positions, boxvectors, 1.0 / temperature)
 
 
-def script_for_system(
+def build_system_module(
     model: CGModel, bead_type, molecule_index, temperature_K: float | None = None, include_prior: bool = True,
     neighbor_backend: str | None = None, box=None, host_checks: bool = True, temperature_parameter: bool = False,
     max_pairs_per_bead: float | None = None, neighbor_skin_nm: float | None = None,
-) -> torch.jit.ScriptModule:
-    """Script ``model`` for one CG system (bead types and molecule of each bead, CG topology order).
+) -> SystemForce:
+    """The plain ``nn.Module`` of ``model`` for one CG system (bead types and molecule of each bead,
+    CG topology order); :func:`script_for_system` scripts it for TorchForce.
 
     ``temperature_K`` is required for models with the 1/T input. ``neighbor_backend`` overrides the
-    model's; "cell" needs ``box`` (3x3, nm) to fix its grid, and "auto" without a box gives "dense". ``temperature_parameter=True`` exports
-    the 3-argument variant (T as an OpenMM global parameter).
+    model's; "cell" needs ``box`` (3x3, nm) to fix its grid, and "auto" without a box gives "dense".
+    ``temperature_parameter=True`` builds the 3-argument variant (T as an OpenMM global parameter).
+    ``max_pairs_per_bead`` overrides the model's pair-list capacity (the runner regrows it this way).
 
-    ``neighbor_skin_nm``: with host checks and a ``box``, the pair list is built with this skin and
-    reused while it stays exact (``VerletNeighborSearch``; default ``DEFAULT_SKIN_NM``; 0 turns it
-    off). Without host checks (CUDA graphs) every call searches afresh.
+    ``host_checks=True``: the host-reading variant (CPU/Reference). With a ``box``, the pair list is
+    built with the skin ``neighbor_skin_nm`` and reused while it stays exact (``VerletNeighborSearch``;
+    default ``DEFAULT_SKIN_NM``; 0 turns it off), and it is cut to the pairs found.
+    ``host_checks=False``: the graph-safe variant (CUDA graphs): no host reads, static shapes, a
+    fresh search at every call. Both give NaN energy and forces on bad data (module docstring).
     """
     config = model.config
     bead_type = torch.as_tensor(bead_type, dtype=torch.long).cpu()
@@ -153,9 +177,11 @@ def script_for_system(
     box_t = None if box is None else torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(1, 3, 3)
     if box_t is not None and float(torch.diagonal(box_t[0]).min()) < 2 * model.cutoff_nm:
         raise ValueError(f"box is smaller than twice the model cutoff ({model.cutoff_nm} nm)")
+    capacity_per_bead = float(max_pairs_per_bead or config.max_pairs_per_bead)
+    if not (math.isfinite(capacity_per_bead) and capacity_per_bead > 0):
+        raise ValueError(f"max_pairs_per_bead must be positive, got {max_pairs_per_bead!r}")
     device = torch.device("cpu")
     energy = copy.deepcopy(model.energy).to(device).eval()
-    capacity_per_bead = max_pairs_per_bead or config.max_pairs_per_bead
     skin = (DEFAULT_SKIN_NM if neighbor_skin_nm is None else float(neighbor_skin_nm)) if host_checks else 0.0
     if skin < 0 or not math.isfinite(skin):
         raise ValueError(f"neighbor_skin_nm must be >= 0, got {neighbor_skin_nm!r}")
@@ -168,13 +194,72 @@ def script_for_system(
     energy.neighbors = energy.neighbors.to(device)
     for parameter in energy.parameters():
         parameter.requires_grad_(False)
-    energy.trim_pairs = bool(host_checks)  # the host read is already paid for by the checks
+    energy.trim_pairs = bool(host_checks)  # a host read: never in the graph-safe variant
     system = build_system_tensors(bead_type, molecule_index, model.prior if include_prior else None, device=device,
                                   dtype=model.dtype)
     cls = SystemForceWithTemperature if temperature_parameter else SystemForce
-    module = cls(energy, system, inverse_temperature, config.reference_temperature_K, config.use_temperature,
-                 include_prior, host_checks, model.dtype)
-    return torch.jit.script(module)
+    return cls(energy, system, inverse_temperature, config.reference_temperature_K, config.use_temperature,
+               include_prior, host_checks, model.dtype, model.cutoff_nm)
+
+
+def script_for_system(model: CGModel, bead_type, molecule_index, *args: Any, **kwargs: Any) -> torch.jit.ScriptModule:
+    """:func:`build_system_module` scripted for openmm-torch's TorchForce (same arguments)."""
+    return torch.jit.script(build_system_module(model, bead_type, molecule_index, *args, **kwargs))
+
+
+@dataclass
+class Diagnosis:
+    """Why a system module gave NaN for one configuration (:func:`diagnose`)."""
+
+    flags: int  # Flag bits; 0: the module saw nothing wrong
+    count: int  # intermolecular pairs found within the search cutoff
+    capacity: int  # pairs the list holds
+    max_pairs_per_bead: float
+    n_beads: int
+    cutoff_nm: float
+
+    @property
+    def pair_overflow(self) -> bool:
+        """The pair list is the problem: it overflowed with finite positions in a box of legal
+        size (a box under twice the cutoff crowds the list too, but a larger list cannot help)."""
+        return bool(self.flags & FLAG_PAIR_OVERFLOW) and not self.flags & (FLAG_NONFINITE | FLAG_BOX_TOO_SMALL)
+
+    @property
+    def cell_overflow(self) -> bool:
+        return bool(self.flags & FLAG_CELL_OVERFLOW)
+
+    def grown_max_pairs_per_bead(self, margin: float = 1.3) -> float:
+        """A capacity per bead with ``margin`` head-room over the count seen (and above the old one)."""
+        wanted = math.ceil(margin * 2.0 * self.count / max(self.n_beads, 1))
+        return float(max(wanted, math.floor(self.max_pairs_per_bead) + 1))
+
+    def causes(self) -> list[str]:
+        """The flag names set, lower case ("pair_overflow", "nonfinite", ...)."""
+        return [flag.name.lower() for flag in Flag if self.flags & flag.value]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"causes": self.causes(), "flags": self.flags, "pair_count": self.count, "pair_capacity": self.capacity,
+                "max_pairs_per_bead": self.max_pairs_per_bead, "message": self.message()}
+
+    def message(self) -> str:
+        if not self.flags:
+            return "the model reports no problem with these positions"
+        return describe_flags(self.flags, self.capacity, self.count, self.cutoff_nm)
+
+
+def diagnose(module: Any, positions, box) -> Diagnosis | None:
+    """Evaluate the system module (scripted or not) on one configuration and say what is wrong.
+
+    ``positions`` (N, 3) and ``box`` (3, 3) in nm. None for modules without the ``diagnose``
+    method (model.pt files written before it existed, or other TorchForce modules).
+    """
+    if not hasattr(module, "diagnose"):
+        return None
+    positions = torch.as_tensor(np.asarray(positions, dtype=np.float64))
+    box = torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(3, 3)
+    flags, count = module.diagnose(positions, box)
+    return Diagnosis(int(flags), int(count), int(module.capacity), float(module.max_pairs_per_bead),
+                     int(module.n_beads), float(module.cutoff_nm))
 
 
 def system_metadata(
@@ -264,5 +349,6 @@ def export_for_frames(
     metadata["neighbor_skin_nm"] = module.neighbor_skin_nm
     metadata["max_pairs_per_bead"] = float(script_kw.get("max_pairs_per_bead") or model.config.max_pairs_per_bead)
     metadata["host_checks"] = bool(script_kw.get("host_checks", True))
+    metadata["graph_safe"] = not metadata["host_checks"]
     metadata["temperature_parameter"] = bool(script_kw.get("temperature_parameter", False))
     return save_scripted(module, path, metadata)

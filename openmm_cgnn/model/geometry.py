@@ -9,16 +9,30 @@ Everything here is TorchScript-compatible and free of host synchronisation.
 
 from __future__ import annotations
 
+import enum
 import math
 
 import torch
 from torch import Tensor
 
-# Bit flags reported per frame by the energy function (see CGEnergy.forward).
-FLAG_PAIR_OVERFLOW = 1
-FLAG_BOX_TOO_SMALL = 2
-FLAG_CELL_OVERFLOW = 4
-FLAG_NONFINITE = 8
+
+class Flag(enum.Enum):
+    """Bit flags reported per frame by the neighbour searches and the energy (CGEnergy.forward).
+
+    The one definition of the bits: TorchScript reads ``Flag.X.value`` as a constant (it cannot
+    read module-level ints), Python code uses the FLAG_* aliases below.
+    """
+
+    PAIR_OVERFLOW = 1  # more intermolecular pairs than the pair list holds
+    BOX_TOO_SMALL = 2  # box under twice the cutoff (or narrower than the cell grid it was built for)
+    CELL_OVERFLOW = 4  # a cell of the cell list holds more beads than its slots
+    NONFINITE = 8  # positions or box vectors contain NaN/inf
+
+
+FLAG_PAIR_OVERFLOW = Flag.PAIR_OVERFLOW.value
+FLAG_BOX_TOO_SMALL = Flag.BOX_TOO_SMALL.value
+FLAG_CELL_OVERFLOW = Flag.CELL_OVERFLOW.value
+FLAG_NONFINITE = Flag.NONFINITE.value
 
 
 def minimum_image(delta: Tensor, box: Tensor) -> Tensor:

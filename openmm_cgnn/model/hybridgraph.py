@@ -177,7 +177,9 @@ def describe_flags(flags: int, capacity: int, count: int, cutoff: float) -> str:
     if flags & FLAG_BOX_TOO_SMALL:
         reasons.append(f"box smaller than twice the cutoff {cutoff} nm (or than the cell grid it was built for)")
     if flags & FLAG_PAIR_OVERFLOW:
-        reasons.append(f"{count} intermolecular pairs exceed the pair capacity {capacity}: raise max_pairs_per_bead")
+        # in a box under twice the cutoff the minimum image crowds the list: a larger one is no cure
+        cure = "a consequence of the small box" if flags & FLAG_BOX_TOO_SMALL else "raise max_pairs_per_bead"
+        reasons.append(f"{count} intermolecular pairs exceed the pair capacity {capacity}: {cure}")
     if flags & FLAG_CELL_OVERFLOW:
         reasons.append("a cell-list cell overflowed: raise cell_capacity_factor or use neighbor_backend='dense'")
     return "; ".join(reasons)

@@ -4,9 +4,10 @@ Both searches return a *half* pair list (each unordered pair once) of fixed capa
 ``ceil(N * max_pairs_per_bead / 2)`` with a validity mask: the output shapes depend only on the
 number of beads, and no step reads a device value on the host, so the whole search can be
 captured in a CUDA graph (openmm-torch ``useCUDAGraphs``). Selected pairs are packed into the
-list with a prefix sum and a scatter instead of ``nonzero``. Overflow is reported per frame in
-``count > capacity`` and in the returned flags; the callers turn it into an error (eager, or
-scripted with host checks) or into a NaN energy (scripted, CUDA-graph mode).
+list with a prefix sum and a scatter instead of ``nonzero``; padding slots point at distinct beads
+(:func:`spread_padding`). Overflow is reported per frame in ``count > capacity`` and in the
+returned flags (bits of :class:`~openmm_cgnn.model.geometry.Flag`); the eager model turns them into
+an error, the exported module into NaN energy and forces (model/export.py).
 
 - ``dense``: minimum image over all N^2 bead pairs. Fewest kernels; best below a few thousand beads.
 - ``cell``: a fixed grid of >= 3 cells per box vector (cell widths >= cutoff), each cell holding at
@@ -16,7 +17,7 @@ scripted with host checks) or into a NaN energy (scripted, CUDA-graph mode).
 Both are plain TorchScript (no custom operators), so a saved model needs nothing at load time.
 
 - ``VerletNeighborSearch`` wraps either for single-system use where a host read is allowed (the
-  exported module with host checks): it keeps a list built with ``cutoff + skin`` and reuses it
+  exported host-reading module): it keeps a list built with ``cutoff + skin`` and reuses it
   while no bead has moved more than half the skin, which finds exactly the pairs a fresh search
   would (Verlet's argument), at a fraction of the cost.
 """
@@ -29,9 +30,8 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-# Flag bits (TorchScript cannot read module-level ints): 1 pair overflow, 2 box too small,
-# 4 cell overflow; see FLAG_* in geometry.py.
 from .geometry import (
+    Flag,
     all_pair_distance2,
     minimum_image,
     pair_vectors,
@@ -49,11 +49,27 @@ def pair_capacity(n_beads: int, max_pairs_per_bead: float) -> int:
     return max(1, int(math.ceil(n_beads * max_pairs_per_bead / 2.0)))
 
 
+def spread_padding(index_i: Tensor, index_j: Tensor, valid: Tensor, n_beads: int) -> Tuple[Tensor, Tensor]:
+    """Point the invalid (padding) slots of a pair list at distinct beads: slot k gets the pair
+    (k mod N, (k + 1) mod N).
+
+    Padding carries zero weight, but the ``index_add``s of the network and the backwards of its
+    ``index_select``s and ``gather``s still touch its rows; all on one row, as ``compact`` leaves
+    them, that is one atomic add per padding slot to a single address on a GPU. Valid slots are
+    unchanged, so results for the pairs found are the same bit for bit.
+    """
+    slot = torch.arange(index_i.shape[1], device=index_i.device).unsqueeze(0)
+    pad_i = torch.remainder(slot, n_beads)
+    pad_j = torch.remainder(slot + 1, n_beads)
+    return torch.where(valid, index_i, pad_i), torch.where(valid, index_j, pad_j)
+
+
 def compact(selected: Tensor, capacity: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Positions of the True entries of ``selected[B, M]`` packed into ``capacity`` slots per row.
 
     Returns (source[B, C] long, valid[B, C] bool, count[B] long). Slots past ``count`` point at
-    entry 0 and are invalid. Entries beyond the capacity are dropped (``count`` still counts them).
+    entry 0 and are invalid (:func:`spread_padding` moves them off it). Entries beyond the capacity
+    are dropped (``count`` still counts them).
     """
     batch = selected.shape[0]
     size = selected.shape[1]
@@ -91,8 +107,9 @@ class DenseNeighborSearch(nn.Module):
             source, valid, count = compact(selected.reshape(batch, n_beads * n_beads), capacity)
             index_i = torch.div(source, n_beads, rounding_mode="floor")
             index_j = source - index_i * n_beads
-            flags = torch.where(count > capacity, 1, 0)
-            flags = flags | torch.where(box_too_small(box, self.cutoff), 2, 0)
+            index_i, index_j = spread_padding(index_i, index_j, valid, n_beads)
+            flags = torch.where(count > capacity, Flag.PAIR_OVERFLOW.value, 0)
+            flags = flags | torch.where(box_too_small(box, self.cutoff), Flag.BOX_TOO_SMALL.value, 0)
         return index_i, index_j, valid, count, flags
 
 
@@ -186,11 +203,12 @@ class CellNeighborSearch(nn.Module):
             source, valid, count = compact(selected.reshape(batch, n_beads * per_bead), capacity)
             index_i = torch.div(source, per_bead, rounding_mode="floor")
             index_j = torch.gather(flat, 1, source)
-            flags = torch.where(count > capacity, 1, 0)
-            flags = flags | torch.where(cell_overflow, 4, 0)
+            index_i, index_j = spread_padding(index_i, index_j, valid, n_beads)
+            flags = torch.where(count > capacity, Flag.PAIR_OVERFLOW.value, 0)
+            flags = flags | torch.where(cell_overflow, Flag.CELL_OVERFLOW.value, 0)
             # The grid is only valid while every cell is at least one cutoff wide.
             narrow = (box_widths(box) < self.cutoff * self.grid_sizes.to(box.dtype)).any(dim=1)
-            flags = flags | torch.where(narrow | box_too_small(box, self.cutoff), 2, 0)
+            flags = flags | torch.where(narrow | box_too_small(box, self.cutoff), Flag.BOX_TOO_SMALL.value, 0)
         return index_i, index_j, valid, count, flags
 
 
@@ -203,7 +221,7 @@ class VerletNeighborSearch(nn.Module):
     list is rebuilt when any bead moved more than ``skin / 2`` (minimum image) since it was built,
     when the box changed, or when the positions are not finite. If the skin search overflows or
     flags the box, ``fallback`` answers that call. One frame per call; the decision to rebuild is
-    read on the host, so this is for the exported module with host checks (never CUDA graphs).
+    read on the host, so this is for the exported host-reading module (never the graph-safe one).
     The module changes its own buffers: one instance serves one trajectory at a time.
     """
 
@@ -259,9 +277,10 @@ class VerletNeighborSearch(nn.Module):
         within = self.list_valid & ((vectors * vectors).sum(-1) < self.cutoff * self.cutoff)
         capacity = pair_capacity(self.n_beads, self.max_pairs_per_bead)
         source, valid, count = compact(within, capacity)
-        index_i = torch.gather(self.list_i, 1, source)
-        index_j = torch.gather(self.list_j, 1, source)
-        flags = torch.where(count > capacity, 1, 0) | torch.where(box_too_small(box, self.cutoff), 2, 0)
+        index_i, index_j = spread_padding(torch.gather(self.list_i, 1, source), torch.gather(self.list_j, 1, source),
+                                          valid, self.n_beads)
+        flags = torch.where(count > capacity, Flag.PAIR_OVERFLOW.value, 0)
+        flags = flags | torch.where(box_too_small(box, self.cutoff), Flag.BOX_TOO_SMALL.value, 0)
         return index_i, index_j, valid, count, flags
 
 

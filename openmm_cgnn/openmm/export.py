@@ -1,8 +1,9 @@
 """Force-field export: a self-contained directory that plain OpenMM loads without ``openmm_cgnn``.
 
-``EXPORTDIR/`` holds ``system.xml`` (the whole CG System: TorchForce with the scripted model
-embedded, native prior forces, masses, box), ``cg.pdb`` (one configuration with its box),
-``model.pt`` (the same TorchScript module with its metadata), ``mapping.json``, ``prior.json``,
+``EXPORTDIR/`` holds ``system.xml`` (the whole CG System: TorchForce with the graph-safe scripted
+module embedded and ``useCUDAGraphs=true``, native prior forces, masses, box), ``cg.pdb`` (one
+configuration with its box), ``model.pt`` (the host-reading TorchScript module, fastest on the CPU
+and Reference platforms, with its metadata), ``mapping.json``, ``prior.json``,
 ``metadata.json``, ``cg.psf``/``cg.gro``/``cg.top`` (topology only, written with ParmEd for
 visualisation and analysis tools) and a ``README.md`` saying how to load it from Python and C++.
 
@@ -55,7 +56,9 @@ def export_forcefield(
         raise ExportError(f"{out}: already exists and is not empty; use --overwrite to replace it")
     force = CGNNForce(model_dir, cg, temperature, prior=prior)
     system = cg.system()
-    force.add_to(system)
+    # the graph-safe module with CUDA graphs: no host reads, so it runs on every platform (the
+    # property only matters on CUDA), and bad input gives NaN there as everywhere
+    force.add_to(system, cuda_graphs=True)
     if minimize:
         cg = _minimized(system, cg, log)
 
@@ -90,6 +93,8 @@ def export_forcefield(
             "files": sorted(p.name for p in staging.iterdir()) + ["metadata.json", "README.md"],
             "topology_files": topology_files,
             "round_trip_check": check,
+            "system_xml_module": {"graph_safe": True, "useCUDAGraphs": force.cuda_graphs,
+                                  "max_pairs_per_bead": force.module.max_pairs_per_bead},
             "versions": versions(),
             "model": force.metadata,
         }
@@ -208,9 +213,9 @@ plain OpenMM. Nothing here needs the `openmm_cgnn` package.
 
 | file | what |
 |---|---|
-| `system.xml` | the whole CG `System` (XmlSerializer): masses, box, and the forces below; the TorchScript model is embedded in the TorchForce |
+| `system.xml` | the whole CG `System` (XmlSerializer): masses, box, and the forces below; the TorchForce embeds the graph-safe TorchScript model (no host reads, static shapes) with `useCUDAGraphs=true` |
 | `cg.pdb` | one CG configuration with its box (CRYST1); "atoms" are beads, residues are molecules |
-| `model.pt` | the same TorchScript model with its metadata (`torch.jit.load`; contract `forward(positions[N,3] nm, boxvectors[3,3] nm) -> energy kJ/mol`) |
+| `model.pt` | the same model as the host-reading TorchScript module (reuses its pair list; fastest on CPU) with its metadata (`torch.jit.load`; contract `forward(positions[N,3] nm, boxvectors[3,3] nm) -> energy kJ/mol`) |
 | `mapping.json` | which atoms make each bead (openmm_cgnn mapping format) |
 | `prior.json` | the physical prior (excluded volume, bonds, angles) |
 | `metadata.json` | bead order, masses, cutoffs, temperature, versions, the round-trip check |
@@ -246,7 +251,18 @@ print(simulation.context.getState(getEnergy=True).getPotentialEnergy())
 ```
 
 The time step above is an example; `openmm-cgnn simulate` picks the largest stable one by an
-energy-conservation test and reports it in its `summary.json`.
+energy-conservation test and reports it in its `summary.json`. On a GPU, pass
+`openmm.Platform.getPlatformByName("CUDA")` to `Simulation`: the TorchForce runs under CUDA
+graphs; on the CPU and Reference platforms the same file runs as it is.
+
+**Bad input gives NaN, never an exception.** NaN positions, a box under twice the cutoff
+({max(float(model.get('cutoff_inter_nm') or 0), float(model.get('cutoff_intra_nm') or 0))} nm) or
+more neighbour pairs than the model's pair list holds ({model.get('max_pairs_per_bead')} per bead)
+make the energy and every force NaN, which OpenMM reports ("Energy is NaN", "Particle coordinate
+is NaN"). To find out which, call the model on the last good positions:
+`torch.jit.load("model.pt").diagnose(positions, box)` returns (flags, pair count): flag 1 pair-list
+overflow, 2 box too small, 4 cell overflow, 8 NaN/inf input. A pair-list overflow is cured by
+exporting again with a larger `max_pairs_per_bead` (`openmm-cgnn simulate` regrows it by itself).
 
 ## C++
 

@@ -6,19 +6,25 @@ same TorchScript module ("model") or as native OpenMM forces ("openmm", see ``pr
 benchmarks/results/prior_carrier_<platform>.json). Before anything is added, the model's metadata is checked against
 the Topology and the System, because a model applied to beads in another order runs without
 complaint and gives nonsense.
+
+The module never raises inside OpenMM (model/export.py): bad positions, a box under twice the
+cutoff or a full pair list give NaN energy and forces. :meth:`CGNNForce.diagnose` evaluates the
+same module on the offending positions and :meth:`CGNNForce.explain` turns the answer into one
+line with the way out; :meth:`CGNNForce.regrow` scripts a model directory again with a larger pair
+list. On the CUDA platform the graph-safe module runs with openmm-torch's CUDA graphs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..mapping.spec import Mapping
+from ..model.geometry import FLAG_BOX_TOO_SMALL, FLAG_NONFINITE
 from ..platforms import versions  # noqa: F401  (re-exported: the versions report lives in platforms)
 from .prior_forces import load_prior, prior_forces
 from .topology import CGSystem
@@ -59,8 +65,10 @@ class CGNNForce:
     ``prior``: "auto" (model directory: ``DEFAULT_PRIOR_CARRIER``; model.pt: as it was scripted),
     "openmm" (native forces), "model" (inside the TorchScript module) or "none" (network only).
 
-    ``neighbor_skin_nm`` (model directories, host checks on): skin of the reused pair list
-    (``script_for_system``; None: its default, 0: search afresh at every step).
+    ``neighbor_skin_nm`` (model directories, host-reading module): skin of the reused pair list
+    (``build_system_module``; None: its default, 0: search afresh at every step).
+    ``max_pairs_per_bead`` (model directories): the pair-list capacity; None: the model's.
+    ``host_checks=False`` uses the graph-safe module on every platform (it is always used on CUDA).
 
     Use: ``forces = CGNNForce(model_dir, cg_system, temperature=400); forces.add_to(system)``.
     """
@@ -76,6 +84,7 @@ class CGNNForce:
         prior_force_group: int = 1,
         model_force_group: int = 0,
         neighbor_skin_nm: float | None = None,
+        max_pairs_per_bead: float | None = None,
     ) -> None:
         if prior not in PRIOR_CARRIERS:
             raise ValueError(f"prior must be one of {PRIOR_CARRIERS}, got {prior!r}")
@@ -83,11 +92,13 @@ class CGNNForce:
         self.temperature = None if temperature is None else float(temperature)
         self.host_checks = host_checks
         self.neighbor_skin_nm = neighbor_skin_nm
+        self.max_pairs_per_bead = max_pairs_per_bead
         self.prior_force_group = prior_force_group
         self.model_force_group = model_force_group
         self.cg = topology if isinstance(topology, CGSystem) else None
         self.topology = topology.topology() if isinstance(topology, CGSystem) else topology
-        self._rescript: Callable[[bool], Any] | None = None  # model directories can script again (CUDA graphs)
+        # model directories can script again: (host_checks, max_pairs_per_bead) -> module
+        self._rescript: Callable[[bool, float | None], Any] | None = None
         self.box = np.asarray(topology.box) if isinstance(topology, CGSystem) else _topology_box(self.topology)
         if self.source.is_dir():
             self._from_model_dir(prior)
@@ -97,7 +108,7 @@ class CGNNForce:
             raise ModelMismatchError(f"{self.source}: no model directory or model.pt there")
         self.check_topology(self.topology)
         self.torch_force: Any = None  # the TorchForce most recently added by add_to
-        self._torch_force_checked = host_checks  # whether that force's module raises on bad input
+        self.cuda_graphs = False  # whether that force runs the graph-safe module with CUDA graphs
         self._system: Any = None
         self.cuda_graphs_report: dict[str, Any] | None = None
 
@@ -159,18 +170,21 @@ class CGNNForce:
         self.prior_carrier = carrier
         self.prior = model.prior if carrier == "openmm" else None
 
-        def script(host_checks: bool) -> Any:
+        def script(host_checks: bool, max_pairs_per_bead: float | None) -> Any:
             try:
                 return script_for_system(model, cg.bead_type, cg.molecule_index, self.temperature, include_prior=include,
-                                         box=self.box, host_checks=host_checks, neighbor_skin_nm=self.neighbor_skin_nm)
+                                         box=self.box, host_checks=host_checks, neighbor_skin_nm=self.neighbor_skin_nm,
+                                         max_pairs_per_bead=max_pairs_per_bead)
             except ValueError as exc:
                 raise ModelMismatchError(f"{model_dir}: {exc}") from None
 
         self._rescript = script
-        self.module = script(self.host_checks)
+        self.module = script(self.host_checks, self.max_pairs_per_bead)
         self.metadata = system_metadata(model, cg.bead_type, cg.molecule_index, cg.bead_names, cg.masses, mapping.sha256(),
                                         self.temperature, include, host_checks=self.host_checks,
-                                        neighbor_skin_nm=self.module.neighbor_skin_nm)
+                                        graph_safe=not self.host_checks,
+                                        neighbor_skin_nm=self.module.neighbor_skin_nm,
+                                        max_pairs_per_bead=self.module.max_pairs_per_bead)
         self.cg = cg
         self.bead_type, self.molecule_index = cg.bead_type, cg.molecule_index
 
@@ -281,23 +295,42 @@ class CGNNForce:
         force.setProperty("useCUDAGraphs", "true" if cuda_graphs else "false")
         return force
 
-    def make_forces(self) -> list[Any]:
+    def graph_safe_module(self) -> Any:
+        """The module without host reads (CUDA graphs), or None where it cannot be had: a model.pt
+        scripted as the host-reading variant cannot be scripted again."""
+        if not getattr(self.module, "host_checks", self.metadata.get("host_checks", True)):
+            return self.module
+        if self._rescript is not None:
+            return self._rescript(False, self.module.max_pairs_per_bead)
+        return None
+
+    def make_forces(self, cuda_graphs: bool = False) -> list[Any]:
         """New force objects: the TorchForce, then any native prior forces.
 
+        ``cuda_graphs``: the TorchForce runs the graph-safe module with ``useCUDAGraphs=true``
+        (falls back to the module as it is, graphs off, when there is no graph-safe one).
         New on every call because a System takes ownership of the forces added to it.
         """
         extra = []
         if self.prior is not None:
             extra = prior_forces(self.prior, self.bead_type, self.molecule_index, self.metadata["bead_type_names"],
                                  self.prior_force_group)
-        return [self._make_torch_force()] + extra
+        module = self.graph_safe_module() if cuda_graphs else None
+        self.cuda_graphs = module is not None
+        return [self._make_torch_force(module, cuda_graphs=self.cuda_graphs)] + extra
 
-    def add_to(self, system: Any) -> list[int]:
-        """Check ``system`` and add the forces to it; returns their indices in the System."""
+    def add_to(self, system: Any, platform: Any = None, *, cuda_graphs: bool | None = None) -> list[int]:
+        """Check ``system`` and add the forces to it; returns their indices in the System.
+
+        ``platform`` (an OpenMM Platform or its name): on "CUDA" the TorchForce runs the graph-safe
+        module with CUDA graphs. ``cuda_graphs`` overrides that choice (export writes it on).
+        """
         self.check_system(system)
-        forces = self.make_forces()
+        if cuda_graphs is None:
+            name = platform if isinstance(platform, str) or platform is None else platform.getName()
+            cuda_graphs = name == "CUDA"
+        forces = self.make_forces(cuda_graphs)
         self.torch_force = forces[0]
-        self._torch_force_checked = self._module_checks_host()
         self._system = system
         return [system.addForce(force) for force in forces]
 
@@ -307,34 +340,62 @@ class CGNNForce:
 
         return save_scripted(self.module, path, self.metadata)
 
-    def _module_checks_host(self) -> bool:
-        if self._rescript is not None:
-            return self.host_checks
-        return bool(self.metadata.get("host_checks", True))
+    # -- errors ---------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def without_host_checks(self, system: Any) -> Iterator[bool]:
-        """Within the block, ``system`` carries the model scripted without host-side checks.
+    def diagnose(self, positions: Any, box: Any) -> Any:
+        """Why the model gives NaN at ``positions`` (N x 3 nm) in ``box`` (3 x 3 nm): a
+        :class:`~openmm_cgnn.model.export.Diagnosis`, or None for a model.pt without the method."""
+        from ..model import diagnose
 
-        libtorch can crash the process when a scripted module raises in a second OpenMM Context
-        after it raised in a first one, so set-up stages that try several Contexts (minimisation,
-        thermalisation, the time-step search) must not raise: there a pair-list overflow or a
-        non-finite coordinate shows as a NaN or non-conserved energy, which those stages test
-        anyway. Yields whether the swap happened (a scripted model.pt with checks cannot be
-        re-scripted; it is used as it is).
-        """
-        if self.torch_force is None:
-            raise RuntimeError("without_host_checks() needs the forces added first (add_to)")
-        if not self._torch_force_checked or self._rescript is None:
-            yield False
-            return
-        self._swap_torch_force(system, self._make_torch_force(self._rescript(False)))
-        self._torch_force_checked = False
-        try:
-            yield True
-        finally:
-            self._swap_torch_force(system, self._make_torch_force())
-            self._torch_force_checked = self._module_checks_host()
+        return diagnose(self.module, _nm(positions), _nm(box))
+
+    def explain(self, diagnosis: Any) -> str:
+        """One line naming the cause of a NaN and the way out."""
+        if diagnosis is None:
+            return (f"{self.source} cannot say whether its input was at fault (it has no diagnose(): a model.pt from "
+                    "an older export or another tool); try a smaller --dt-fs, more friction, or check the model")
+        if not diagnosis.flags:
+            return ("the model saw nothing wrong with the positions before the failure: the dynamics blew up "
+                    "(forces too large for the time step); try a smaller --dt-fs, more friction, or check the model")
+        text = diagnosis.message()
+        if diagnosis.flags & FLAG_BOX_TOO_SMALL:
+            text += "; the model needs a larger box: build the system with more molecules or at a lower density"
+        elif diagnosis.flags & FLAG_NONFINITE:
+            text += "; the structure handed to the model is broken (check the input, or an earlier step blew up)"
+        elif diagnosis.pair_overflow:
+            wanted = diagnosis.grown_max_pairs_per_bead()
+            how = ("the runner regrows it automatically" if self.can_regrow else
+                   f"export the model again with a larger max_pairs_per_bead (at least {wanted:g}), or simulate "
+                   "from the model directory, which regrows the pair list by itself")
+            text = (f"pair-list overflow: {diagnosis.count} intermolecular pairs within {diagnosis.cutoff_nm} nm, "
+                    f"capacity {diagnosis.capacity} (max_pairs_per_bead {diagnosis.max_pairs_per_bead:g}); {how}")
+        return "model input rejected: " + text
+
+    @property
+    def can_regrow(self) -> bool:
+        """Whether the pair list can grow: model directories can be scripted again, a model.pt cannot."""
+        return self._rescript is not None
+
+    def regrow(self, system: Any, diagnosis: Any) -> float | None:
+        """After a pair-list overflow: script the model again with room for the count seen and put
+        it in ``system`` (Contexts made afterwards use it). Returns the new ``max_pairs_per_bead``,
+        or None when the model cannot be scripted again (a model.pt) or nothing overflowed."""
+        if diagnosis is None or not diagnosis.pair_overflow:
+            return None
+        return self.resize_pair_list(system, diagnosis.grown_max_pairs_per_bead())
+
+    def resize_pair_list(self, system: Any, max_pairs_per_bead: float) -> float | None:
+        """Script the model again with this pair-list capacity and put it in ``system`` (a resumed
+        run takes back the capacity it had grown to). None for a model.pt (cannot be scripted again)."""
+        if self._rescript is None:
+            return None
+        self.max_pairs_per_bead = float(max_pairs_per_bead)
+        self.module = self._rescript(self.host_checks, self.max_pairs_per_bead)
+        self.metadata["max_pairs_per_bead"] = self.max_pairs_per_bead
+        if self.torch_force is not None:
+            module = self.graph_safe_module() if self.cuda_graphs else None
+            self._swap_torch_force(system, self._make_torch_force(module, cuda_graphs=self.cuda_graphs))
+        return self.max_pairs_per_bead
 
     # -- CUDA graphs ----------------------------------------------------------------------------
 
@@ -355,12 +416,12 @@ class CGNNForce:
         steps: int = 200,
         rtol: float = 1e-4,
     ) -> dict[str, Any]:
-        """On CUDA, use openmm-torch's CUDA graphs when they are faster and agree with graphs off.
+        """On CUDA, measure the graph-safe module with CUDA graphs (what :meth:`add_to` puts on
+        CUDA) against the host-reading module without them, and keep the faster when they agree.
 
-        Call after :meth:`add_to` and before the simulation's Context is made (the TorchForce is
-        read when a Context is created). Graph capture cannot include the module's host-side
-        checks, so the graphed variant is scripted with ``host_checks=False`` (bad input then
-        shows as NaN energy, which the runner's NaN detection reports).
+        Optional (benchmarks): call after :meth:`add_to` and before the simulation's Context is made
+        (the TorchForce is read when a Context is created). Both modules have the same error
+        semantics (NaN energy and forces on bad input).
         """
         import openmm
 
@@ -370,12 +431,9 @@ class CGNNForce:
             return report
         if self.torch_force is None:
             raise RuntimeError("tune_cuda_graphs() needs the forces added first (add_to)")
-        if self._rescript is not None:
-            graph_module = self._rescript(False)
-        elif not self.metadata.get("host_checks", True):
-            graph_module = self.module
-        else:
-            report["reason"] = "this model.pt was scripted with host-side checks, which CUDA graphs cannot capture"
+        graph_module = self.graph_safe_module()
+        if graph_module is None:
+            report["reason"] = "this model.pt holds the host-reading module, which CUDA graphs cannot capture"
             return report
 
         def measure() -> tuple[float, np.ndarray, float]:
@@ -392,6 +450,7 @@ class CGNNForce:
             context.getState(getEnergy=True)  # waits for the GPU
             return energy, forces, 1e3 * (time.perf_counter() - start) / steps
 
+        self._swap_torch_force(system, self._make_torch_force())
         e_off, f_off, ms_off = measure()
         plain_force = self.torch_force
         self._swap_torch_force(system, self._make_torch_force(graph_module, cuda_graphs=True))
@@ -399,9 +458,8 @@ class CGNNForce:
         scale = max(float(np.abs(f_off).max()), 1.0)
         agree = abs(e_on - e_off) <= rtol * max(abs(e_off), 1.0) and float(np.abs(f_on - f_off).max()) <= rtol * scale
         use = bool(agree and ms_on < ms_off)
-        if use:
-            self._torch_force_checked = False
-        else:
+        self.cuda_graphs = use
+        if not use:
             self._swap_torch_force(system, self._make_torch_force())
         del plain_force
         report.update(
@@ -415,6 +473,17 @@ class CGNNForce:
         if not agree:
             report["warning"] = "CUDA graphs gave different energies/forces from graphs off; left off"
         return report
+
+
+def _nm(value: Any) -> np.ndarray:
+    """An OpenMM Quantity (or a plain array in nm) as a float64 array in nm."""
+    if hasattr(value, "value_in_unit"):
+        import openmm.unit as unit
+
+        value = value.value_in_unit(unit.nanometer)
+    if isinstance(value, np.ndarray):
+        return value.astype(np.float64)
+    return np.array([[float(x) for x in row] for row in value], dtype=np.float64)
 
 
 def _topology_box(topology: Any) -> np.ndarray | None:

@@ -5,8 +5,16 @@ The run directory is the one of docs/contracts.md section 4: ``frames.h5`` (kind
 (with ``checkpoint.json``: the run's settings and progress while it runs). Frames, DCD models and
 checkpoints are written together at every save, so a resumed run rewinds both trajectory files to
 its checkpoint and continues them without gaps or duplicates. ``summary.json`` appears only when
-the run ends: finished, or failed. A run that turns NaN stops with a message, keeps every frame
-written before, and records the failure (``status``) in ``summary.json``.
+the run ends: finished, or failed (also in set-up: minimisation, thermalisation, the time-step
+search). A run that turns NaN stops with a message, keeps every frame written before, and records
+the failure (``status``, ``error`` and ``cause``) in ``summary.json``.
+
+The model never raises inside OpenMM; bad input gives NaN energy and forces (model/export.py).
+When a stage sees NaN, :func:`find_cause` replays it from its last good state one step at a time
+and asks the model why (``CGNNForce.diagnose``) before each step. A pair-list overflow is not an
+instability: the runner regrows the pair list (``CGNNForce.regrow``, model directories) and
+repeats the stage from its last good state (the production run from its checkpoint). Any other
+cause ends the run with one line naming it and the way out.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ DT_CANDIDATES_FS = (20.0, 15.0, 10.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0)
 # Velocity-Verlet energy fluctuations grow as dt^2; std(E_total)/std(E_kinetic) below this is the
 # usual "energy is conserved well enough" rule for choosing MD time steps.
 STABILITY_RATIO = 0.1
+# Regrows of the pair list in one run: each gives 30% head-room over the count seen, so more than
+# a few means the liquid is collapsing, which a bigger list does not cure.
+MAX_REGROWS = 4
 
 
 class SimulationError(RuntimeError):
@@ -39,7 +50,27 @@ class SimulationError(RuntimeError):
 
 
 class SimulationUnstable(SimulationError):
-    """Positions or energies became NaN/infinite; everything written before is kept."""
+    """Positions or energies became NaN/infinite; everything written before is kept.
+
+    ``cause``: what the model said about the last good positions (``Diagnosis.as_dict``), if known.
+    """
+
+    def __init__(self, message: str, cause: dict[str, Any] | None = None, where: str = "", explanation: str = ""):
+        super().__init__(message)
+        self.cause = cause
+        self.where = where  # the stage (and step) that failed
+        self.explanation = explanation  # the cause and the way out
+
+
+class PairListOverflow(SimulationUnstable):
+    """A stage stopped on a full pair list; the runner regrows it and repeats the stage."""
+
+    def __init__(self, message: str, diagnosis: Any, where: str = "", explanation: str = "", results: list[StabilityResult] | None = None,
+                 dt_fs: float | None = None):
+        super().__init__(message, diagnosis.as_dict(), where, explanation)
+        self.diagnosis = diagnosis
+        self.results = results or []  # time-step candidates tested before (stability_check)
+        self.dt_fs = dt_fs  # the candidate it stopped at
 
 
 @dataclass
@@ -104,6 +135,47 @@ def _finite_state(state: Any) -> bool:
     return bool(math.isfinite(energy) and np.isfinite(positions).all())
 
 
+def find_cause(cgnn: CGNNForce, start: Callable[[], tuple[Any, Any]], steps: int) -> tuple[Any, int]:
+    """Replay a failed stage and ask the model why it gave NaN: (Diagnosis or None, step).
+
+    ``start`` makes the stage's Context again at its last good state (same seeds: the replay
+    follows the same path) and returns (context, integrator); up to ``steps`` steps are taken one
+    at a time, and the model's ``diagnose`` is asked about the positions before each. The first
+    flagged configuration is the cause. Non-finite positions count only at the start: reached
+    from unflagged ones, they mean the dynamics blew up, reported as a Diagnosis without flags.
+    """
+    import openmm
+
+    context, integrator = start()
+    last = None
+    for step in range(steps + 1):
+        state = context.getState(getPositions=True, enforcePeriodicBox=False)
+        positions = state.getPositions(asNumpy=True)._value
+        if step > 0 and not np.isfinite(positions).all():
+            break
+        diagnosis = cgnn.diagnose(positions, state.getPeriodicBoxVectors(asNumpy=True)._value)
+        if diagnosis is None or diagnosis.flags:
+            return diagnosis, step
+        last = diagnosis
+        if step < steps:
+            try:
+                integrator.step(1)
+            except (openmm.OpenMMException, ValueError):
+                break
+    return last, step
+
+
+def _failure(cgnn: CGNNForce, what: str, diagnosis: Any, step: int | None = None,
+             results: list[StabilityResult] | None = None, dt_fs: float | None = None) -> SimulationUnstable:
+    """The exception for a stage that gave NaN: PairListOverflow (to regrow) or SimulationUnstable."""
+    where = what if step is None else f"{what}, step {step}"
+    explanation = cgnn.explain(diagnosis)
+    message = f"{where}: {explanation}"
+    if diagnosis is not None and diagnosis.pair_overflow:
+        return PairListOverflow(message, diagnosis, where, explanation, results, dt_fs)
+    return SimulationUnstable(message, None if diagnosis is None else diagnosis.as_dict(), where, explanation)
+
+
 def stability_check(
     system: Any,
     positions: np.ndarray,
@@ -114,19 +186,27 @@ def stability_check(
     steps: int = 300,
     sample_every: int = 5,
     log: Callable[[str], None] = print,
+    cgnn: CGNNForce | None = None,
 ) -> tuple[float, list[StabilityResult]]:
     """Largest time step whose NVE run from a thermal state conserves energy (ratio test) and stays finite.
 
-    Candidates are tried from the largest down; the first that passes is returned.
+    Candidates are tried from the largest down; the first that passes is returned. With ``cgnn``
+    (the model in ``system``), a candidate that turns NaN is replayed to find out why: a pair-list
+    overflow is no verdict on the time step and raises :class:`PairListOverflow` (the caller
+    regrows the list and tests again from that candidate); other causes are named in its reason.
     """
     import openmm
 
-    results: list[StabilityResult] = []
-    for dt in sorted(candidates_fs, reverse=True):
+    def start(dt: float) -> tuple[Any, Any]:
         integrator = openmm.VerletIntegrator(dt * 1e-3)
         context = openmm.Context(system, integrator, platform, properties)
         context.setPositions(positions)
         context.setVelocities(velocities)
+        return context, integrator
+
+    results: list[StabilityResult] = []
+    for dt in sorted(candidates_fs, reverse=True):
+        context, integrator = start(dt)
         total, kinetic = [], []
         reason = ""
         try:
@@ -142,6 +222,10 @@ def stability_check(
         except (openmm.OpenMMException, ValueError) as exc:
             reason = f"OpenMM error: {str(exc).splitlines()[0]}"
         del context, integrator
+        if reason and cgnn is not None:
+            diagnosis, step = find_cause(cgnn, lambda: start(dt), steps)
+            if diagnosis is not None and diagnosis.flags:  # the model's input, not the time step, is at fault
+                raise _failure(cgnn, f"time-step test at {dt:g} fs", diagnosis, step, results, dt)
         if reason:
             results.append(StabilityResult(dt, False, None, reason))
             log(f"  dt = {dt:g} fs: unstable ({reason})")
@@ -213,6 +297,7 @@ class CGRun:
         self.overwrite = overwrite
         self.extra_metadata = dict(metadata or {})
         self.log = log
+        self.regrows: list[dict[str, Any]] = []  # pair-list regrows of this session
         self._prepare_directory()
 
     def _prepare_directory(self) -> None:
@@ -267,7 +352,9 @@ class CGRun:
             "density_kg_m3": self.cg.density_kg_m3(),
             "mapping_sha256": self.cg.mapping.sha256(),
             "versions": versions(),
-            "cuda_graphs": self.cgnn.cuda_graphs_report,
+            "cuda_graphs": self.cgnn.cuda_graphs_report or self.cgnn.cuda_graphs,
+            "max_pairs_per_bead": self._max_pairs_per_bead(),
+            "pair_list_regrown": self.regrows,
             **self.extra_metadata,
         }
 
@@ -293,43 +380,33 @@ class CGRun:
         cfg = self.config
         self.topology = self.cg.topology()
         self.system = self.cg.system()
-        self.cgnn.add_to(self.system)
         platform = choose_platform(cfg.platform)
         properties = platform_properties(platform)
+        self.cgnn.add_to(self.system, platform)  # on CUDA: the graph-safe module with CUDA graphs
         previous = json.loads((self.out / "checkpoint.json").read_text()) if self.resume else None
         if previous is not None:
             self._check_resume_settings(previous, platform)
             (self.out / "summary.json").unlink(missing_ok=True)  # it marks a run that has ended
+            grown, current = previous.get("max_pairs_per_bead"), self._max_pairs_per_bead()
+            if grown is not None and current is not None and float(grown) > current:
+                self.cgnn.resize_pair_list(self.system, float(grown))  # the list this run had regrown to
 
-        positions = self.cg.positions
-        velocities = None
-        stability = None
         if previous is not None:
             dt_fs = float(previous["dt_fs"])
             stability = previous.get("dt_stability")
         else:
-            # Set-up makes several Contexts; see CGNNForce.without_host_checks for why they must not raise.
-            with self.cgnn.without_host_checks(self.system):
-                if cfg.minimize:
-                    positions = self._minimize(platform, properties)
-                positions, velocities = self._thermalize(positions, platform, properties)
-            if platform.getName() == "CUDA":
-                self.cgnn.tune_cuda_graphs(self.system, positions, platform, properties)
-            if cfg.dt_fs is None:
-                self.log(f"choosing the CG time step (NVE energy conservation, {cfg.stability_steps} steps each):")
-                with self.cgnn.without_host_checks(self.system):
-                    dt_fs, results = stability_check(
-                        self.system, positions, velocities, platform, properties, cfg.dt_candidates_fs, cfg.stability_steps,
-                        log=self.log,
-                    )
-                stability = results
-                self.log(f"largest stable time step: {dt_fs:g} fs")
-            else:
-                dt_fs = float(cfg.dt_fs)
+            try:
+                positions, velocities, dt_fs, stability = self._set_up(platform, properties)
+            except SimulationUnstable as exc:
+                # the run had started: say how it ended, and why
+                summary = self._summary_base(cfg.dt_fs, platform, None)
+                summary.update(status="failed: set-up", error=str(exc), cause=exc.cause)
+                self._write_json("summary.json", summary)
+                raise
 
         simulation = self._build(dt_fs, platform, properties)
         save_every = cfg.save_every_steps
-        start_positions = self.cg.with_positions(positions).positions_quantity()
+        start_positions = self.cg.with_positions(positions if previous is None else self.cg.positions).positions_quantity()
         topology_info = TopologyInfo.from_openmm(self.topology, self.system, start_positions)
         metadata = {
             "kind": "cg",
@@ -355,6 +432,9 @@ class CGRun:
         else:
             summary = previous
             summary["status"] = "running"
+            summary["pair_list_regrown"] = list(previous.get("pair_list_regrown") or []) + [
+                r for r in self.regrows if r not in (previous.get("pair_list_regrown") or [])]
+            summary["max_pairs_per_bead"] = self._max_pairs_per_bead()
             try:
                 simulation.loadCheckpoint(str(self.out / "checkpoint.chk"))
             except openmm.OpenMMException as exc:
@@ -405,6 +485,7 @@ class CGRun:
             self._checkpoint(simulation, summary)
 
         wall_start = time.perf_counter()
+        regrow_from_checkpoint: PairListOverflow | None = None
         try:
             if previous is None:
                 save_frame()
@@ -419,13 +500,18 @@ class CGRun:
             if simulation.currentStep % save_every:
                 self._checkpoint(simulation, summary)  # the steps after the last frame are not lost on resume
         except SimulationUnstable as exc:
-            message = (
-                f"CG run became unstable: {exc}. Kept {writer.n_frames} frames (last at step "
-                f"{(writer.n_frames - 1) * save_every}) in {self.out}; try a smaller --dt-fs, more friction, or check the model"
-            )
-            summary.update(status="failed: unstable", error=message, n_frames=writer.n_frames)
-            self._write_json("summary.json", summary)
-            raise SimulationUnstable(message) from exc
+            failure = self._production_failure(simulation, exc, save_every)
+            if (isinstance(failure, PairListOverflow) and (self.out / "checkpoint.chk").exists()
+                    and self.cgnn.can_regrow and len(self.regrows) < MAX_REGROWS):
+                regrow_from_checkpoint = failure
+            else:
+                message = (
+                    f"CG run became unstable: {failure.where}. Kept {writer.n_frames} frames (last at step "
+                    f"{(writer.n_frames - 1) * save_every}) in {self.out}; {failure.explanation}"
+                )
+                summary.update(status="failed: unstable", error=message, n_frames=writer.n_frames, cause=failure.cause)
+                self._write_json("summary.json", summary)
+                raise SimulationUnstable(message, failure.cause) from exc
         finally:
             writer_frames = writer.n_frames
             writer.close()
@@ -434,6 +520,12 @@ class CGRun:
                 handle = getattr(reporter, "_out", None)
                 if handle is not None and handle is not sys.stdout and hasattr(handle, "close"):
                     handle.close()
+        if regrow_from_checkpoint is not None:
+            # a full pair list is no instability: regrow it and go on from the last checkpoint
+            self._regrow(regrow_from_checkpoint)
+            del simulation
+            self.resume = True
+            return self.run()
         wall = time.perf_counter() - wall_start
         done = int(simulation.currentStep) - start_step
         summary.update(
@@ -463,6 +555,91 @@ class CGRun:
         if cfg.dt_fs is not None and abs(float(previous["dt_fs"]) - cfg.dt_fs) > 1e-9:
             raise SimulationError(f"{self.out / 'checkpoint.json'}: the run used dt_fs={previous['dt_fs']}, now {cfg.dt_fs}; cannot resume")
 
+    # -- set-up and failures ---------------------------------------------------------------------
+
+    def _max_pairs_per_bead(self) -> float | None:
+        value = getattr(self.cgnn.module, "max_pairs_per_bead", None)
+        return None if value is None else float(value)
+
+    def _regrow(self, failure: PairListOverflow) -> None:
+        """Give the pair list room for the count seen, or end the run with the one-line cause."""
+        diagnosis = failure.diagnosis
+        if len(self.regrows) >= MAX_REGROWS:
+            raise SimulationUnstable(f"{failure} (after {len(self.regrows)} regrows of the pair list: the liquid is "
+                                     "collapsing; check the model and the starting structure)", failure.cause)
+        grown = self.cgnn.regrow(self.system, diagnosis)
+        if grown is None:
+            raise SimulationUnstable(str(failure), failure.cause)
+        self.regrows.append({"where": failure.where, "pair_count": diagnosis.count, "pair_capacity": diagnosis.capacity,
+                             "max_pairs_per_bead_before": diagnosis.max_pairs_per_bead, "max_pairs_per_bead": grown})
+        self.log(f"{failure.where}: {diagnosis.count} intermolecular pairs over the pair list's capacity "
+                 f"{diagnosis.capacity}; regrown to max_pairs_per_bead {grown:g}, repeating from the last good state")
+
+    def _set_up(self, platform: Any, properties: dict[str, str]) -> tuple[np.ndarray, Any, float, Any]:
+        """Minimise, thermalise and (unless given) choose the time step; each stage is repeated
+        after a pair-list regrow. Returns (positions, velocities, dt_fs, stability results)."""
+        cfg = self.config
+        positions = self.cg.positions
+        while True:
+            try:
+                if cfg.minimize:
+                    positions = self._minimize(platform, properties)
+                break
+            except PairListOverflow as failure:
+                self._regrow(failure)
+        while True:
+            try:
+                positions, velocities = self._thermalize(positions, platform, properties)
+                break
+            except PairListOverflow as failure:
+                self._regrow(failure)
+        if platform.getName() == "CUDA" and self.cgnn.cuda_graphs_report is None:
+            self.cgnn.cuda_graphs_report = {"platform": "CUDA", "use_cuda_graphs": self.cgnn.cuda_graphs}
+        if cfg.dt_fs is not None:
+            return positions, velocities, float(cfg.dt_fs), None
+        self.log(f"choosing the CG time step (NVE energy conservation, {cfg.stability_steps} steps each):")
+        candidates, tested, regrown_at = tuple(cfg.dt_candidates_fs), [], set()
+        while True:
+            try:
+                dt_fs, results = stability_check(self.system, positions, velocities, platform, properties, candidates,
+                                                 cfg.stability_steps, log=self.log, cgnn=self.cgnn)
+                break
+            except PairListOverflow as failure:
+                tested += failure.results  # the larger candidates failed for other reasons: not again
+                dt = failure.dt_fs
+                if dt in regrown_at or len(self.regrows) >= MAX_REGROWS:
+                    # Overflowing again after a regrow: a step this long throws beads together. That
+                    # is a verdict on the step, with the cause named.
+                    reason = f"the pair list overflowed again after a regrow ({failure.explanation})"
+                    tested.append(StabilityResult(dt, False, None, reason))
+                    self.log(f"  dt = {dt:g} fs: unstable ({reason})")
+                    candidates = tuple(c for c in candidates if c < dt)
+                    if not candidates:
+                        raise SimulationUnstable(f"no stable time step: {failure}", failure.cause, failure.where,
+                                                 failure.explanation) from None
+                    continue
+                self._regrow(failure)  # a model.pt cannot grow: the set-up ends with the cause
+                regrown_at.add(dt)
+                candidates = tuple(c for c in candidates if c <= dt)
+        self.log(f"largest stable time step: {dt_fs:g} fs")
+        return positions, velocities, dt_fs, tested + results
+
+    def _production_failure(self, simulation: Any, exc: SimulationUnstable, save_every: int) -> SimulationUnstable:
+        """Why the production run gave NaN: replayed from its checkpoint (same random numbers)."""
+        checkpoint = self.out / "checkpoint.chk"
+        step = int(simulation.currentStep)
+
+        def start() -> tuple[Any, Any]:
+            if checkpoint.exists():
+                simulation.loadCheckpoint(str(checkpoint))
+            return simulation.context, simulation.integrator
+
+        begin = int(json.loads((self.out / "checkpoint.json").read_text())["steps_done"]) if checkpoint.exists() else step
+        diagnosis, offset = find_cause(self.cgnn, start, max(step - begin, save_every) if checkpoint.exists() else 0)
+        if diagnosis is not None and diagnosis.flags:
+            return _failure(self.cgnn, "production run", diagnosis, begin + offset)
+        return _failure(self.cgnn, str(exc), diagnosis)
+
     def _minimize(self, platform: Any, properties: dict[str, str]) -> np.ndarray:
         import openmm
         import openmm.unit as unit
@@ -470,10 +647,21 @@ class CGRun:
         context = openmm.Context(self.system, openmm.VerletIntegrator(0.001), platform, properties)
         context.setPositions(self.cg.positions)
         before = context.getState(getEnergy=True).getPotentialEnergy()._value
-        openmm.LocalEnergyMinimizer.minimize(context, 10.0, 2000)
+        if not math.isfinite(before):
+            diagnosis = self.cgnn.diagnose(self.cg.positions, self.cg.box)
+            raise _failure(self.cgnn, "the starting structure", diagnosis)
+        try:
+            openmm.LocalEnergyMinimizer.minimize(context, 10.0, 2000)
+        except (openmm.OpenMMException, ValueError) as exc:
+            raise SimulationUnstable(f"energy minimisation failed: {str(exc).splitlines()[0]}") from exc
         state = context.getState(getEnergy=True, getPositions=True)
         if not _finite_state(state):
-            raise SimulationUnstable("energy minimisation of the starting structure gave NaN/inf")
+            positions = state.getPositions(asNumpy=True)._value
+            diagnosis = self.cgnn.diagnose(positions, self.cg.box) if np.isfinite(positions).all() else None
+            if diagnosis is not None and diagnosis.flags:
+                raise _failure(self.cgnn, "energy minimisation", diagnosis)
+            raise SimulationUnstable("energy minimisation of the starting structure gave NaN/inf; "
+                                     "the force field or the starting structure is broken")
         self.log(f"minimised: {before:.1f} -> {state.getPotentialEnergy()._value:.1f} kJ/mol")
         return state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
 
@@ -484,18 +672,25 @@ class CGRun:
 
         cfg = self.config
         dt = min(cfg.dt_fs or min(cfg.dt_candidates_fs), min(cfg.dt_candidates_fs))
-        integrator = openmm.LangevinMiddleIntegrator(cfg.temperature_K, max(cfg.friction_per_ps, 5.0), dt * 1e-3)
-        integrator.setRandomNumberSeed(openmm_seed(cfg.seed))
-        context = openmm.Context(self.system, integrator, platform, properties)
-        context.setPositions(positions)
-        context.setVelocitiesToTemperature(cfg.temperature_K, openmm_seed(cfg.seed))
+
+        def start() -> tuple[Any, Any]:
+            integrator = openmm.LangevinMiddleIntegrator(cfg.temperature_K, max(cfg.friction_per_ps, 5.0), dt * 1e-3)
+            integrator.setRandomNumberSeed(openmm_seed(cfg.seed))
+            context = openmm.Context(self.system, integrator, platform, properties)
+            context.setPositions(positions)
+            context.setVelocitiesToTemperature(cfg.temperature_K, openmm_seed(cfg.seed))
+            return context, integrator
+
+        context, integrator = start()
+        failed = ""
         if cfg.thermalize_steps:
             try:
                 integrator.step(cfg.thermalize_steps)
             except (openmm.OpenMMException, ValueError) as exc:
-                raise SimulationUnstable(f"thermalisation at {dt:g} fs failed: {str(exc).splitlines()[0]}") from exc
+                failed = str(exc).splitlines()[0]
         state = context.getState(getPositions=True, getVelocities=True, getEnergy=True)
-        if not _finite_state(state):
-            raise SimulationUnstable(f"thermalisation at {dt:g} fs gave NaN/inf; the force field or the start is broken")
+        if failed or not _finite_state(state):
+            del context, integrator
+            diagnosis, step = find_cause(self.cgnn, start, cfg.thermalize_steps)
+            raise _failure(self.cgnn, f"thermalisation at {dt:g} fs" + (f" ({failed})" if failed else ""), diagnosis, step)
         return state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), state.getVelocities()
-
