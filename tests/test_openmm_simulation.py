@@ -13,6 +13,7 @@ import openmm
 from models.make_models import make_model_dir, write_aa_run
 from openmm_cgnn.cli import main as cli_main
 from openmm_cgnn.frames import FrameWriter, TopologyInfo, read_frames
+from openmm_cgnn.openmm.engines import ENGINES, PythonForceEngine
 from openmm_cgnn.openmm.force import CGNNForce
 from openmm_cgnn.openmm.simulation import CGRun, RunConfig, SimulationError, SimulationUnstable
 
@@ -83,10 +84,11 @@ def test_run_writes_run_directory(cg, toy_dir, tmp_path):
     assert result.summary["ms_per_step"] > 0
 
 
-def test_resume_continues_exactly(cg, toy_dir, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_resume_continues_exactly(cg, toy_dir, tmp_path, engine):
     """An interrupted run resumed from its checkpoint gives the same frames as one uninterrupted run,
-    also when frames were written after the last checkpoint (they are rewound)."""
-    force = CGNNForce(toy_dir / "model.pt", cg)
+    also when frames were written after the last checkpoint (they are rewound); with either engine."""
+    force = CGNNForce(toy_dir / "model.pt", cg, engine=engine)
     whole = tmp_path / "whole"
     CGRun(force, cg, whole, config(steps=120)).run()
     parts = tmp_path / "parts"
@@ -167,17 +169,22 @@ def test_cli_simulate_user_errors(model_dir, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_setup_overflow_regrows_the_pair_list_and_finishes(cg, tmp_path):
+@pytest.mark.parametrize("engine", ["torch", "python-eager"])
+def test_setup_overflow_regrows_the_pair_list_and_finishes(cg, tmp_path, engine):
     """A start with more pairs than the capacity: set-up regrows the list (no NaN verdict on any
     time step) and the run finishes, twice in one process (libtorch used to crash when the module
-    raised in a second Context)."""
+    raised in a second Context). The regrown force replaces the old one by its index, whichever
+    engine runs it (PythonForce uncompiled here: a compile per capacity would dominate the test)."""
     crowded = cg.with_positions(cg.positions * 0.3)  # far more pairs than the model's capacity
-    force = CGNNForce(make_model_dir(tmp_path / "small", max_pairs_per_bead=4.0), crowded)
+    chosen = "torch" if engine == "torch" else PythonForceEngine(compile=False)
+    force = CGNNForce(make_model_dir(tmp_path / "small", max_pairs_per_bead=4.0), crowded, engine=chosen)
     for attempt in range(2):
         run = CGRun(force, crowded, tmp_path / f"run{attempt}", config(dt_fs=None, steps=20, dt_candidates_fs=(10.0, 4.0)),
                     log=lambda m: None)
         summary = run.run().summary
         assert summary["status"] == "finished"
+        names = [run.system.getForce(i).getName() for i in range(run.system.getNumForces())]
+        assert names.count("CGNNForce") == 1 and names[force.force_index] == "CGNNForce"
         if attempt == 0:  # the force keeps its regrown list for later runs
             regrown = summary["pair_list_regrown"]
             assert regrown and regrown[0]["where"] == "the starting structure"

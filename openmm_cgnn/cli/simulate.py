@@ -32,6 +32,12 @@ def add_system_arguments(parser: argparse.ArgumentParser) -> None:
         "--prior", choices=["auto", "openmm", "model", "none"], default="auto",
         help="where the prior runs: native OpenMM forces, inside the TorchScript model, or not at all (default auto: the faster one measured)",
     )
+    parser.add_argument(
+        "--carrier", choices=["auto", "torch", "python"], default="auto",
+        help="what runs the network in OpenMM: torch = openmm-torch TorchForce (TorchScript; the exportable one), "
+             "python = OpenMM PythonForce with torch.compile (compiled once, cached in TORCHINDUCTOR_CACHE_DIR); "
+             "default auto: the one measured faster on the platform",
+    )
 
 
 def resolve_forcefield(path: Path) -> tuple[Path, Path]:
@@ -106,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         mapping = Mapping.load(mapping_path)
         cg = cg_system_from_args(args, mapping, source)
-        force = CGNNForce(source, cg, args.temperature, prior=args.prior)
+        force = CGNNForce(source, cg, args.temperature, prior=args.prior, engine=args.carrier)
         result = CGRun(force, cg, args.out, config, resume=args.resume, overwrite=args.overwrite,
                        metadata={"start": str(args.from_aa) if args.from_aa else f"packed {args.pairs} pairs"}).run()
     except SimulationUnstable as exc:

@@ -54,7 +54,7 @@ def export_forcefield(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out}: already exists and is not empty; use --overwrite to replace it")
-    force = CGNNForce(model_dir, cg, temperature, prior=prior)
+    force = CGNNForce(model_dir, cg, temperature, prior=prior, engine="torch")  # system.xml needs TorchForce
     system = cg.system()
     # the graph-safe module with CUDA graphs: no host reads, so it runs on every platform (the
     # property only matters on CUDA), and bad input gives NaN there as everywhere

@@ -353,6 +353,7 @@ class CGRun:
             "mapping_sha256": self.cg.mapping.sha256(),
             "versions": versions(),
             "cuda_graphs": self.cgnn.cuda_graphs_report or self.cgnn.cuda_graphs,
+            "force_engine": self.cgnn.engine_report(),  # TorchForce or PythonForce (+ compile time, cache)
             "max_pairs_per_bead": self._max_pairs_per_bead(),
             "pair_list_regrown": self.regrows,
             **self.extra_metadata,
