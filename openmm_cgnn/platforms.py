@@ -129,6 +129,28 @@ def platform_properties(platform: Any, *, threads: int | None = None, precision:
     return {}
 
 
+def pin_torch_threads(platform: Any, properties: dict[str, str] | None = None) -> int | None:
+    """On the CPU platform, give torch's intra-op pool as many threads as OpenMM's CPU platform uses
+    (the ``Threads`` property, else ``OPENMM_CPU_THREADS``, else OpenMM's default: all cores), so the
+    network and OpenMM do not oversubscribe the cores between them. Returns the count, or None
+    where nothing was changed (other platforms). Set the count with ``OPENMM_CPU_THREADS=N``."""
+    import os
+
+    name = platform if isinstance(platform, str) else platform.getName()
+    if name != "CPU":
+        return None
+    value = (properties or {}).get("Threads") or os.environ.get("OPENMM_CPU_THREADS")
+    if not value and not isinstance(platform, str):
+        value = platform.getPropertyDefaultValue("Threads")
+    try:
+        threads = int(value)
+    except (TypeError, ValueError):
+        return None
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def _distribution_version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dt-candidates-fs", type=float, nargs="+", default=None, metavar="FS",
                         help="time steps the stability check tries, largest first (default 20 15 10 8 6 5 4 3 2 1)")
     parser.add_argument("--friction", type=float, default=1.0, metavar="PER_PS", help="Langevin friction in 1/ps (default 1)")
+    parser.add_argument("--mts-inner-steps", type=int, default=1, metavar="K",
+                        help="multiple time stepping: the network once per --dt-fs step, the bonded prior K times "
+                             "inside it (MTSLangevinIntegrator; needs --prior openmm). Default 1: single stepping")
     parser.add_argument("--platform", default=None, help="OpenMM platform (default CUDA if available, else CPU)")
     parser.add_argument("--save-every-steps", type=int, default=1000, metavar="K", help="frame, DCD and checkpoint interval (default 1000)")
     parser.add_argument("--report-every-steps", type=int, default=None, metavar="K", help="state.csv/progress interval (default: save interval)")
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     config = RunConfig(
         temperature_K=args.temperature, steps=args.steps, dt_fs=args.dt_fs, friction_per_ps=args.friction,
         platform=args.platform, save_every_steps=args.save_every_steps, report_every_steps=args.report_every_steps,
-        seed=args.seed, minimize=not args.no_minimize, progress=not args.quiet,
+        seed=args.seed, minimize=not args.no_minimize, progress=not args.quiet, mts_inner_steps=args.mts_inner_steps,
     )
     if args.dt_candidates_fs:
         if min(args.dt_candidates_fs) <= 0:
