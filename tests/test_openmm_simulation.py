@@ -150,6 +150,8 @@ def test_cli_simulate_from_aa_and_resume(cg, model_dir, tmp_path, capsys):
     assert "CG run finished: 40 steps" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["start"] == str(aa) and summary["temperature_K"] == 350.0
+    # the CPU platform's default engine, torch threads pinned to OpenMM's CPU thread count
+    assert summary["force_engine"]["engine"] == "python" and summary["torch_threads"] >= 1
     assert cli_main(args) == 2  # the run is there: neither --resume nor --overwrite
     assert "use --resume or --overwrite" in capsys.readouterr().err
     args[args.index("40")] = "60"
@@ -166,6 +168,8 @@ def test_cli_simulate_user_errors(model_dir, tmp_path, capsys):
     # 4 pairs at this density make a box under twice the cutoff: refused with the reason
     assert cli_main(base + ["--forcefield", str(model_dir), "--pairs", "4", "--density", "800"]) == 2
     assert "twice the model cutoff" in capsys.readouterr().err
+    assert cli_main(base + ["--forcefield", str(model_dir), "--pairs", "4", "--density", "300", "--mts-inner-steps", "2"]) == 2
+    assert "prior='openmm'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
