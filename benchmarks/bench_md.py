@@ -191,14 +191,16 @@ def md_row(source: Path, cg: Any, temperature: float, dt_fs: float, density: flo
     """AA and CG of the same composition in one process: alternating timed blocks, ms/step, ns/day, ratio.
 
     ``args`` carries the timing settings (``block_seconds``, ``warmup_steps``, ``blocks``) and
-    ``seed``, ``aa_cutoff_nm``, ``aa_minimize_iterations``, ``prior``, ``skin``.
+    ``seed``, ``aa_cutoff_nm``, ``aa_minimize_iterations``, ``prior``, ``skin`` and optionally ``carrier``
+    (a list of CGNNForce engines, each timed side by side with AA; the first is the row's "cg").
     """
     composition = cg.composition()
     aa, aa_info = aa_context(composition, density, temperature, platform, properties, args.seed,
                              args.aa_cutoff_nm, args.aa_minimize_iterations)
     aa_steps = block_steps(aa, args.block_seconds, args.warmup_steps)
     blocks, cg_rows = {"aa": lambda c=aa: step_block(c, aa_steps)}, {}
-    for carrier in args.carrier:  # every carrier asked for, timed side by side with AA
+    carriers = list(getattr(args, "carrier", None) or ["auto"])  # gpu_suite's namespace has none: the default
+    for carrier in carriers:  # every carrier asked for, timed side by side with AA
         context, cgnn, cg_info = cg_context(source, cg, temperature, dt_fs, platform, properties, args.prior, args.seed,
                                             args.skin, carrier)
         started = time.perf_counter()
@@ -211,7 +213,7 @@ def md_row(source: Path, cg: Any, temperature: float, dt_fs: float, density: flo
     for carrier, row in cg_rows.items():
         row.update(times[f"cg:{carrier}"], ns_per_day=ns_per_day(dt_fs, times[f"cg:{carrier}"]["ms_per_step"]))
         row["ratio_ns_per_day_cg_over_aa"] = row["ns_per_day"] / aa_row["ns_per_day"]
-    cg_row = cg_rows[args.carrier[0]]
+    cg_row = cg_rows[carriers[0]]
     return {"pairs": sum(composition.values()) // len(composition), "composition": composition, "aa": aa_row, "cg": cg_row,
             "cg_by_carrier": cg_rows,
             "ratio_ns_per_day_cg_over_aa": cg_row["ns_per_day"] / aa_row["ns_per_day"],
