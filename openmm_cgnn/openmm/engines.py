@@ -32,8 +32,8 @@ import torch
 
 ENGINES = ("torch", "python")
 # benchmarks/results/md_cpu.json (quick network, 1 thread, both engines side by side): PythonForce +
-# torch.compile was 2.7x faster than TorchForce at 80 beads, 1.2x at 160, level at 500 (see
-# benchmarks/README.md), so the CPU platform takes it. CUDA stays on TorchForce: its CUDA graphs keep
+# torch.compile took 2.5/4.1/17.9 ms per CG step against TorchForce's 4.5/6.8/19.1 at 80/160/500
+# beads (benchmarks/README.md), so the CPU platform takes it. CUDA stays on TorchForce: its CUDA graphs keep
 # the whole step on the device, which a Python callback per step cannot. Reference (the checking
 # platform) and an unknown platform (export) take TorchForce, the exportable one.
 DEFAULT_ENGINE = {"CPU": "python"}
