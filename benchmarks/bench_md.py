@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -154,15 +155,15 @@ def cg_thermal_start(model_dir: Path, mapping: Any, pairs: int, density: float, 
 
 
 def cg_context(source: Path, cg: Any, temperature: float, dt_fs: float, platform: Any, properties: dict, prior: str,
-               seed: int, skin: float | None) -> tuple[Any, Any, dict]:
+               seed: int, skin: float | None, carrier: str = "auto") -> tuple[Any, Any, dict]:
     import openmm
 
     from openmm_cgnn.openmm import CGNNForce
 
     options = {} if skin is None else {"neighbor_skin_nm": skin}
-    cgnn = CGNNForce(source, cg, temperature, prior=prior, **options)
+    cgnn = CGNNForce(source, cg, temperature, prior=prior, engine=carrier, **options)
     system = cg.system()
-    cgnn.add_to(system)
+    cgnn.add_to(system, platform)
     if platform.getName() == "CUDA":
         cgnn.tune_cuda_graphs(system, cg.positions, platform, properties)
     integrator = openmm.LangevinMiddleIntegrator(temperature, 1.0, dt_fs * 1e-3)  # RunConfig default friction
@@ -173,7 +174,8 @@ def cg_context(source: Path, cg: Any, temperature: float, dt_fs: float, platform
     info = {"beads": cg.n_beads, "box_nm": np.diag(cg.box).tolist(), "dt_fs": dt_fs, "prior_carrier": cgnn.prior_carrier,
             "neighbor_backend": getattr(cgnn.module, "neighbor_backend", None),
             "neighbor_skin_nm": getattr(cgnn.module, "neighbor_skin_nm", None),
-            "pair_capacity": getattr(cgnn.module, "capacity", None), "cuda_graphs": cgnn.cuda_graphs_report}
+            "pair_capacity": getattr(cgnn.module, "capacity", None), "cuda_graphs": cgnn.cuda_graphs_report,
+            "carrier_requested": carrier}
     return context, cgnn, info
 
 
@@ -189,19 +191,31 @@ def md_row(source: Path, cg: Any, temperature: float, dt_fs: float, density: flo
     """AA and CG of the same composition in one process: alternating timed blocks, ms/step, ns/day, ratio.
 
     ``args`` carries the timing settings (``block_seconds``, ``warmup_steps``, ``blocks``) and
-    ``seed``, ``aa_cutoff_nm``, ``aa_minimize_iterations``, ``prior``, ``skin``.
+    ``seed``, ``aa_cutoff_nm``, ``aa_minimize_iterations``, ``prior``, ``skin`` and optionally ``carrier``
+    (a list of CGNNForce engines, each timed side by side with AA; the first is the row's "cg").
     """
     composition = cg.composition()
     aa, aa_info = aa_context(composition, density, temperature, platform, properties, args.seed,
                              args.aa_cutoff_nm, args.aa_minimize_iterations)
-    context, _, cg_info = cg_context(source, cg, temperature, dt_fs, platform, properties, args.prior, args.seed, args.skin)
     aa_steps = block_steps(aa, args.block_seconds, args.warmup_steps)
-    cg_steps = block_steps(context, args.block_seconds, args.warmup_steps)
-    times = best_of_blocks({"aa": lambda c=aa: step_block(c, aa_steps), "cg": lambda c=context: step_block(c, cg_steps)},
-                           args.blocks)
+    blocks, cg_rows = {"aa": lambda c=aa: step_block(c, aa_steps)}, {}
+    carriers = list(getattr(args, "carrier", None) or ["auto"])  # gpu_suite's namespace has none: the default
+    for carrier in carriers:  # every carrier asked for, timed side by side with AA
+        context, cgnn, cg_info = cg_context(source, cg, temperature, dt_fs, platform, properties, args.prior, args.seed,
+                                            args.skin, carrier)
+        started = time.perf_counter()
+        cg_steps = block_steps(context, args.block_seconds, args.warmup_steps)  # a compiling carrier compiles here
+        cg_rows[carrier] = {**cg_info, "steps_per_block": cg_steps, "carrier": cgnn.engine_report(),
+                            "warmup_and_compile_s": time.perf_counter() - started}
+        blocks[f"cg:{carrier}"] = lambda c=context, n=cg_steps: step_block(c, n)
+    times = best_of_blocks(blocks, args.blocks)
     aa_row = {**aa_info, **times["aa"], "steps_per_block": aa_steps, "ns_per_day": ns_per_day(2.0, times["aa"]["ms_per_step"])}
-    cg_row = {**cg_info, **times["cg"], "steps_per_block": cg_steps, "ns_per_day": ns_per_day(dt_fs, times["cg"]["ms_per_step"])}
+    for carrier, row in cg_rows.items():
+        row.update(times[f"cg:{carrier}"], ns_per_day=ns_per_day(dt_fs, times[f"cg:{carrier}"]["ms_per_step"]))
+        row["ratio_ns_per_day_cg_over_aa"] = row["ns_per_day"] / aa_row["ns_per_day"]
+    cg_row = cg_rows[carriers[0]]
     return {"pairs": sum(composition.values()) // len(composition), "composition": composition, "aa": aa_row, "cg": cg_row,
+            "cg_by_carrier": cg_rows,
             "ratio_ns_per_day_cg_over_aa": cg_row["ns_per_day"] / aa_row["ns_per_day"],
             "ratio_ms_per_step_aa_over_cg": aa_row["ms_per_step"] / cg_row["ms_per_step"],
             "load_average_1min": machine_info()["load_average_1_5_15min"][0]}
@@ -271,7 +285,8 @@ def record_frames(context: Any, steps: int) -> list[np.ndarray]:
 def scaling_point(source: Path, cg: Any, temperature: float, dt_fs: float, platform: Any, properties: dict, prior: str,
                   args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """OpenMM step vs the bare PyTorch forward+backward of the same module on the same trajectory."""
-    context, cgnn, info = cg_context(source, cg, temperature, dt_fs, platform, properties, prior, seed, args.skin)
+    # the bare replay below needs TorchForce's module: the scaling runs on the torch carrier
+    context, cgnn, info = cg_context(source, cg, temperature, dt_fs, platform, properties, prior, seed, args.skin, "torch")
     steps = block_steps(context, args.block_seconds, args.warmup_steps)
     openmm_step = best_of_blocks({"step": lambda c=context: step_block(c, steps)}, args.blocks)["step"]
     frames = record_frames(context, args.replay_steps)
@@ -280,7 +295,7 @@ def scaling_point(source: Path, cg: Any, temperature: float, dt_fs: float, platf
     device = torch.device("cuda" if platform.getName() in ("CUDA", "OpenCL") and torch.cuda.is_available() else "cpu")
     graphs = bool((cgnn.cuda_graphs_report or {}).get("use_cuda_graphs"))
     # With CUDA graphs the TorchForce runs the variant scripted without host checks: time that one.
-    module = (cgnn._rescript(False) if graphs and cgnn._rescript is not None else cgnn.module).to(device)
+    module = ((cgnn.graph_safe_module() if graphs else None) or cgnn.module).to(device)
     # openmm-torch hands float64 positions to the module on the Reference/CPU platforms, float32 on GPUs (mixed).
     position_dtype = torch.float64 if device.type == "cpu" else torch.float32
     positions = [torch.as_tensor(f, dtype=position_dtype, device=device) for f in frames]
@@ -339,10 +354,11 @@ def markdown_tables(result: dict[str, Any]) -> str:
     lines = ["| ion pairs | AA atoms | AA ms/step | AA ns/day | CG beads | CG dt (fs) | CG ms/step | CG ns/day "
              "| CG/AA ns/day |", "|---|---|---|---|---|---|---|---|---|"]
     for row in result["md"]:
-        aa, cg = row["aa"], row["cg"]
-        lines.append(f"| {row['pairs']} | {aa['atoms']} | {aa['ms_per_step']:.1f} | {aa['ns_per_day']:.3g} | {cg['beads']} | "
-                     f"{cg['dt_fs']:g} | {cg['ms_per_step']:.1f} | {cg['ns_per_day']:.3g} | "
-                     f"{row['ratio_ns_per_day_cg_over_aa']:.1f}x |")
+        aa = row["aa"]
+        for carrier, cg in row.get("cg_by_carrier", {"": row["cg"]}).items():
+            lines.append(f"| {row['pairs']} | {aa['atoms']} | {aa['ms_per_step']:.1f} | {aa['ns_per_day']:.3g} | {cg['beads']} | "
+                         f"{cg['dt_fs']:g} {carrier} | {cg['ms_per_step']:.1f} | {cg['ns_per_day']:.3g} | "
+                         f"{cg['ns_per_day'] / aa['ns_per_day']:.1f}x |")
     if result["scaling"]:
         lines += ["", "| CG beads | search | OpenMM step (ms) | bare fwd+bwd | neighbour search (amortised) "
                       "| model fwd+bwd | OpenMM overhead | fresh search | list rebuilt |",
@@ -402,6 +418,9 @@ def main() -> int:
     parser.add_argument("--cg-summary", type=Path, default=None, help="summary.json of a CG run: largest_stable_dt_fs")
     parser.add_argument("--cg-dt-fs", type=float, default=None, help="CG time step (overrides --cg-summary and the check)")
     parser.add_argument("--prior", default="auto", choices=["auto", "openmm", "model"], help="prior carrier (CGNNForce)")
+    parser.add_argument("--carrier", nargs="+", default=["auto"], choices=["auto", "torch", "python"],
+                        help="what runs the network (CGNNForce engine: TorchForce or PythonForce + torch.compile); "
+                             "several are timed side by side, the first is the row's 'cg'")
     parser.add_argument("--skin", type=float, default=None,
                         help="pair-list skin, nm (default: the package's; 0: fresh search every step)")
     parser.add_argument("--evaluation", type=Path, default=None, help="REPORTDIR/metrics.json for the D_CG/D_AA ratio")
@@ -508,6 +527,7 @@ def main() -> int:
             "temperature_K": temperature, "density_kg_m3": density, "density_source": density_source,
             "cg_dt_fs": dt_fs, "cg_dt_source": dt_source, "cg_friction_per_ps": 1.0,
             "cg_integrator": "LangevinMiddleIntegrator", "prior_carrier_requested": args.prior,
+            "carriers": args.carrier, "torchinductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
             "cg_start": f"CGSystem.packed at the density, minimised and thermalised by CGRun ({args.thermalize_steps} steps)",
             "aa_start": "build_box_auto, molecules moved to the density, minimised "
                         f"({args.aa_minimize_iterations} iterations), velocities at T",

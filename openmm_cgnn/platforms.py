@@ -140,6 +140,31 @@ def platform_properties(platform: Any, device_index: int | None = None, *, threa
     return {}
 
 
+# Measured on 2 shared cores (CG step, quick network, 160 beads, both engines; benchmarks/README.md):
+# 2 torch threads made a step 5-13x slower than 1, whatever OpenMM's thread count, because torch's
+# OpenMP pool collapses when the cores are busy. So one thread unless the user asks for more.
+DEFAULT_TORCH_THREADS = 1
+
+
+def pin_torch_threads(platform: Any, properties: dict[str, str] | None = None) -> int | None:
+    """On the CPU platform, set torch's intra-op pool to the OpenMM CPU thread count the user asked
+    for (the ``Threads`` property, else ``OPENMM_CPU_THREADS``), else to ``DEFAULT_TORCH_THREADS``.
+    The one place the CG runner sets torch's threads: ``OPENMM_CPU_THREADS=N`` sets both. Returns
+    the count, or None where nothing was changed (other platforms)."""
+    import os
+
+    name = platform if isinstance(platform, str) else platform.getName()
+    if name != "CPU":
+        return None
+    value = (properties or {}).get("Threads") or os.environ.get("OPENMM_CPU_THREADS")
+    try:
+        threads = int(value) if value else DEFAULT_TORCH_THREADS
+    except ValueError:
+        threads = DEFAULT_TORCH_THREADS
+    torch.set_num_threads(max(threads, 1))
+    return torch.get_num_threads()
+
+
 def _distribution_version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -21,6 +21,7 @@ from models.make_models import (
     toy_cg_system,
 )
 from openmm_cgnn.mapping.spec import Mapping
+from openmm_cgnn.openmm.engines import ENGINES, PythonForceEngine
 from openmm_cgnn.openmm.force import CGNNForce, ModelMismatchError
 from openmm_cgnn.openmm.prior_forces import prior_forces
 from openmm_cgnn.openmm.topology import CGSystem
@@ -101,13 +102,16 @@ def test_native_prior_forces_equal_model_priorset(cg):
     np.testing.assert_allclose(forces, -positions.grad[0].numpy(), rtol=1e-6, atol=1e-6 * np.abs(forces).max())
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("carrier", ["openmm", "model"])
-def test_real_model_in_openmm_equals_eager(cg, model64, carrier):
+def test_real_model_in_openmm_equals_eager(cg, model64, carrier, engine):
+    """Both engines (TorchForce; PythonForce, whose first call is eager) give the eager model's numbers."""
     model = load_model(model64)
-    force = CGNNForce.from_model_dir(model64, cg, temperature=350.0, prior=carrier)
+    force = CGNNForce.from_model_dir(model64, cg, temperature=350.0, prior=carrier, engine=engine)
     assert force.prior_carrier == carrier
     system = cg.system()
     force.add_to(system)
+    assert force.engine.name == engine and system.getForce(force.force_index) is not None
     args = (torch.tensor(cg.bead_type), torch.tensor(cg.molecule_index), torch.tensor([1 / 350.0], dtype=torch.float64))
     e_ref, f_ref = model.energy_and_forces(torch.tensor(cg.positions[None]), torch.tensor(cg.box[None]), *args)
     for platform in PLATFORMS:
@@ -262,3 +266,57 @@ def test_rejects_periodicity_mismatch(cg, tmp_path):
     system = cg.system()
     force.add_to(system)
     assert not system.getForce(0).usesPeriodicBoundaryConditions()
+
+
+def _repeated_energy_forces(force, cg, calls):
+    system = cg.system()
+    force.add_to(system, "CPU")
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"))
+    results = []
+    for _ in range(calls):
+        context.setPositions(cg.positions)
+        state = context.getState(getEnergy=True, getForces=True)
+        results.append((state.getPotentialEnergy()._value, np.asarray(state.getForces(asNumpy=True)._value)))
+    return results
+
+
+def test_compiled_python_engine_agrees_with_torchforce(cg, tmp_path, monkeypatch):
+    """PythonForce + torch.compile (float32 model): the first call eager and equal to TorchForce, the
+    compiled calls within float32 rounding; the compile is reported and its artifacts cached on disk."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    folder = make_model_dir(tmp_path / "m32", use_temperature=True)
+    (e_ref, f_ref), = _repeated_energy_forces(CGNNForce(folder, cg, 300.0, engine="torch"), cg, 1)
+    force = CGNNForce(folder, cg, 300.0, engine="python")
+    results = _repeated_energy_forces(force, cg, 3)
+    assert results[0][0] == e_ref
+    np.testing.assert_array_equal(results[0][1], f_ref)
+    report = force.engine_report()
+    assert report["engine"] == "python" and report["compiled"] is True and report["compile_s"] > 0
+    assert any((tmp_path / "inductor").rglob("*")), "nothing cached on disk"
+    eps = float(np.finfo(np.float32).eps)
+    for energy, forces in results[1:]:
+        assert energy == pytest.approx(e_ref, rel=20 * eps)
+        np.testing.assert_allclose(forces, f_ref, atol=50 * eps * float(np.abs(f_ref).max()))
+
+
+def test_python_engine_falls_back_to_eager_when_compiling_fails(cg, model64, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    messages = []
+    force = CGNNForce(model64, cg, 350.0, engine=PythonForceEngine(log=messages.append))
+    (e0, f0), (e1, f1), (e2, f2) = _repeated_energy_forces(force, cg, 3)
+    assert e0 == e1 == e2
+    np.testing.assert_array_equal(f0, f2)
+    assert force.engine_report()["compiled"] is False and "no compiler here" in force.engine_report()["reason"]
+    assert len(messages) == 1 and "runs it eager" in messages[0]
+
+
+def test_python_engine_runs_a_model_pt_eager(cg, toy_dir):
+    force = CGNNForce(toy_dir / "model.pt", cg, engine="python")
+    (e_py, f_py), = _repeated_energy_forces(force, cg, 1)
+    (e_t, f_t), = _repeated_energy_forces(CGNNForce(toy_dir / "model.pt", cg, engine="torch"), cg, 1)
+    assert e_py == pytest.approx(e_t, rel=1e-12)
+    np.testing.assert_allclose(f_py, f_t, rtol=1e-12, atol=1e-12 * np.abs(f_t).max())
+    assert "cannot be compiled" in force.engine_report()["reason"]

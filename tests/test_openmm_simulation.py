@@ -13,6 +13,7 @@ import openmm
 from models.make_models import make_model_dir, write_aa_run
 from openmm_cgnn.cli import main as cli_main
 from openmm_cgnn.frames import FrameWriter, TopologyInfo, read_frames
+from openmm_cgnn.openmm.engines import ENGINES, PythonForceEngine
 from openmm_cgnn.openmm.force import CGNNForce
 from openmm_cgnn.openmm.simulation import CGRun, RunConfig, SimulationError, SimulationUnstable
 
@@ -83,10 +84,11 @@ def test_run_writes_run_directory(cg, toy_dir, tmp_path):
     assert result.summary["ms_per_step"] > 0
 
 
-def test_resume_continues_exactly(cg, toy_dir, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_resume_continues_exactly(cg, toy_dir, tmp_path, engine):
     """An interrupted run resumed from its checkpoint gives the same frames as one uninterrupted run,
-    also when frames were written after the last checkpoint (they are rewound)."""
-    force = CGNNForce(toy_dir / "model.pt", cg)
+    also when frames were written after the last checkpoint (they are rewound); with either engine."""
+    force = CGNNForce(toy_dir / "model.pt", cg, engine=engine)
     whole = tmp_path / "whole"
     CGRun(force, cg, whole, config(steps=120)).run()
     parts = tmp_path / "parts"
@@ -148,6 +150,8 @@ def test_cli_simulate_from_aa_and_resume(cg, model_dir, tmp_path, capsys):
     assert "CG run finished: 40 steps" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["start"] == str(aa) and summary["temperature_K"] == 350.0
+    # the CPU platform's default engine, torch threads pinned to OpenMM's CPU thread count
+    assert summary["force_engine"]["engine"] == "python" and summary["torch_threads"] >= 1
     assert cli_main(args) == 2  # the run is there: neither --resume nor --overwrite
     assert "use --resume or --overwrite" in capsys.readouterr().err
     args[args.index("40")] = "60"
@@ -164,20 +168,27 @@ def test_cli_simulate_user_errors(model_dir, tmp_path, capsys):
     # 4 pairs at this density make a box under twice the cutoff: refused with the reason
     assert cli_main(base + ["--forcefield", str(model_dir), "--pairs", "4", "--density", "800"]) == 2
     assert "twice the model cutoff" in capsys.readouterr().err
+    assert cli_main(base + ["--forcefield", str(model_dir), "--pairs", "4", "--density", "300", "--mts-inner-steps", "2"]) == 2
+    assert "prior='openmm'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
-def test_setup_overflow_regrows_the_pair_list_and_finishes(cg, tmp_path):
+@pytest.mark.parametrize("engine", ["torch", "python-eager"])
+def test_setup_overflow_regrows_the_pair_list_and_finishes(cg, tmp_path, engine):
     """A start with more pairs than the capacity: set-up regrows the list (no NaN verdict on any
     time step) and the run finishes, twice in one process (libtorch used to crash when the module
-    raised in a second Context)."""
+    raised in a second Context). The regrown force replaces the old one by its index, whichever
+    engine runs it (PythonForce uncompiled here: a compile per capacity would dominate the test)."""
     crowded = cg.with_positions(cg.positions * 0.3)  # far more pairs than the model's capacity
-    force = CGNNForce(make_model_dir(tmp_path / "small", max_pairs_per_bead=4.0), crowded)
+    chosen = "torch" if engine == "torch" else PythonForceEngine(compile=False)
+    force = CGNNForce(make_model_dir(tmp_path / "small", max_pairs_per_bead=4.0), crowded, engine=chosen)
     for attempt in range(2):
         run = CGRun(force, crowded, tmp_path / f"run{attempt}", config(dt_fs=None, steps=20, dt_candidates_fs=(10.0, 4.0)),
                     log=lambda m: None)
         summary = run.run().summary
         assert summary["status"] == "finished"
+        names = [run.system.getForce(i).getName() for i in range(run.system.getNumForces())]
+        assert names.count("CGNNForce") == 1 and names[force.force_index] == "CGNNForce"
         if attempt == 0:  # the force keeps its regrown list for later runs
             regrown = summary["pair_list_regrown"]
             assert regrown and regrown[0]["where"] == "the starting structure"
@@ -284,3 +295,39 @@ def test_prior_only_ablation_runs_the_prior_alone_at_the_trained_step(cg, model_
     assert "native forces" in capsys.readouterr().err
     assert cli_main(base + ["--dt-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 2
     assert "--dt-from" in capsys.readouterr().err
+
+
+def _block_means(values, blocks=5):
+    means = np.array([b.mean() for b in np.array_split(np.asarray(values), blocks)])
+    return means.mean(), means.std(ddof=1) / np.sqrt(blocks)
+
+
+def test_mts_is_stable_and_samples_like_single_stepping(cg, tmp_path):
+    """MTS (network on the outer step, the native prior on 4 inner steps): the NVE check of outer
+    steps picks a step at least as long as single stepping's, and a Langevin run with it gives the
+    same mean potential energy and bond lengths as single stepping at its inner step, within noise."""
+    folder = make_model_dir(tmp_path / "m", use_temperature=True)
+    with pytest.raises(SimulationError, match="prior='openmm'"):
+        CGRun(CGNNForce(folder, cg, 300.0, prior="model"), cg, tmp_path / "x", config(mts_inner_steps=2))
+    runs = {}
+    for name, inner, dt in (("single", 1, 2.5), ("mts", 4, 10.0)):
+        force = CGNNForce(folder, cg, 300.0, prior="openmm", engine="torch")
+        runs[name] = CGRun(force, cg, tmp_path / name, config(dt_fs=None, dt_candidates_fs=(dt,), steps=int(8000 / dt),
+                                                                save_every_steps=int(200 / dt), report_every_steps=int(40 / dt),
+                                                                friction_per_ps=5.0, mts_inner_steps=inner), log=lambda m: None).run()
+    summary = runs["mts"].summary
+    assert summary["integrator"] == "MTSLangevinIntegrator" and summary["mts_inner_steps"] == 4
+    assert summary["largest_stable_dt_fs"] == 10.0  # the outer step passed the NVE check
+    stats = {}
+    for name, result in runs.items():
+        table = np.genfromtxt(result.out_dir / "state.csv", delimiter=",", names=True)
+        potential = table[[n for n in table.dtype.names if n.lower().startswith("potential")][0]]
+        frames = read_frames(result.out_dir)
+        bonds = np.linalg.norm(frames.positions[:, 1:] - frames.positions[:, :-1], axis=-1)  # includes every bond
+        stats[name] = (_block_means(potential[len(potential) // 5:]), bonds[frames.n_frames // 5:].mean(axis=0))
+    (e1, s1), b1 = stats["single"]
+    (e2, s2), b2 = stats["mts"]
+    assert abs(e1 - e2) < 4 * np.hypot(s1, s2) + 1e-6
+    # bonded beads (intramolecular neighbours in topology order) keep the same mean length
+    bonded = np.array([i for i in range(cg.n_beads - 1) if cg.molecule_index[i] == cg.molecule_index[i + 1]])
+    np.testing.assert_allclose(b2[bonded], b1[bonded], rtol=0.05)

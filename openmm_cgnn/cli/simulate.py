@@ -36,6 +36,12 @@ def add_system_arguments(parser: argparse.ArgumentParser) -> None:
         "--prior", choices=["auto", "openmm", "model", "none"], default="auto",
         help="where the prior runs: native OpenMM forces, inside the TorchScript model, or not at all (default auto: the faster one measured)",
     )
+    parser.add_argument(
+        "--carrier", choices=["auto", "torch", "python"], default="auto",
+        help="what runs the network in OpenMM: torch = openmm-torch TorchForce (TorchScript; the exportable one), "
+             "python = OpenMM PythonForce with torch.compile (compiled once, cached in TORCHINDUCTOR_CACHE_DIR); "
+             "default auto: the one measured faster on the platform",
+    )
 
 
 def resolve_forcefield(path: Path) -> tuple[Path, Path]:
@@ -111,6 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dt-candidates-fs", type=float, nargs="+", default=None, metavar="FS",
                         help="time steps the stability check tries, largest first (default 20 15 10 8 6 5 4 3 2 1)")
     parser.add_argument("--friction", type=float, default=1.0, metavar="PER_PS", help="Langevin friction in 1/ps (default 1)")
+    parser.add_argument("--mts-inner-steps", type=int, default=1, metavar="K",
+                        help="multiple time stepping: the network once per --dt-fs step, the bonded prior K times "
+                             "inside it (MTSLangevinIntegrator; needs --prior openmm). Default 1: single stepping")
     parser.add_argument("--platform", default=None, help="OpenMM platform (default CUDA if available, else CPU)")
     parser.add_argument("--device-index", type=int, default=None, metavar="N",
                         help="GPU to run on (OpenMM's DeviceIndex; GPU platforms only; default: OpenMM's choice)")
@@ -144,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         temperature_K=args.temperature, steps=args.steps, dt_fs=args.dt_fs, friction_per_ps=args.friction,
         platform=args.platform, device_index=args.device_index, save_every_steps=args.save_every_steps, report_every_steps=args.report_every_steps,
         seed=args.seed, minimize=not args.no_minimize, progress=not args.quiet,
+        mts_inner_steps=args.mts_inner_steps,
     )
     if args.dt_candidates_fs:
         if min(args.dt_candidates_fs) <= 0:
@@ -153,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
         mapping = Mapping.load(mapping_path)
         check_model_mapping(source, mapping.sha256(), mapping_path)
         cg = cg_system_from_args(args, mapping, source)
-        force = CGNNForce(source, cg, args.temperature, prior=args.prior, network=args.network == "on")
+        force = CGNNForce(source, cg, args.temperature, prior=args.prior, network=args.network == "on",
+                          engine=args.carrier)
         result = CGRun(force, cg, args.out, config, resume=args.resume, overwrite=args.overwrite,
                        metadata={"start": _start_description(args)}).run()
     except SimulationUnstable as exc:

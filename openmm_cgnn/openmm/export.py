@@ -57,7 +57,7 @@ def export_forcefield(
         check_output_dir(out, "export", overwrite=overwrite)
     except OutputDirError as exc:
         raise ExportError(str(exc)) from None
-    force = CGNNForce(model_dir, cg, temperature, prior=prior)
+    force = CGNNForce(model_dir, cg, temperature, prior=prior, engine="torch")  # system.xml needs TorchForce
     system = cg.system()
     # the graph-safe module with CUDA graphs: no host reads, so it runs on every platform (the
     # property only matters on CUDA), and bad input gives NaN there as everywhere

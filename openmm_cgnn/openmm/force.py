@@ -1,6 +1,11 @@
 """``CGNNForce``: a trained CG force field as forces for an OpenMM ``System``.
 
-The network runs as an openmm-torch ``TorchForce`` (periodic). The prior either runs inside the
+``CGNNForce`` is the engine-independent binding: it loads the model, checks it against the
+Topology, the System and the metadata, and places the prior. The network's module goes into the
+System through a force *engine* (``engines.py``): openmm-torch's ``TorchForce`` ("torch", the
+exportable one) or OpenMM's ``PythonForce`` with ``torch.compile`` ("python"); "auto" takes
+``engines.default_engine`` of the platform. The force is found again by its index in the System
+(``force_index``), never by its name. The prior either runs inside the
 same TorchScript module ("model") or as native OpenMM forces ("openmm", see ``prior_forces.py``);
 ``DEFAULT_PRIOR_CARRIER`` is the one measured faster (benchmarks/prior_carrier.py writes
 benchmarks/results/prior_carrier_<platform>.json). Before anything is added, the model's metadata is checked against
@@ -26,6 +31,7 @@ import torch
 from ..mapping.spec import Mapping
 from ..model.geometry import FLAG_BOX_TOO_SMALL, FLAG_NONFINITE
 from ..platforms import versions  # noqa: F401  (re-exported: the versions report lives in platforms)
+from .engines import ENGINES, ForceEngine, default_engine, make_engine
 from .prior_forces import load_prior, prior_forces
 from .topology import CGSystem
 
@@ -72,6 +78,8 @@ class CGNNForce:
     (``build_system_module``; None: its default, 0: search afresh at every step).
     ``max_pairs_per_bead`` (model directories): the pair-list capacity; None: the model's.
     ``host_checks=False`` uses the graph-safe module on every platform (it is always used on CUDA).
+    ``engine``: "auto" (the platform's default, chosen when the forces are added), "torch",
+    "python" or a :class:`~openmm_cgnn.openmm.engines.ForceEngine`.
 
     Use: ``forces = CGNNForce(model_dir, cg_system, temperature=400); forces.add_to(system)``.
     """
@@ -89,14 +97,19 @@ class CGNNForce:
         neighbor_skin_nm: float | None = None,
         max_pairs_per_bead: float | None = None,
         network: bool = True,
+        engine: str | ForceEngine = "auto",
     ) -> None:
         if prior not in PRIOR_CARRIERS:
             raise ValueError(f"prior must be one of {PRIOR_CARRIERS}, got {prior!r}")
+        if isinstance(engine, str) and engine not in ("auto",) + ENGINES:
+            raise ValueError(f"engine must be one of {('auto',) + ENGINES}, got {engine!r}")
         if not network:
             if prior not in ("auto", "openmm"):
                 raise ValueError(f"the network switched off needs the prior as native forces (prior='openmm'), not {prior!r}")
             prior = "openmm"
         self.network = network
+        self.engine_request = engine
+        self.engine: ForceEngine | None = None if isinstance(engine, str) else engine
         self.source = Path(source)
         self.temperature = None if temperature is None else float(temperature)
         self.host_checks = host_checks
@@ -106,8 +119,9 @@ class CGNNForce:
         self.model_force_group = model_force_group
         self.cg = topology if isinstance(topology, CGSystem) else None
         self.topology = topology.topology() if isinstance(topology, CGSystem) else topology
-        # model directories can script again: (host_checks, max_pairs_per_bead) -> module
-        self._rescript: Callable[[bool, float | None], Any] | None = None
+        # model directories can build the module again: (host_checks, max_pairs_per_bead, scripted) -> module
+        self._rescript: Callable[..., Any] | None = None
+        self._engine_module: Any = None  # the module the engine runs when it is not self.module
         self.box = np.asarray(topology.box) if isinstance(topology, CGSystem) else _topology_box(self.topology)
         if self.source.is_dir():
             self._from_model_dir(prior)
@@ -119,7 +133,8 @@ class CGNNForce:
             raise ModelMismatchError(f"{self.source}: the network switched off leaves no forces: "
                                      f"this model has no prior outside the network (prior carrier {self.prior_carrier!r})")
         self.check_topology(self.topology)
-        self.torch_force: Any = None  # the TorchForce most recently added by add_to
+        self.torch_force: Any = None  # the network's force most recently added by add_to (any engine)
+        self.force_index: int | None = None  # its index in that System
         self.cuda_graphs = False  # whether that force runs the graph-safe module with CUDA graphs
         self._system: Any = None
         self.cuda_graphs_report: dict[str, Any] | None = None
@@ -158,7 +173,8 @@ class CGNNForce:
         return cg
 
     def _from_model_dir(self, prior: str) -> None:
-        from ..model import load_model, script_for_system, system_metadata
+        from ..model import load_model, system_metadata
+        from ..model.export import build_system_module
 
         model_dir = self.source
         mapping = Mapping.load(model_dir / "mapping.json")
@@ -182,13 +198,14 @@ class CGNNForce:
         self.prior_carrier = carrier
         self.prior = model.prior if carrier == "openmm" else None
 
-        def script(host_checks: bool, max_pairs_per_bead: float | None) -> Any:
+        def script(host_checks: bool, max_pairs_per_bead: float | None, scripted: bool = True) -> Any:
             try:
-                return script_for_system(model, cg.bead_type, cg.molecule_index, self.temperature, include_prior=include,
-                                         box=self.box, host_checks=host_checks, neighbor_skin_nm=self.neighbor_skin_nm,
-                                         max_pairs_per_bead=max_pairs_per_bead)
+                module = build_system_module(model, cg.bead_type, cg.molecule_index, self.temperature,
+                                             include_prior=include, box=self.box, host_checks=host_checks,
+                                             neighbor_skin_nm=self.neighbor_skin_nm, max_pairs_per_bead=max_pairs_per_bead)
             except ValueError as exc:
                 raise ModelMismatchError(f"{model_dir}: {exc}") from None
+            return torch.jit.script(module) if scripted else module
 
         self._rescript = script
         self.module = script(self.host_checks, self.max_pairs_per_bead)
@@ -296,16 +313,35 @@ class CGNNForce:
 
     # -- forces ---------------------------------------------------------------------------------
 
-    def _make_torch_force(self, module: Any = None, cuda_graphs: bool = False) -> Any:
-        import openmm  # noqa: F401  (after torch, see openmm_cgnn/__init__.py)
-        import openmmtorch
+    def resolve_engine(self, platform: Any = None) -> ForceEngine:
+        """The engine (chosen once: "auto" takes the platform's default, see ``engines.default_engine``)."""
+        if self.engine is None:
+            name = platform if isinstance(platform, str) or platform is None else platform.getName()
+            request = self.engine_request
+            self.engine = make_engine(default_engine(name) if request == "auto" else str(request))
+        return self.engine
 
-        force = openmmtorch.TorchForce(self.module if module is None else module)
-        force.setName("CGNNForce")
-        force.setUsesPeriodicBoundaryConditions(bool(self.metadata.get("periodic", True)))
-        force.setForceGroup(self.model_force_group)
-        force.setProperty("useCUDAGraphs", "true" if cuda_graphs else "false")
-        return force
+    def engine_module(self, cuda_graphs: bool = False) -> tuple[Any, bool]:
+        """(the module the engine runs, whether it runs with CUDA graphs).
+
+        TorchForce: this binding's module, or with ``cuda_graphs`` the graph-safe one (falls back to
+        the module as it is, graphs off, when there is none). PythonForce: the graph-safe plain
+        module (model directories) or the model.pt's module, never graphs.
+        """
+        engine = self.resolve_engine()
+        if engine.host_checks is False:
+            if self._rescript is None:
+                return self.module, False
+            if self._engine_module is None:
+                self._engine_module = engine.prepare(self._rescript(False, self.module.max_pairs_per_bead, scripted=False))
+            return self._engine_module, False
+        module = self.graph_safe_module() if cuda_graphs else None
+        return (self.module if module is None else engine.prepare(module)), module is not None
+
+    def _make_network_force(self, cuda_graphs: bool = False) -> Any:
+        module, self.cuda_graphs = self.engine_module(cuda_graphs)
+        return self.resolve_engine().build(module, bool(self.metadata.get("periodic", True)), self.model_force_group,
+                                           self.cuda_graphs)
 
     def graph_safe_module(self) -> Any:
         """The module without host reads (CUDA graphs), or None where it cannot be had: a model.pt
@@ -317,10 +353,10 @@ class CGNNForce:
         return None
 
     def make_forces(self, cuda_graphs: bool = False) -> list[Any]:
-        """New force objects: the TorchForce, then any native prior forces.
+        """New force objects: the network's force (its engine's), then any native prior forces.
 
-        ``cuda_graphs``: the TorchForce runs the graph-safe module with ``useCUDAGraphs=true``
-        (falls back to the module as it is, graphs off, when there is no graph-safe one).
+        ``cuda_graphs`` (TorchForce): the graph-safe module with ``useCUDAGraphs=true`` (falls
+        back to the module as it is, graphs off, when there is no graph-safe one).
         New on every call because a System takes ownership of the forces added to it.
         """
         extra = []
@@ -330,30 +366,38 @@ class CGNNForce:
         if not self.network:  # the prior-only ablation
             self.cuda_graphs = False
             return extra
-        module = self.graph_safe_module() if cuda_graphs else None
-        self.cuda_graphs = module is not None
-        return [self._make_torch_force(module, cuda_graphs=self.cuda_graphs)] + extra
+        return [self._make_network_force(cuda_graphs)] + extra
 
     def add_to(self, system: Any, platform: Any = None, *, cuda_graphs: bool | None = None) -> list[int]:
-        """Check ``system`` and add the forces to it; returns their indices in the System.
+        """Check ``system`` and add the forces to it; returns their indices in the System (the
+        network's first, also kept in ``force_index``).
 
-        ``platform`` (an OpenMM Platform or its name): on "CUDA" the TorchForce runs the graph-safe
-        module with CUDA graphs. ``cuda_graphs`` overrides that choice (export writes it on).
+        ``platform`` (an OpenMM Platform or its name) chooses the engine when it is "auto"; on
+        "CUDA" TorchForce runs the graph-safe module with CUDA graphs. ``cuda_graphs`` overrides
+        that choice (export writes it on).
         """
         self.check_system(system)
+        name = platform if isinstance(platform, str) or platform is None else platform.getName()
+        self.resolve_engine(name)
         if cuda_graphs is None:
-            name = platform if isinstance(platform, str) or platform is None else platform.getName()
             cuda_graphs = name == "CUDA"
         forces = self.make_forces(cuda_graphs)
         self.torch_force = forces[0] if self.network else None
         self._system = system
-        return [system.addForce(force) for force in forces]
+        indices = [system.addForce(force) for force in forces]
+        self.force_index = indices[0] if self.network else None
+        return indices
+
+    def engine_report(self) -> dict[str, Any]:
+        """The engine and what it did (compilation, its time, the cache), for summary.json."""
+        return self.resolve_engine().report()
 
     def save_model(self, path: str | Path) -> Path:
         """The scripted module with its metadata, as ``model.pt`` (written atomically)."""
         from ..model import save_scripted
 
-        return save_scripted(self.module, path, self.metadata)
+        module = self.module if isinstance(self.module, torch.jit.ScriptModule) else torch.jit.script(self.module)
+        return save_scripted(module, path, self.metadata)
 
     # -- errors ---------------------------------------------------------------------------------
 
@@ -406,20 +450,20 @@ class CGNNForce:
             return None
         self.max_pairs_per_bead = float(max_pairs_per_bead)
         self.module = self._rescript(self.host_checks, self.max_pairs_per_bead)
+        self._engine_module = None
         self.metadata["max_pairs_per_bead"] = self.max_pairs_per_bead
         if self.torch_force is not None:
-            module = self.graph_safe_module() if self.cuda_graphs else None
-            self._swap_torch_force(system, self._make_torch_force(module, cuda_graphs=self.cuda_graphs))
+            self._swap_network_force(system, self._make_network_force(self.cuda_graphs))
         return self.max_pairs_per_bead
 
     # -- CUDA graphs ----------------------------------------------------------------------------
 
-    def _swap_torch_force(self, system: Any, force: Any) -> None:
-        for index in range(system.getNumForces()):
-            if system.getForce(index).getName() == "CGNNForce":
-                system.removeForce(index)
-                break
-        system.addForce(force)
+    def _swap_network_force(self, system: Any, force: Any) -> None:
+        """Put ``force`` in place of the network's force (found by its index, whatever its name)."""
+        if self.force_index is not None and system is self._system:
+            system.removeForce(self.force_index)
+        self.force_index = system.addForce(force)
+        self._system = system
         self.torch_force = force
 
     def tune_cuda_graphs(
@@ -446,6 +490,9 @@ class CGNNForce:
             return report
         if self.torch_force is None:
             raise RuntimeError("tune_cuda_graphs() needs the forces added first (add_to)")
+        if self.resolve_engine().name != "torch":
+            report["reason"] = f"the {self.engine.name} engine has no CUDA graphs"
+            return report
         graph_module = self.graph_safe_module()
         if graph_module is None:
             report["reason"] = "this model.pt holds the host-reading module, which CUDA graphs cannot capture"
@@ -465,17 +512,17 @@ class CGNNForce:
             context.getState(getEnergy=True)  # waits for the GPU
             return energy, forces, 1e3 * (time.perf_counter() - start) / steps
 
-        self._swap_torch_force(system, self._make_torch_force())
+        self._swap_network_force(system, self._make_network_force())
         e_off, f_off, ms_off = measure()
         plain_force = self.torch_force
-        self._swap_torch_force(system, self._make_torch_force(graph_module, cuda_graphs=True))
+        self._swap_network_force(system, self._make_network_force(cuda_graphs=True))
         e_on, f_on, ms_on = measure()
         scale = max(float(np.abs(f_off).max()), 1.0)
         agree = abs(e_on - e_off) <= rtol * max(abs(e_off), 1.0) and float(np.abs(f_on - f_off).max()) <= rtol * scale
         use = bool(agree and ms_on < ms_off)
         self.cuda_graphs = use
         if not use:
-            self._swap_torch_force(system, self._make_torch_force())
+            self._swap_network_force(system, self._make_network_force())
         del plain_force
         report.update(
             use_cuda_graphs=use,

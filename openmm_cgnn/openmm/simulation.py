@@ -34,7 +34,7 @@ import numpy as np
 from ..io import (OutputDirError, atomic_checkpoint, check_output_dir, describe_os_error, is_empty_dir, read_marker,
                   staging_dir, swap_in, verify_checksum, write_json_atomic, write_marker, write_text_atomic)
 from ..model.checkpoint import model_fingerprint
-from ..platforms import PlatformError, get_platform, platform_properties, versions
+from ..platforms import PlatformError, get_platform, pin_torch_threads, platform_properties, versions
 from .force import CGNNForce
 from .topology import CGSystem
 
@@ -92,6 +92,10 @@ class RunConfig:
     stability_steps: int = 300
     thermalize_steps: int = 500
     progress: bool = True
+    # Multiple time stepping: > 1 runs MTSLangevinIntegrator with the network once per (outer) step
+    # and the native prior forces (prior="openmm", their own force group) this many times inside it;
+    # dt_fs and the NVE check's candidates are then the outer step. 1: single stepping.
+    mts_inner_steps: int = 1
 
     def validate(self) -> None:
         if self.temperature_K <= 0:
@@ -106,6 +110,8 @@ class RunConfig:
             raise SimulationError(f"friction must be >= 0, got {self.friction_per_ps} /ps")
         if self.device_index is not None and self.device_index < 0:
             raise SimulationError(f"--device-index must be >= 0, got {self.device_index}")
+        if int(self.mts_inner_steps) != self.mts_inner_steps or self.mts_inner_steps < 1:
+            raise SimulationError(f"mts_inner_steps must be a whole number >= 1, got {self.mts_inner_steps}")
 
 
 @dataclass
@@ -193,6 +199,7 @@ def stability_check(
     sample_every: int = 5,
     log: Callable[[str], None] = print,
     cgnn: CGNNForce | None = None,
+    mts_groups: list[tuple[int, int]] | None = None,
 ) -> tuple[float, list[StabilityResult]]:
     """Largest time step whose NVE run from a thermal state conserves energy (ratio test) and stays finite.
 
@@ -200,11 +207,13 @@ def stability_check(
     (the model in ``system``), a candidate that turns NaN is replayed to find out why: a pair-list
     overflow is no verdict on the time step and raises :class:`PairListOverflow` (the caller
     regrows the list and tests again from that candidate); other causes are named in its reason.
+    ``mts_groups`` ((force group, substeps) pairs): the NVE test runs ``MTSIntegrator`` with them,
+    and the candidates are outer steps.
     """
     import openmm
 
     def start(dt: float) -> tuple[Any, Any]:
-        integrator = openmm.VerletIntegrator(dt * 1e-3)
+        integrator = openmm.MTSIntegrator(dt * 1e-3, mts_groups) if mts_groups else openmm.VerletIntegrator(dt * 1e-3)
         context = openmm.Context(system, integrator, platform, properties)
         context.setPositions(positions)
         context.setVelocities(velocities)
@@ -289,6 +298,11 @@ class CGRun:
         config.validate()
         if resume and overwrite:
             raise SimulationError("choose either resume or overwrite, not both")
+        if config.mts_inner_steps > 1 and (cgnn.prior_carrier != "openmm"
+                                           or cgnn.prior_force_group == cgnn.model_force_group):
+            raise SimulationError(
+                f"multiple time stepping needs the prior as native OpenMM forces in its own force group "
+                f"(prior='openmm'); this force field has the prior carried as {cgnn.prior_carrier!r}")
         self.cgnn = cgnn
         self.cg = cg
         self.out = Path(out_dir)
@@ -338,11 +352,20 @@ class CGRun:
         import openmm.app as app
         import openmm.unit as unit
 
-        integrator = openmm.LangevinMiddleIntegrator(
-            self.config.temperature_K * unit.kelvin, self.config.friction_per_ps / unit.picosecond, dt_fs * unit.femtosecond
-        )
+        args = (self.config.temperature_K * unit.kelvin, self.config.friction_per_ps / unit.picosecond,
+                dt_fs * unit.femtosecond)
+        groups = self.mts_groups()
+        integrator = openmm.MTSLangevinIntegrator(*args, groups) if groups else openmm.LangevinMiddleIntegrator(*args)
         integrator.setRandomNumberSeed(openmm_seed(self.config.seed))
         return app.Simulation(self.topology, self.system, integrator, platform, properties)
+
+    def mts_groups(self) -> list[tuple[int, int]] | None:
+        """(force group, evaluations per outer step) for MTS: the network once, the native prior
+        ``mts_inner_steps`` times; None for single stepping."""
+        inner = int(self.config.mts_inner_steps)
+        if inner == 1:
+            return None
+        return [(self.cgnn.model_force_group, 1), (self.cgnn.prior_force_group, inner)]
 
     def _summary_base(self, dt_fs: float, platform: Any, stability: list[StabilityResult] | None) -> dict[str, Any]:
         return {
@@ -360,6 +383,8 @@ class CGRun:
             # the check starts at the largest candidate: a stable result equal to it is a lower bound
             "dt_candidates_fs": None if stability is None else sorted(self.config.dt_candidates_fs, reverse=True),
             "friction_per_ps": self.config.friction_per_ps,
+            "integrator": ("MTSLangevinIntegrator" if self.mts_groups() else "LangevinMiddleIntegrator"),
+            "mts_inner_steps": int(self.config.mts_inner_steps),
             "save_every_steps": self.config.save_every_steps,
             "seed": self.config.seed,
             "platform": platform.getName(),
@@ -370,6 +395,8 @@ class CGRun:
             "mapping_sha256": self.cg.mapping.sha256(),
             "versions": versions(),
             "cuda_graphs": self.cgnn.cuda_graphs_report or self.cgnn.cuda_graphs,
+            "force_engine": self.cgnn.engine_report(),  # TorchForce or PythonForce (+ compile time, cache)
+            "torch_threads": getattr(self, "torch_threads", None),  # CPU: pinned to OpenMM's thread count
             "max_pairs_per_bead": self._max_pairs_per_bead(),
             "pair_list_regrown": self.regrows,
             **self.extra_metadata,
@@ -438,6 +465,7 @@ class CGRun:
         self.topology = self.cg.topology()
         self.system = self.cg.system()
         properties = platform_properties(platform, cfg.device_index)
+        self.torch_threads = pin_torch_threads(platform, properties)  # torch's pool = OpenMM's CPU threads
         self.cgnn.add_to(self.system, platform)  # on CUDA: the graph-safe module with CUDA graphs
         previous = json.loads((self.out / "checkpoint.json").read_text()) if self.resume else None
         if previous is not None:
@@ -672,7 +700,8 @@ class CGRun:
         while True:
             try:
                 dt_fs, results = stability_check(self.system, positions, velocities, platform, properties, candidates,
-                                                 cfg.stability_steps, log=self.log, cgnn=self.cgnn)
+                                                 cfg.stability_steps, log=self.log, cgnn=self.cgnn,
+                                                 mts_groups=self.mts_groups())
                 break
             except PairListOverflow as failure:
                 tested += failure.results  # the larger candidates failed for other reasons: not again
