@@ -150,8 +150,9 @@ def test_cli_simulate_from_aa_and_resume(cg, model_dir, tmp_path, capsys):
     assert "CG run finished: 40 steps" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["start"] == str(aa) and summary["temperature_K"] == 350.0
-    # the CPU platform's default engine, torch threads pinned to OpenMM's CPU thread count
-    assert summary["force_engine"]["engine"] == "python" and summary["torch_threads"] >= 1
+    # a 40-step run on CPU takes TorchForce (a compilation would not pay for itself), torch threads
+    # pinned to OpenMM's CPU thread count
+    assert summary["force_engine"]["engine"] == "torch" and summary["torch_threads"] >= 1
     assert cli_main(args) == 2  # the run is there: neither --resume nor --overwrite
     assert "use --resume or --overwrite" in capsys.readouterr().err
     args[args.index("40")] = "60"
@@ -331,3 +332,13 @@ def test_mts_is_stable_and_samples_like_single_stepping(cg, tmp_path):
     # bonded beads (intramolecular neighbours in topology order) keep the same mean length
     bonded = np.array([i for i in range(cg.n_beads - 1) if cg.molecule_index[i] == cg.molecule_index[i + 1]])
     np.testing.assert_allclose(b2[bonded], b1[bonded], rtol=0.05)
+
+
+def test_default_engine_follows_the_platform_and_the_run_length():
+    from openmm_cgnn.openmm.engines import COMPILE_PAYBACK_STEPS, default_engine
+
+    assert default_engine("CPU") == "python"  # length unknown (a user's own Simulation): the faster per step
+    assert default_engine("CPU", COMPILE_PAYBACK_STEPS) == "python"
+    assert default_engine("CPU", COMPILE_PAYBACK_STEPS - 1) == "torch"
+    assert default_engine("CUDA", 10 ** 7) == "torch" and default_engine("Reference") == "torch"
+    assert default_engine(None) == "torch"  # export: the exportable engine

@@ -40,7 +40,8 @@ def add_system_arguments(parser: argparse.ArgumentParser) -> None:
         "--carrier", choices=["auto", "torch", "python"], default="auto",
         help="what runs the network in OpenMM: torch = openmm-torch TorchForce (TorchScript; the exportable one), "
              "python = OpenMM PythonForce with torch.compile (compiled once, cached in TORCHINDUCTOR_CACHE_DIR); "
-             "default auto: the one measured faster on the platform",
+             "default auto: the one measured faster on the platform (on CPU: python for runs of at least "
+             "50000 steps, where the compilation pays for itself; torch for shorter ones)",
     )
 
 

@@ -38,13 +38,22 @@ ENGINES = ("torch", "python")
 # platform) and an unknown platform (export) take TorchForce, the exportable one.
 DEFAULT_ENGINE = {"CPU": "python"}
 DEFAULT_ENGINE_OTHER = "torch"
+# The compilation is paid once per process: 129 s with an empty inductor cache, 34 s from a filled
+# one (benchmarks/results/compile_cpu.json), against a saving of about 2-2.7 ms per step at 80-160
+# beads. A run shorter than this many steps would not earn a cold compilation back (129 s / 2.7 ms),
+# so it takes TorchForce, which starts at once (the quick example's 2000-step runs, the tests).
+COMPILE_PAYBACK_STEPS = 50_000
 FORCE_NAME = "CGNNForce"
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
-def default_engine(platform_name: str | None) -> str:
-    """The engine ``simulate`` uses on this platform when none is asked for."""
-    return DEFAULT_ENGINE.get(platform_name or "", DEFAULT_ENGINE_OTHER)
+def default_engine(platform_name: str | None, steps: int | None = None) -> str:
+    """The engine ``simulate`` uses on this platform when none is asked for; ``steps`` (the run's
+    length, None: unknown) keeps short runs off the compiled engine (``COMPILE_PAYBACK_STEPS``)."""
+    engine = DEFAULT_ENGINE.get(platform_name or "", DEFAULT_ENGINE_OTHER)
+    if engine == "python" and steps is not None and steps < COMPILE_PAYBACK_STEPS:
+        return DEFAULT_ENGINE_OTHER
+    return engine
 
 
 class ForceEngine(Protocol):

@@ -313,12 +313,13 @@ class CGNNForce:
 
     # -- forces ---------------------------------------------------------------------------------
 
-    def resolve_engine(self, platform: Any = None) -> ForceEngine:
-        """The engine (chosen once: "auto" takes the platform's default, see ``engines.default_engine``)."""
+    def resolve_engine(self, platform: Any = None, steps: int | None = None) -> ForceEngine:
+        """The engine (chosen once: "auto" takes the platform's default for a run of ``steps``, see
+        ``engines.default_engine``)."""
         if self.engine is None:
             name = platform if isinstance(platform, str) or platform is None else platform.getName()
             request = self.engine_request
-            self.engine = make_engine(default_engine(name) if request == "auto" else str(request))
+            self.engine = make_engine(default_engine(name, steps) if request == "auto" else str(request))
         return self.engine
 
     def engine_module(self, cuda_graphs: bool = False) -> tuple[Any, bool]:
@@ -368,7 +369,8 @@ class CGNNForce:
             return extra
         return [self._make_network_force(cuda_graphs)] + extra
 
-    def add_to(self, system: Any, platform: Any = None, *, cuda_graphs: bool | None = None) -> list[int]:
+    def add_to(self, system: Any, platform: Any = None, *, cuda_graphs: bool | None = None,
+               steps: int | None = None) -> list[int]:
         """Check ``system`` and add the forces to it; returns their indices in the System (the
         network's first, also kept in ``force_index``).
 
@@ -378,7 +380,7 @@ class CGNNForce:
         """
         self.check_system(system)
         name = platform if isinstance(platform, str) or platform is None else platform.getName()
-        self.resolve_engine(name)
+        self.resolve_engine(name, steps)
         if cuda_graphs is None:
             cuda_graphs = name == "CUDA"
         forces = self.make_forces(cuda_graphs)

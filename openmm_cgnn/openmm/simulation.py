@@ -466,7 +466,8 @@ class CGRun:
         self.system = self.cg.system()
         properties = platform_properties(platform, cfg.device_index)
         self.torch_threads = pin_torch_threads(platform, properties)  # torch's pool = OpenMM's CPU threads
-        self.cgnn.add_to(self.system, platform)  # on CUDA: the graph-safe module with CUDA graphs
+        # On CUDA: the graph-safe module with CUDA graphs; on CPU the compiled engine for long runs.
+        self.cgnn.add_to(self.system, platform, steps=cfg.steps)
         previous = json.loads((self.out / "checkpoint.json").read_text()) if self.resume else None
         if previous is not None:
             self._check_resume_settings(previous, platform)
