@@ -575,7 +575,8 @@ def chain_stages(cfg: dict[str, Any], platform: str, device: str, out: Path) -> 
                    "--out", str(out / "model"), "--device", device, "--seed", "1", "--temperature-input", "--quick",
                    "--epochs", str(cfg["train_epochs"]), "--max-frames", str(cfg["max_frames"]), "--no-progress"],
          ["aa", "map"]),
-        ("export", ["export", "--model", str(out / "model"), "--from-aa", str(aa[-1]), "--out", str(out / "export")],
+        ("export", ["export", "--model", str(out / "model"), "--from-aa", str(aa[-1]), "--out", str(out / "export"),
+                    "--platform", platform],
          ["train"]),
     ]
     for t, aa_dir, cg_dir in zip(temps, aa, cg):

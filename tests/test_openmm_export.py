@@ -173,6 +173,23 @@ def test_cli_export_from_aa_takes_its_temperature(cg, model_dir, tmp_path, capsy
     assert "scripted for 420.0 K" in capsys.readouterr().err
     assert cli_main(["export", "--model", str(model_dir), "--from-aa", str(aa), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    assert meta["round_trip_check"]["platform"] == "Reference"
+
+
+def test_cli_export_checks_its_round_trip_on_the_platform_asked_for(cg, model_dir, tmp_path, capsys):
+    """--platform: where openmm-torch has no Reference kernels (a GPU machine with another torch), the
+    round trip runs on the run's platform; a platform that is not there is one line, nothing written."""
+    aa = write_aa_run(tmp_path / "aa", cg, temperature_K=420.0)
+    args = ["export", "--model", str(model_dir), "--from-aa", str(aa), "--out"]
+    assert cli_main(args + [str(tmp_path / "bad"), "--platform", "NoSuchPlatform"]) == 2
+    err = capsys.readouterr().err
+    assert "--platform" in err and "NoSuchPlatform" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+    assert cli_main(args + [str(tmp_path / "cpu"), "--platform", "CPU"]) == 0
+    check = json.loads((tmp_path / "cpu" / "metadata.json").read_text())["round_trip_check"]
+    assert check["platform"] == "CPU"
+    assert check["reloaded_potential_energy_kj_mol"] == pytest.approx(check["potential_energy_kj_mol"], rel=1e-6)
+    assert "on the CPU platform" in (tmp_path / "cpu" / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")

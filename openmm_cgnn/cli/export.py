@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=None, metavar="K",
                         help="temperature baked into models that take 1/T (default: the temperature of --from-aa)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    parser.add_argument("--platform", default="Reference",
+                        help="OpenMM platform of the round-trip check and of any minimisation (default Reference; "
+                             "CUDA where openmm-torch has no Reference kernels)")
     parser.add_argument("--out", type=Path, required=True, metavar="EXPORTDIR", help="export directory")
 
 
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         if temperature is None and args.from_aa is not None:
             temperature = read_frames(args.from_aa, start=-1).temperature_K
         out = export_forcefield(args.model, cg, args.out, temperature=temperature, prior=args.prior, overwrite=args.overwrite,
-                                minimize=args.from_aa is None)
+                                minimize=args.from_aa is None, platform=args.platform)
     except _user_errors() as exc:
         raise CLIError(str(exc)) from None
     print(f"exported the force field for {cg.n_beads} beads to {out} (see {out / 'README.md'})")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..io import MARKER, OutputDirError, check_output_dir, staging_dir, swap_in, write_marker
-from ..platforms import versions
+from ..platforms import PlatformError, get_platform, platform_properties, versions
 from .force import CGNNForce
 from .topology import CGSystem
 
@@ -43,11 +43,14 @@ def export_forcefield(
     overwrite: bool = False,
     minimize: bool = False,
     log: Any = print,
+    platform: str = "Reference",
 ) -> Path:
     """Write the export directory for the model in ``model_dir`` applied to the CG system ``cg``.
 
     ``temperature`` is required for models that take 1/T (it is baked into the scripted model);
     ``minimize`` relaxes ``cg`` in the force field first (for packed starting structures).
+    ``platform`` runs that minimisation and the round-trip check: Reference by default; on a machine
+    whose openmm-torch has only its CUDA kernels (a torch ABI other than the pinned one), CUDA.
     """
     import openmm
 
@@ -57,13 +60,17 @@ def export_forcefield(
         check_output_dir(out, "export", overwrite=overwrite)
     except OutputDirError as exc:
         raise ExportError(str(exc)) from None
+    try:
+        check_platform = get_platform(platform, "--platform")
+    except PlatformError as exc:
+        raise ExportError(str(exc)) from None
     force = CGNNForce(model_dir, cg, temperature, prior=prior, engine="torch")  # system.xml needs TorchForce
     system = cg.system()
     # the graph-safe module with CUDA graphs: no host reads, so it runs on every platform (the
     # property only matters on CUDA), and bad input gives NaN there as everywhere
     force.add_to(system, cuda_graphs=True)
     if minimize:
-        cg = _minimized(system, cg, log)
+        cg = _minimized(system, cg, log, check_platform)
 
     staging = staging_dir(out)
     try:
@@ -76,7 +83,7 @@ def export_forcefield(
         if prior_set is not None:
             prior_set.to_json(staging / "prior.json")
         topology_files = write_parmed_topology(cg, staging)
-        check = round_trip_check(system, staging)
+        check = round_trip_check(system, staging, check_platform)
         metadata = {
             "format": EXPORT_FORMAT,
             "source_model_dir": str(Path(model_dir).resolve()),
@@ -126,10 +133,10 @@ def _model_prior(force: CGNNForce, model_dir: str | Path) -> Any:
     return None
 
 
-def _minimized(system: Any, cg: CGSystem, log: Any) -> CGSystem:
+def _minimized(system: Any, cg: CGSystem, log: Any, platform: Any) -> CGSystem:
     import openmm
 
-    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"))
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), platform, platform_properties(platform))
     context.setPositions(cg.positions)
     openmm.LocalEnergyMinimizer.minimize(context, 10.0, 2000)
     state = context.getState(getPositions=True, getEnergy=True)
@@ -140,8 +147,9 @@ def _minimized(system: Any, cg: CGSystem, log: Any) -> CGSystem:
     return cg.with_positions(positions)
 
 
-def round_trip_check(system: Any, folder: Path) -> dict[str, Any]:
-    """Energies of the in-memory System and of system.xml + cg.pdb read back must agree (Reference platform)."""
+def round_trip_check(system: Any, folder: Path, platform: Any = None) -> dict[str, Any]:
+    """Energies of the in-memory System and of system.xml + cg.pdb read back must agree (on ``platform``,
+    default Reference)."""
     import openmm
     import openmm.app as app
 
@@ -149,14 +157,15 @@ def round_trip_check(system: Any, folder: Path) -> dict[str, Any]:
     loaded = openmm.XmlSerializer.deserialize((folder / "system.xml").read_text())
     energies = []
     for candidate in (system, loaded):
-        context = openmm.Context(candidate, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+        platform = platform or openmm.Platform.getPlatformByName("Reference")
+        context = openmm.Context(candidate, openmm.VerletIntegrator(0.001), platform, platform_properties(platform))
         context.setPositions(pdb.positions)
         energies.append(context.getState(getEnergy=True).getPotentialEnergy()._value)
         del context
     original, reloaded = energies
     if not abs(original - reloaded) <= ROUND_TRIP_RTOL * max(abs(original), 1.0):
         raise ExportError(f"system.xml read back gives {reloaded} kJ/mol, the System {original} kJ/mol")
-    return {"platform": "Reference", "potential_energy_kj_mol": original, "reloaded_potential_energy_kj_mol": reloaded}
+    return {"platform": platform.getName(), "potential_energy_kj_mol": original, "reloaded_potential_energy_kj_mol": reloaded}
 
 
 def write_parmed_topology(cg: CGSystem, folder: Path) -> list[str]:
@@ -267,6 +276,6 @@ links), reads positions and box from `cg.pdb`, and prints the energies.
 ## Check
 
 When this directory was written, `system.xml` + `cg.pdb` read back with plain OpenMM gave
-{metadata['round_trip_check']['reloaded_potential_energy_kj_mol']:.6f} kJ/mol on the Reference platform, the same as the System they
+{metadata['round_trip_check']['reloaded_potential_energy_kj_mol']:.6f} kJ/mol on the {metadata['round_trip_check']['platform']} platform, the same as the System they
 were written from.
 """
