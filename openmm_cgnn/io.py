@@ -200,12 +200,13 @@ def check_writable(directory: str | os.PathLike, flag: str = "--out") -> None:
 
 
 def check_output_dir(out: str | os.PathLike, kind: str, *, overwrite: bool = False, resume: bool = False,
-                     flag: str = "--out") -> bool:
+                     flag: str = "--out", resumable: bool | None = None) -> bool:
     """Check before any compute that ``out`` may receive a ``kind`` run; True when it holds one to replace.
 
     An empty or missing directory is always fine. A non-empty one needs ``--resume`` or
     ``--overwrite`` and, for either, a marker of the same kind; ``--resume`` also accepts an
-    unmarked directory (it replaces nothing, and the stage checks its own files).
+    unmarked directory (it replaces nothing, and the stage checks its own files). ``resumable``
+    (default: by kind) says whether the refusal offers ``--resume``.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -221,7 +222,9 @@ def check_output_dir(out: str | os.PathLike, kind: str, *, overwrite: bool = Fal
     if resume:
         return False
     if not overwrite:
-        choices = "--resume or --overwrite" if kind in ("aa", "cg", "model") else "--overwrite to replace it"
+        if resumable is None:
+            resumable = kind not in UNRESUMABLE_KINDS
+        choices = "--resume or --overwrite" if resumable else "--overwrite to replace it"
         raise OutputDirError(f"{flag} {out}: already exists and is not empty; use {choices}")
     if found is None:
         raise OutputDirError(f"{flag} {out}: --overwrite refuses to replace it: only a directory that '{stage}' wrote "

@@ -273,7 +273,14 @@ def test_errors_are_one_line_and_leave_nothing(source, tmp_path, capsys):
     assert code == 2 and "NaN" in err and (out / "frames.h5").read_bytes() == before
     assert not list(tmp_path.glob(".out.*"))
     code, _, err = import_cli(capsys, "--topology", pdb, "--trajectory", trr, "--temperature", 300, "--out", out)
-    assert code == 2 and "--overwrite" in err
+    assert code == 2 and "--overwrite" in err and "--resume" not in err
+    # --overwrite replaces only an aa directory: the user's own files are never removed.
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "notes.txt").write_text("mine")
+    code, _, err = import_cli(capsys, "--topology", pdb, "--trajectory", trr, "--temperature", 300, "--out", own,
+                              "--overwrite")
+    assert code == 2 and "refuses to replace" in err and [p.name for p in own.iterdir()] == ["notes.txt"]
 
 
 def test_unwrapper_follows_a_molecule_across_a_triclinic_box():

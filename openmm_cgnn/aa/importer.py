@@ -16,7 +16,6 @@ molecule moves more than half a box edge between two saved frames.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from collections import OrderedDict
@@ -28,6 +27,7 @@ import numpy as np
 
 from .. import __version__
 from ..frames import FILENAME, FrameWriter, TopologyInfo
+from ..io import OutputDirError, check_output_dir, staging_dir, swap_in, write_marker
 from ..mapping.spec import make_molecules_whole, minimum_image
 
 SOURCES = ("gromacs", "lammps")
@@ -542,8 +542,10 @@ def import_trajectory(
             raise TrajectoryImportError(f"--lammps-timestep must be positive, got {timestep}")
     elif timestep is not None:
         raise TrajectoryImportError("--lammps-timestep: GROMACS files store their times; drop it")
-    if out.exists() and not overwrite:
-        raise TrajectoryImportError(f"--out {out}: already exists (choose another or give --overwrite)")
+    try:  # only an aa directory (ours or an earlier import) is ever replaced
+        check_output_dir(out, "aa", overwrite=overwrite, resumable=False)
+    except OutputDirError as exc:
+        raise TrajectoryImportError(str(exc)) from None
 
     mda = _mdanalysis()
     u, notes = open_universe(source, topology, trajectory, atom_style)
@@ -557,10 +559,8 @@ def import_trajectory(
         log(f"  time: dump step x {timestep:g} {style.native['time']} (--lammps-timestep; LAMMPS default for units {style.name}: "
             f"{LAMMPS_DEFAULT_TIMESTEP[style.name]:g})")
 
-    staging = out.parent / f".{out.name}.importing"
-    if staging.exists():
-        shutil.rmtree(staging)  # left by an interrupted import: never a finished result
-    staging.mkdir(parents=True)
+    staging = staging_dir(out)  # emptied: what an interrupted import left is never a finished result
+    write_marker(staging, "aa")
     metadata = {
         "kind": "aa", "temperature_K": float(temperature_K), "forcefield": f"imported from {source}",
         "source": {"format": source, "topology": str(topology.resolve()), "trajectory": str(trajectory.resolve()),
@@ -623,7 +623,7 @@ def import_trajectory(
             writer.close()
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _replace_directory(staging, out)
+    swap_in(staging, out)
     if skipped:
         log(f"  skipped {skipped} frames without positions or forces")
     log(f"  unwrapping re-imaged {unwrapper.atoms_moved} atom-frames" if unwrapper.atoms_moved
@@ -631,15 +631,3 @@ def import_trajectory(
     for note in notes:
         log(f"  note: {note}")
     return summary
-
-
-def _replace_directory(staging: Path, out: Path) -> None:
-    """Move the finished import into place; an old ``out`` goes only once the new one is there."""
-    old = out.parent / f".{out.name}.replaced"
-    if out.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old.exists():
-        shutil.rmtree(old)
