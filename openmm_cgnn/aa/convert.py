@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import os
 import shlex
 import sys
-import tempfile
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from ..io import write_text_atomic
 from .clandp import ClandpError, ClandpWarning, ForceFieldFile, TypedMolecule, fourier_to_periodic, parse_forcefield, parse_zmat, type_molecule
 
 # The molecules of the package's default data (aa/data); other ions are named with --molecule.
@@ -197,16 +196,7 @@ def convert(clandp_dir: str | Path, out_dir: str | Path, molecules: dict[str, st
     outputs = {FORCEFIELD_XML: ET.tostring(tree.getroot(), encoding="unicode") + "\n"}
     for res, mol in typed.items():
         outputs[f"{res}.pdb"] = pdb_text(res, mol, *names_elements[res])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in outputs.items():
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_dir / name)
-        written.append(out_dir / name)
-    return written
+    return [write_text_atomic(out_dir / name, text) for name, text in outputs.items()]
 
 
 def _molecule_arg(text: str) -> tuple[str, str]:
