@@ -30,7 +30,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..io import atomic_path
 from .geometry import FLAG_BOX_TOO_SMALL, FLAG_CELL_OVERFLOW, FLAG_NONFINITE, FLAG_PAIR_OVERFLOW, Flag, box_too_small
 from .hybridgraph import CGEnergy, CGModel, describe_flags
 from .neighbors import (
@@ -307,16 +307,8 @@ def system_metadata(
 def save_scripted(module: torch.jit.ScriptModule, path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
     """Save with ``metadata.json`` in the archive's extra files; written to a temp file, then renamed."""
     path = Path(path)
-    text = json.dumps(metadata, indent=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.jit.save(module, temporary, _extra_files={METADATA_FILE: text})
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        torch.jit.save(module, str(temporary), _extra_files={METADATA_FILE: json.dumps(metadata, indent=2)})
     return path
 
 
