@@ -83,10 +83,10 @@ def fresh_model_dir(model_dir: Path, size: str, out: Path) -> Path:
 
 def compress_to_density(topology: Any, positions: np.ndarray, edge: float, density: float) -> tuple[np.ndarray, float]:
     """Move whole molecules (by their centres) into the cube of ``density``; returns positions and edge."""
-    from openmm_cgnn.aa.builder import AVOGADRO
+    from openmm_cgnn.units import cube_edge_nm
 
     masses = np.array([a.element.mass._value for a in topology.atoms()])
-    new_edge = (masses.sum() * 1e-3 / AVOGADRO / density) ** (1 / 3) * 1e9
+    new_edge = cube_edge_nm(masses.sum(), density)
     positions = positions.copy()
     for residue in topology.residues():
         atoms = [a.index for a in residue.atoms()]
@@ -101,7 +101,8 @@ def aa_context(composition: dict[str, int], density: float, temperature: float, 
     import openmm
 
     from openmm_cgnn.aa import build_system, load_forcefield
-    from openmm_cgnn.aa.builder import box_edge_nm, build_box_auto
+    from openmm_cgnn.aa.builder import build_box_auto
+    from openmm_cgnn.units import cube_edge_nm
     from openmm_cgnn.aa.run import auto_cutoff_nm
 
     ff = load_forcefield()
@@ -110,7 +111,7 @@ def aa_context(composition: dict[str, int], density: float, temperature: float, 
         raise SystemExit(f"the mapping's residues {missing} are not in the all-atom force field ({list(ff.residues)})")
     topology, positions, start_density = build_box_auto(ff, composition, seed=seed)
     total_mass = sum(a.element.mass._value for a in topology.atoms())
-    start_edge = box_edge_nm(total_mass, start_density)
+    start_edge = cube_edge_nm(total_mass, start_density)
     cutoff = cutoff_nm if cutoff_nm is not None else auto_cutoff_nm(start_edge)  # what run_aa picks
     positions, edge = compress_to_density(topology, positions, start_edge, density)
     if cutoff > edge / 2:

@@ -18,12 +18,13 @@ from openmm_cgnn.mapping.forcemap import (
     position_map,
     summed_force_map,
 )
+from openmm_cgnn.units import kT_kj_mol
 
 ATOMS = ["C1", "H1", "C2", "N3", "H3", "O4"]
 ELEMENTS = ["C", "H", "C", "N", "H", "O"]
 MASSES = np.array([12.011, 1.008, 12.011, 14.007, 1.008, 15.999])
 BONDS = [(0, 1), (0, 2), (2, 3), (3, 4), (3, 5)]
-KT = 0.00831446261815324 * 300.0
+KT = kT_kj_mol(300.0)
 
 
 def gaussian_mapping() -> Mapping:

@@ -13,13 +13,13 @@ import torch
 from openmm_cgnn.model import CGModel, HybridGraphConfig, PriorSet, build_system_tensors, fit_priors
 from openmm_cgnn.model.priors import (
     ANGLE_GRID_POINTS,
-    MOLAR_GAS_CONSTANT,
     TabulatedAnglePrior,
     TabulatedBondPrior,
     natural_spline_second_derivatives,
 )
 from openmm_cgnn.model.synthetic import SyntheticCG
 from openmm_cgnn.openmm.prior_forces import prior_forces
+from openmm_cgnn.units import kT_kj_mol
 
 TEMPERATURE = 400.0
 NAMES = ["TRI:A", "TRI:B", "TRI:C", "ION:X"]
@@ -71,7 +71,7 @@ def test_bimodal_angle_gives_two_wells_and_harmonic_one(tabulated):
     assert len(minima) == 2, minima
     assert minima[0] == pytest.approx(105.0, abs=4.0) and minima[1] == pytest.approx(135.0, abs=4.0)
     barrier = energy[(grid > minima[0]) & (grid < minima[1])].max() - energy[np.isin(grid, minima)].max()
-    assert barrier > 0.5 * MOLAR_GAS_CONSTANT * TEMPERATURE
+    assert barrier > 0.5 * kT_kj_mol(TEMPERATURE)
     # Walls: the energy keeps rising away from the sampled range, to both ends of [0, pi].
     assert np.all(np.diff(energy[grid < 80.0]) < 0) and np.all(np.diff(energy[grid > 160.0]) > 0)
     harmonic = fit_priors(bimodal_triatomics(), max_frames=10, bonded_form="harmonic")

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..io import CorruptFileError, atomic_checkpoint, atomic_path, verify_checksum, write_text_atomic
 from ..platforms import platform_properties
-from .builder import density_kg_m3
+from ..units import density_kg_m3, temperature_from_kinetic_K
 
 CHECKPOINT = "checkpoint.chk"
 NPT_DENSITY_CSV = "npt_density.csv"
@@ -267,7 +267,7 @@ class SingleRun:
         state = context.getState(getEnergy=True)
         volume = state.getPeriodicBoxVolume()._value
         dof = 3 * self.masses.size - context.getSystem().getNumConstraints() - 3
-        temperature = 2 * state.getKineticEnergy()._value / (dof * 0.00831446261815324)
+        temperature = temperature_from_kinetic_K(state.getKineticEnergy()._value, dof)
         rate = (time.perf_counter() - t0) / max(step - steps0, 1) * 1000
         self.log(f"{self._tag()} {stage} {step * self.s.dt_ps:8.1f}/{total * self.s.dt_ps:.1f} ps  "
                  f"T {temperature:6.1f} K  rho {density_kg_m3(self.total_mass, volume):7.1f} kg/m3  "

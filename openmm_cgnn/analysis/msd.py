@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..units import BOLTZMANN_J_K
 from .periodic import orthorhombic_lengths
 
-BOLTZMANN_J_K = 1.380649e-23
 YEH_HUMMER_XI = 2.837297  # cubic-lattice constant of the finite-size correction
 NM2_PER_PS_TO_M2_PER_S = 1e-6
 NOT_CONVERGED = "not converged"

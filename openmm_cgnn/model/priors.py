@@ -35,7 +35,7 @@ READABLE_PRIOR_FORMATS = ("openmm_cgnn.prior/1", PRIOR_FORMAT)
 BONDED_FORMS = ("tabulated", "harmonic")
 BOND_GRID_POINTS = 96
 ANGLE_GRID_POINTS = 181  # 1 degree spacing over [0, pi]
-MOLAR_GAS_CONSTANT = 0.00831446261815324  # kJ/mol/K
+from ..units import MOLAR_GAS_CONSTANT_KJ_MOL_K as MOLAR_GAS_CONSTANT  # noqa: E402  (one definition, in units)
 
 
 def type_pair_key(name_a: str, name_b: str) -> str:

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..io import atomic_path
 from ..mapping.spec import CGFrames, Mapping, MappingError
+from ..units import cube_edge_nm, density_kg_m3
 
-AVOGADRO = 6.02214076e23
 DEFAULT_BOND_NM = 0.35  # bead spacing when no prior bond length is known (typical CG bond)
 
 
@@ -60,8 +60,7 @@ class CGSystem:
         return counts
 
     def density_kg_m3(self) -> float:
-        volume_m3 = abs(np.linalg.det(self.box)) * 1e-27
-        return float(self.masses.sum() * 1e-3 / AVOGADRO / volume_m3)
+        return float(density_kg_m3(self.masses.sum(), abs(np.linalg.det(self.box))))
 
     # -- OpenMM objects -------------------------------------------------------------------------
 
@@ -210,7 +209,7 @@ class CGSystem:
             raise ValueError("nothing to pack: all molecule counts are zero")
         rng = np.random.default_rng(seed)
         total_mass = sum(sum(b.mass for b in mapping.residues[r].beads) for r in residues)
-        edge = (total_mass * 1e-3 / AVOGADRO / density_kg_m3) ** (1 / 3) * 1e9
+        edge = cube_edge_nm(total_mass, density_kg_m3)
         box = np.eye(3) * edge
         templates = {name: _grow_molecule(mapping, name, bond_lengths or {}, rng) for name in set(residues)}
         order = rng.permutation(len(residues))  # insert species interleaved so none is squeezed out last
