@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 AVOGADRO_PER_MOL = 6.02214076e23  # exact (SI 2019)
 BOLTZMANN_J_K = 1.380649e-23  # exact (SI 2019)
 MOLAR_GAS_CONSTANT_KJ_MOL_K = AVOGADRO_PER_MOL * BOLTZMANN_J_K * 1e-3  # R = N_A k_B = 0.00831446261815324
@@ -44,3 +46,49 @@ def strip(value: Any, unit: Any) -> Any:
     from openmm.unit import is_quantity
 
     return value.value_in_unit(unit) if is_quantity(value) else value
+
+
+# The OpenMM units that values are read in; openmm is imported on first use (after torch, see
+# openmm_cgnn/__init__.py), so importing this module stays cheap.
+def in_kj_mol(value: Any) -> Any:
+    """An energy in kJ/mol."""
+    import openmm.unit as unit
+
+    return strip(value, unit.kilojoule_per_mole)
+
+
+def in_nm(value: Any) -> Any:
+    """Lengths (a number, a Vec3, positions or box vectors as returned) in nm."""
+    import openmm.unit as unit
+
+    return strip(value, unit.nanometer)
+
+
+def in_nm3(value: Any) -> Any:
+    """A volume in nm^3."""
+    import openmm.unit as unit
+
+    return strip(value, unit.nanometer**3)
+
+
+def in_kj_mol_nm(value: Any) -> Any:
+    """Forces in kJ/mol/nm."""
+    import openmm.unit as unit
+
+    return strip(value, unit.kilojoule_per_mole / unit.nanometer)
+
+
+def in_amu(value: Any) -> Any:
+    """A mass in amu (dalton)."""
+    import openmm.unit as unit
+
+    return strip(value, unit.dalton)
+
+
+def nm_array(value: Any) -> np.ndarray:
+    """Positions or box vectors as a float64 array in nm: a Quantity, a list of Vec3 Quantities
+    (``System.getDefaultPeriodicBoxVectors``) or plain numbers already in nm."""
+    value = in_nm(value)
+    if isinstance(value, np.ndarray):
+        return value.astype(np.float64)
+    return np.array([[float(x) for x in in_nm(row)] for row in value], dtype=np.float64)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..platforms import PlatformError, available_platforms, get_platform, platform_properties, versions  # noqa: F401  (aa API)
-from ..units import cube_edge_nm
+from ..units import cube_edge_nm, in_amu
 from ..io import (CorruptFileError, check_output_dir, output_dir, read_marker, staging_path, verify_checksum,
                   write_text_atomic)
 from .stages import CHECKPOINT, AARunError, RunSettings, SingleRun, stdout_log
@@ -138,7 +138,7 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
             topology, positions = build_box(ff, composition, start_density_kg_m3, seed=seed)
     except BoxBuildError as exc:
         raise AAInputError(f"--start-density: {exc}") from None
-    total_mass = sum(a.element.mass._value for a in topology.atoms())
+    total_mass = sum(in_amu(a.element.mass) for a in topology.atoms())
     start_edge = cube_edge_nm(total_mass, start_density_kg_m3)
     if cutoff_nm is None:
         cutoff_nm = auto_cutoff_nm(start_edge)

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..io import CorruptFileError, atomic_checkpoint, atomic_path, verify_checksum, write_text_atomic
 from ..platforms import platform_properties
-from ..units import density_kg_m3, temperature_from_kinetic_K
+from ..units import density_kg_m3, in_amu, in_kj_mol, in_kj_mol_nm, in_nm, in_nm3, temperature_from_kinetic_K
 
 CHECKPOINT = "checkpoint.chk"
 NPT_DENSITY_CSV = "npt_density.csv"
@@ -137,7 +137,7 @@ class SingleRun:
         self.ff = ff
         self.metadata = metadata
         self.log = log
-        masses = [a.element.mass._value for a in topology.atoms()]
+        masses = [in_amu(a.element.mass) for a in topology.atoms()]
         self.total_mass = float(np.sum(masses))
         self.molecules = [np.array([a.index for a in r.atoms()]) for r in topology.residues()]
         self.masses = np.array(masses)
@@ -241,9 +241,9 @@ class SingleRun:
 
         context = self._context(barostat=True)
         context.setPositions(self.initial_positions)
-        before = context.getState(getEnergy=True).getPotentialEnergy()._value
+        before = in_kj_mol(context.getState(getEnergy=True).getPotentialEnergy())
         openmm.LocalEnergyMinimizer.minimize(context, MINIMIZE_TOLERANCE, MINIMIZE_MAX_ITERATIONS)
-        after = context.getState(getEnergy=True).getPotentialEnergy()._value
+        after = in_kj_mol(context.getState(getEnergy=True).getPotentialEnergy())
         if not math.isfinite(after):
             raise AARunError(f"{self._tag()} energy is {after} after minimisation; lower the start density")
         self.log(f"{self._tag()} minimised: potential energy {before:.4g} -> {after:.4g} kJ/mol")
@@ -265,13 +265,13 @@ class SingleRun:
 
     def _report(self, context, stage: str, step: int, total: int, t0: float, steps0: int) -> None:
         state = context.getState(getEnergy=True)
-        volume = state.getPeriodicBoxVolume()._value
+        volume = in_nm3(state.getPeriodicBoxVolume())
         dof = 3 * self.masses.size - context.getSystem().getNumConstraints() - 3
-        temperature = temperature_from_kinetic_K(state.getKineticEnergy()._value, dof)
+        temperature = temperature_from_kinetic_K(in_kj_mol(state.getKineticEnergy()), dof)
         rate = (time.perf_counter() - t0) / max(step - steps0, 1) * 1000
         self.log(f"{self._tag()} {stage} {step * self.s.dt_ps:8.1f}/{total * self.s.dt_ps:.1f} ps  "
                  f"T {temperature:6.1f} K  rho {density_kg_m3(self.total_mass, volume):7.1f} kg/m3  "
-                 f"PE {state.getPotentialEnergy()._value:11.1f} kJ/mol  {rate:6.2f} ms/step")
+                 f"PE {in_kj_mol(state.getPotentialEnergy()):11.1f} kJ/mol  {rate:6.2f} ms/step")
 
     def _npt(self, context, progress: Progress):
         total = self.s.npt_steps
@@ -284,7 +284,7 @@ class SingleRun:
             n = min(sample_every, total - step)
             self._step(context, n)
             step += n
-            progress.npt_volumes.append((step, context.getState().getPeriodicBoxVolume()._value))
+            progress.npt_volumes.append((step, in_nm3(context.getState().getPeriodicBoxVolume())))
             if due(step):
                 self._report(context, "NPT", step, total, t0, steps0)
             if time.perf_counter() - last_ckpt > CHECKPOINT_EVERY_S and step < total:
@@ -305,8 +305,8 @@ class SingleRun:
         volumes = self._second_half_volumes(progress)
         edge = float(np.mean(volumes)) ** (1.0 / 3.0)
         state = context.getState(getPositions=True, getVelocities=True, enforcePeriodicBox=False)
-        positions = state.getPositions(asNumpy=True)._value
-        old_edge = state.getPeriodicBoxVectors()[0][0]._value
+        positions = in_nm(state.getPositions(asNumpy=True))
+        old_edge = in_nm(state.getPeriodicBoxVectors()[0][0])
         # NPT boxes stay cubic (isotropic barostat); whole molecules move with their centre.
         for atoms in self.molecules:
             centre = self.masses[atoms] @ positions[atoms] / self.masses[atoms].sum()
@@ -390,11 +390,11 @@ class SingleRun:
         # forces are applied inside the integrator's step, so neither is part of these forces.
         state = context.getState(getPositions=True, getForces=True, getEnergy=True, enforcePeriodicBox=False)
         writer.append(
-            positions=state.getPositions(asNumpy=True)._value,
-            box=np.array(state.getPeriodicBoxVectors()._value),
+            positions=in_nm(state.getPositions(asNumpy=True)),
+            box=np.array(in_nm(state.getPeriodicBoxVectors())),
             time=frame_number * self.s.save_every_ps,
-            forces=state.getForces(asNumpy=True)._value,
-            potential_energy=state.getPotentialEnergy()._value,
+            forces=in_kj_mol_nm(state.getForces(asNumpy=True)),
+            potential_energy=in_kj_mol(state.getPotentialEnergy()),
         )
 
     def _write_topology_pdb(self, state) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..io import MARKER, OutputDirError, check_output_dir, staging_dir, swap_in, write_marker
 from ..platforms import PlatformError, get_platform, platform_properties, versions
+from ..units import in_kj_mol, in_nm
 from .force import CGNNForce
 from .topology import CGSystem
 
@@ -140,10 +141,10 @@ def _minimized(system: Any, cg: CGSystem, log: Any, platform: Any) -> CGSystem:
     context.setPositions(cg.positions)
     openmm.LocalEnergyMinimizer.minimize(context, 10.0, 2000)
     state = context.getState(getPositions=True, getEnergy=True)
-    positions = np.asarray(state.getPositions(asNumpy=True)._value)
+    positions = np.asarray(in_nm(state.getPositions(asNumpy=True)))
     if not np.isfinite(positions).all():
         raise ExportError("energy minimisation of the packed structure gave NaN positions")
-    log(f"minimised the packed structure: {state.getPotentialEnergy()._value:.1f} kJ/mol")
+    log(f"minimised the packed structure: {in_kj_mol(state.getPotentialEnergy()):.1f} kJ/mol")
     return cg.with_positions(positions)
 
 
@@ -160,7 +161,7 @@ def round_trip_check(system: Any, folder: Path, platform: Any = None) -> dict[st
         platform = platform or openmm.Platform.getPlatformByName("Reference")
         context = openmm.Context(candidate, openmm.VerletIntegrator(0.001), platform, platform_properties(platform))
         context.setPositions(pdb.positions)
-        energies.append(context.getState(getEnergy=True).getPotentialEnergy()._value)
+        energies.append(in_kj_mol(context.getState(getEnergy=True).getPotentialEnergy()))
         del context
     original, reloaded = energies
     if not abs(original - reloaded) <= ROUND_TRIP_RTOL * max(abs(original), 1.0):

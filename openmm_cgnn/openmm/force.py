@@ -31,6 +31,7 @@ import torch
 from ..mapping.spec import Mapping
 from ..model.geometry import FLAG_BOX_TOO_SMALL, FLAG_NONFINITE
 from ..platforms import versions  # noqa: F401  (re-exported: the versions report lives in platforms)
+from ..units import in_amu, in_kj_mol, in_kj_mol_nm, nm_array
 from .engines import ENGINES, ForceEngine, default_engine, make_engine
 from .prior_forces import load_prior, prior_forces
 from .topology import CGSystem
@@ -292,7 +293,7 @@ class CGNNForce:
         n = int(meta["n_beads"])
         if system.getNumParticles() != n:
             raise ModelMismatchError(f"{self.source}: the model is for {n} beads, the System has {system.getNumParticles()} particles")
-        masses = np.array([system.getParticleMass(i)._value for i in range(n)])
+        masses = np.array([in_amu(system.getParticleMass(i)) for i in range(n)])
         diff = np.abs(masses - np.asarray(meta["masses"], dtype=float))
         if diff.max(initial=0.0) > MASS_TOLERANCE_AMU:
             k = int(diff.argmax())
@@ -300,7 +301,7 @@ class CGNNForce:
                 f"{self.source}: particle {k} has mass {masses[k]:.4f} amu in the System, {meta['masses'][k]:.4f} amu in the model"
             )
         if meta.get("periodic", True):
-            box = np.array([[x._value if hasattr(x, "_value") else x for x in vec] for vec in system.getDefaultPeriodicBoxVectors()])
+            box = nm_array(system.getDefaultPeriodicBoxVectors())
             width = min_box_width(box)
             cutoff = max(float(meta.get("cutoff_inter_nm") or 0.0), float(meta.get("cutoff_intra_nm") or 0.0))
             if width < 2 * cutoff:
@@ -408,7 +409,7 @@ class CGNNForce:
         :class:`~openmm_cgnn.model.export.Diagnosis`, or None for a model.pt without the method."""
         from ..model import diagnose
 
-        return diagnose(self.module, _nm(positions), _nm(box))
+        return diagnose(self.module, nm_array(positions), nm_array(box))
 
     def explain(self, diagnosis: Any) -> str:
         """One line naming the cause of a NaN and the way out."""
@@ -505,8 +506,8 @@ class CGNNForce:
             context = openmm.Context(system, integrator, platform, properties or {})
             context.setPositions(positions)
             state = context.getState(getEnergy=True, getForces=True)
-            energy = state.getPotentialEnergy()._value
-            forces = np.asarray(state.getForces(asNumpy=True)._value)
+            energy = in_kj_mol(state.getPotentialEnergy())
+            forces = np.asarray(in_kj_mol_nm(state.getForces(asNumpy=True)))
             integrator.step(20)  # warm-up: graphs are captured in the first steps
             context.getState(getEnergy=True)
             start = time.perf_counter()
@@ -539,22 +540,11 @@ class CGNNForce:
         return report
 
 
-def _nm(value: Any) -> np.ndarray:
-    """An OpenMM Quantity (or a plain array in nm) as a float64 array in nm."""
-    if hasattr(value, "value_in_unit"):
-        import openmm.unit as unit
-
-        value = value.value_in_unit(unit.nanometer)
-    if isinstance(value, np.ndarray):
-        return value.astype(np.float64)
-    return np.array([[float(x) for x in row] for row in value], dtype=np.float64)
-
-
 def _topology_box(topology: Any) -> np.ndarray | None:
     vectors = topology.getPeriodicBoxVectors()
     if vectors is None:
         return None
-    return np.array([[x._value if hasattr(x, "_value") else x for x in vec] for vec in vectors])
+    return nm_array(vectors)
 
 
 def min_box_width(box: np.ndarray) -> float:

@@ -35,6 +35,7 @@ from ..io import (OutputDirError, atomic_checkpoint, check_output_dir, describe_
                   staging_dir, swap_in, verify_checksum, write_json_atomic, write_marker, write_text_atomic)
 from ..model.checkpoint import model_fingerprint
 from ..platforms import PlatformError, get_platform, pin_torch_threads, platform_properties, versions
+from ..units import in_kj_mol, in_nm
 from .force import CGNNForce
 from .topology import CGSystem
 
@@ -142,8 +143,8 @@ def choose_platform(name: str | None) -> Any:
 
 
 def _finite_state(state: Any) -> bool:
-    energy = state.getPotentialEnergy()._value
-    positions = state.getPositions(asNumpy=True)._value
+    energy = in_kj_mol(state.getPotentialEnergy())
+    positions = in_nm(state.getPositions(asNumpy=True))
     return bool(math.isfinite(energy) and np.isfinite(positions).all())
 
 
@@ -162,10 +163,10 @@ def find_cause(cgnn: CGNNForce, start: Callable[[], tuple[Any, Any]], steps: int
     last = None
     for step in range(steps + 1):
         state = context.getState(getPositions=True, enforcePeriodicBox=False)
-        positions = state.getPositions(asNumpy=True)._value
+        positions = in_nm(state.getPositions(asNumpy=True))
         if step > 0 and not np.isfinite(positions).all():
             break
-        diagnosis = cgnn.diagnose(positions, state.getPeriodicBoxVectors(asNumpy=True)._value)
+        diagnosis = cgnn.diagnose(positions, in_nm(state.getPeriodicBoxVectors(asNumpy=True)))
         if diagnosis is None or diagnosis.flags:
             return diagnosis, step
         last = diagnosis
@@ -231,8 +232,8 @@ def stability_check(
                 if not _finite_state(state):
                     reason = "NaN/inf"
                     break
-                ke = state.getKineticEnergy()._value
-                total.append(state.getPotentialEnergy()._value + ke)
+                ke = in_kj_mol(state.getKineticEnergy())
+                total.append(in_kj_mol(state.getPotentialEnergy()) + ke)
                 kinetic.append(ke)
         except (openmm.OpenMMException, ValueError) as exc:
             reason = f"OpenMM error: {str(exc).splitlines()[0]}"
@@ -746,7 +747,7 @@ class CGRun:
 
         context = openmm.Context(self.system, openmm.VerletIntegrator(0.001), platform, properties)
         context.setPositions(self.cg.positions)
-        before = context.getState(getEnergy=True).getPotentialEnergy()._value
+        before = in_kj_mol(context.getState(getEnergy=True).getPotentialEnergy())
         if not math.isfinite(before):
             diagnosis = self.cgnn.diagnose(self.cg.positions, self.cg.box)
             raise _failure(self.cgnn, "the starting structure", diagnosis)
@@ -756,13 +757,13 @@ class CGRun:
             raise SimulationUnstable(f"energy minimisation failed: {str(exc).splitlines()[0]}") from exc
         state = context.getState(getEnergy=True, getPositions=True)
         if not _finite_state(state):
-            positions = state.getPositions(asNumpy=True)._value
+            positions = in_nm(state.getPositions(asNumpy=True))
             diagnosis = self.cgnn.diagnose(positions, self.cg.box) if np.isfinite(positions).all() else None
             if diagnosis is not None and diagnosis.flags:
                 raise _failure(self.cgnn, "energy minimisation", diagnosis)
             raise SimulationUnstable("energy minimisation of the starting structure gave NaN/inf; "
                                      "the force field or the starting structure is broken")
-        self.log(f"minimised: {before:.1f} -> {state.getPotentialEnergy()._value:.1f} kJ/mol")
+        self.log(f"minimised: {before:.1f} -> {in_kj_mol(state.getPotentialEnergy()):.1f} kJ/mol")
         return state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
 
     def _thermalize(self, positions: np.ndarray, platform: Any, properties: dict[str, str]) -> tuple[np.ndarray, Any]:
