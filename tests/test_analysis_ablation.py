@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from openmm_cgnn.analysis.evaluate import EvaluationError, evaluate
-from openmm_cgnn.analysis.synthetic import write_brownian_run, write_mapping
+from openmm_cgnn.testing.brownian import write_brownian_run, write_mapping
 from openmm_cgnn.cli import main
 from openmm_cgnn.units import MOLAR_GAS_CONSTANT_KJ_MOL_K
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from openmm_cgnn.analysis.evaluate import EvaluationError, EvaluationSettings, target_verdict, evaluate
-from openmm_cgnn.analysis.synthetic import synthetic_mapping, write_brownian_run, write_mapping
+from openmm_cgnn.testing.brownian import synthetic_mapping, write_brownian_run, write_mapping
 from openmm_cgnn.cli import main
 from openmm_cgnn.frames import FrameWriter, FramesError, TopologyInfo
 from openmm_cgnn.io import MARKER, write_marker

@@ -12,7 +12,7 @@ from scipy.optimize import minimize
 
 from openmm_cgnn.model import ExcludedVolumePrior, HarmonicBondPrior, PriorSet, fit_priors
 from openmm_cgnn.units import kT_kj_mol
-from openmm_cgnn.model.synthetic import SyntheticCG, ionic_liquid
+from openmm_cgnn.testing.cg_models import SyntheticCG, ionic_liquid
 
 
 def harmonic_dimers(r0: float, k: float, temperature: float, molecules: int = 27, frames: int = 400, seed: int = 0):

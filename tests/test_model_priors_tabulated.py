@@ -17,7 +17,7 @@ from openmm_cgnn.model.priors import (
     TabulatedBondPrior,
     natural_spline_second_derivatives,
 )
-from openmm_cgnn.model.synthetic import SyntheticCG
+from openmm_cgnn.testing.cg_models import SyntheticCG
 from openmm_cgnn.openmm.prior_forces import prior_forces
 from openmm_cgnn.units import kT_kj_mol
 

@@ -10,7 +10,7 @@ import torch
 
 from openmm_cgnn.mapping.spec import Mapping
 from openmm_cgnn.training import TrainConfig, load_training_data, time_block_split, train
-from openmm_cgnn.training.synthetic import SyntheticSystem
+from openmm_cgnn.testing.known_potential import SyntheticSystem
 
 # Validation force RMSE the quick model must reach on exact (noise-free) forces, as a fraction of
 # the force RMS. Measured about 0.06 after 12 epochs; the priors alone give about 0.37.

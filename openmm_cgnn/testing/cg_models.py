@@ -85,9 +85,9 @@ def synthetic_model(cg: SyntheticCG, seed: int = 0, weight_scale: float = 2.0, m
     The random weights are scaled by ``weight_scale`` so the network's forces are visible next to
     the prior's.
     """
-    from .config import HybridGraphConfig
-    from .hybridgraph import CGModel
-    from .priors import fit_priors
+    from ..model.config import HybridGraphConfig
+    from ..model.hybridgraph import CGModel
+    from ..model.priors import fit_priors
 
     torch.manual_seed(seed)
     config = HybridGraphConfig.quick(len(cg.bead_type_names), bead_type_names=list(cg.bead_type_names),
@@ -109,8 +109,8 @@ def write_synthetic_model_dir(model_dir, n_pairs: int = 8, box_nm: float = 1.9, 
     """
     from pathlib import Path
 
-    from .checkpoint import save_checkpoint
-    from .export import export_for_frames
+    from ..model.checkpoint import save_checkpoint
+    from ..model.export import export_for_frames
 
     cg = ionic_liquid(n_pairs=n_pairs, box_nm=box_nm, frames=frames, seed=seed)
     model = synthetic_model(cg, seed=seed, weight_scale=weight_scale, use_temperature=use_temperature)
