@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from . import CLIError
-from .simulate import _user_errors, add_system_arguments, cg_system_from_args
+from .simulate import add_system_arguments, cg_system_from_args, user_errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             temperature = read_frames(args.from_aa, start=-1).temperature_K
         out = export_forcefield(args.model, cg, args.out, temperature=temperature, prior=args.prior, overwrite=args.overwrite,
                                 minimize=args.from_aa is None, platform=args.platform)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         raise CLIError(str(exc)) from None
     print(f"exported the force field for {cg.n_beads} beads to {out} (see {out / 'README.md'})")
     return 0

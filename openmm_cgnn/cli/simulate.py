@@ -9,7 +9,7 @@ from typing import Any
 from . import CLIError
 
 # Errors that mean "the inputs are wrong" and print as one line.
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
     from ..frames import FramesError
     from ..mapping.spec import MappingError
     from ..openmm.export import ExportError
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     except SimulationUnstable as exc:
         print(f"openmm-cgnn simulate: {exc}", file=sys.stderr)
         return 3
-    except _user_errors() as exc:
+    except user_errors() as exc:
         raise CLIError(str(exc)) from None
     s = result.summary
     print(f"CG run finished: {s['steps_done']} steps of {s['dt_fs']:g} fs, {s['n_frames']} frames in {result.out_dir}")
