@@ -16,8 +16,8 @@ from openmm_cgnn.mapping.spec import (
     apply_mapping,
     load_cg_frames,
     make_molecules_whole,
-    minimum_image,
 )
+from openmm_cgnn.periodic import minimum_image
 
 BOX = np.diag([2.0, 2.0, 2.0])
 

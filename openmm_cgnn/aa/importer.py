@@ -28,7 +28,8 @@ import numpy as np
 from .. import __version__
 from ..frames import FILENAME, FrameWriter, TopologyInfo
 from ..io import OutputDirError, check_output_dir, staging_dir, swap_in, write_marker
-from ..mapping.spec import make_molecules_whole, minimum_image
+from ..mapping.spec import make_molecules_whole
+from ..periodic import minimum_image
 
 SOURCES = ("gromacs", "lammps")
 GROMACS_SUFFIXES = (".trr",)

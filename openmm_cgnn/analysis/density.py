@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..units import density_kg_m3
-from .periodic import orthorhombic_lengths
+from ..periodic import orthorhombic_lengths
 
 
 def hill_formula(elements: Sequence[str]) -> str:

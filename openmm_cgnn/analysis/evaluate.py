@@ -27,7 +27,7 @@ from . import plots
 from .arrhenius import fit_arrhenius
 from .density import composition, find_experimental_density, run_density
 from .msd import DiffusionResult, MSDCurve, fit_diffusion, frame_interval, msd_curve, remove_drift, unwrap
-from .periodic import orthorhombic_lengths
+from ..periodic import orthorhombic_lengths
 from .rdf import first_peak, max_rdf_range, radial_distribution, rdf_error, rdf_noise_floor
 from .structure import MoleculeCentres, bond_angles, bond_lengths, bonded_terms, compare_distributions, molecule_centres
 

@@ -10,6 +10,5 @@ from .spec import (  # noqa: F401
     cg_frames_from_cg_run,
     load_cg_frames,
     make_molecules_whole,
-    minimum_image,
 )
 from .learn import learn_mapping  # noqa: F401,E402  (the CGAE: learns a Mapping from AA frames)

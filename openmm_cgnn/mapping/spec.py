@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..frames import Frames, FramesError, read_frames
+from ..periodic import minimum_image
 
 FORMAT = "openmm_cgnn.mapping/2"
 # Version 1 had no force maps; it reads as a mapping whose residues all use the summed map.
@@ -282,22 +283,6 @@ class CGFrames:
             time=np.concatenate([p.time for p in parts]),
             temperature_K=np.concatenate([p.temperature_K for p in parts]),
         )
-
-
-def minimum_image(delta: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """Shortest periodic image of displacement vectors.
-
-    ``delta`` is (F, ..., 3) and ``box`` (F, 3, 3) with rows a, b, c in OpenMM's reduced form
-    (a along x, b in the xy plane), so subtracting c, then b, then a is exact for orthorhombic boxes
-    and OpenMM's own convention for triclinic ones.
-    """
-    d = np.array(delta, dtype=np.float64, copy=True)
-    b = np.asarray(box, dtype=np.float64).reshape((box.shape[0],) + (1,) * (d.ndim - 2) + (3, 3))
-    for axis in (2, 1, 0):
-        vec = b[..., axis, :]
-        shift = np.round(d[..., axis] / vec[..., axis])
-        d -= shift[..., None] * vec
-    return d
 
 
 def make_molecules_whole(positions: np.ndarray, box: np.ndarray, residue_index: np.ndarray, bonds: np.ndarray) -> np.ndarray:

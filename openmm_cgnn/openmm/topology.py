@@ -15,6 +15,7 @@ import numpy as np
 
 from ..io import atomic_path
 from ..mapping.spec import CGFrames, Mapping, MappingError
+from ..periodic import minimum_image_orthorhombic
 from ..units import cube_edge_nm, density_kg_m3
 
 DEFAULT_BOND_NM = 0.35  # bead spacing when no prior bond length is known (typical CG bond)
@@ -304,7 +305,7 @@ def _insert(template: np.ndarray, occupied: np.ndarray, edge: float, min_distanc
         if occupied.size == 0:
             return trial
         delta = trial[:, None, :] - occupied[None, :, :]
-        delta -= edge * np.round(delta / edge)
+        delta = minimum_image_orthorhombic(delta, edge)
         gap = float(np.sqrt((delta**2).sum(-1)).min())
         if gap >= min_distance:
             return trial
