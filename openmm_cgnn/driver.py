@@ -1,6 +1,7 @@
 """The whole chain for one liquid (``openmm-cgnn run``): plan the stage commands, then run or print them.
 
-Stages: all-atom ground truth at several temperatures -> learned mapping (CGAE) -> Hybridgraph
+Stages: all-atom NPT at every temperature -> all-atom NVT production at each temperature, in the
+box of a straight rho(T) line fitted over all the NPT runs -> learned mapping (CGAE) -> Hybridgraph
 force field (force matching) -> export for plain OpenMM -> CG simulations -> prior-only CG
 simulations (the ablation: the same model with its network switched off, the same time step and
 length) -> evaluation report. A size's held-out temperatures (liquid file) get an AA run and CG
@@ -57,7 +58,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "platform": "CPU",
     },
     "cpu": {
-        "aa": {"--equilibrate-ps": 40, "--production-ps": 300, "--save-every-ps": 0.5, "--cutoff-nm": 0.9},
+        # 40 ps of NPT left the 32-pair densities drifting at every temperature: extend up to 200 ps.
+        "aa": {"--equilibrate-ps": 40, "--max-equilibrate-ps": 200, "--production-ps": 300, "--save-every-ps": 0.5,
+               "--cutoff-nm": 0.9},
         "map": {"--epochs": 300, "--restarts": 3, "--max-frames": 200},
         "train": {"--quick": None, "--epochs": 25, "--max-frames": 300, "--patience": 8,
                   "--model-option": "features=64 filters=64 n_gaussians=32"},
@@ -66,7 +69,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "platform": "CPU",
     },
     "full": {
-        "aa": {"--equilibrate-ps": 1000, "--production-ps": 5000, "--save-every-ps": 1.0, "--cutoff-nm": 1.2},
+        "aa": {"--equilibrate-ps": 1000, "--max-equilibrate-ps": 3000, "--production-ps": 5000, "--save-every-ps": 1.0, "--cutoff-nm": 1.2},
         "map": {"--epochs": 1000, "--restarts": 5},
         "train": {"--epochs": 200},
         "cg_steps": 2_000_000,
@@ -83,7 +86,7 @@ class Stage:
     """One ``openmm-cgnn`` command of the chain."""
 
     name: str  # e.g. "aa 450 K"
-    group: str  # aa, map, train, export, simulate, simulate_prior, evaluate: stages of a group are independent
+    group: str  # aa_npt, aa, map, ..., evaluate: stages of a group are independent
     args: list[str]  # arguments of ``openmm-cgnn``
     done: Path  # exists (and, for run directories, says it finished) once the stage is done
     needs: list[str] = field(default_factory=list)  # groups that must finish first
@@ -173,13 +176,18 @@ def plan(liquid: Liquid, size: str, out: Path, platform: str | None = None, gpus
     train_dirs = [d for t, d in zip(temperatures, aa_dirs) if t not in held_out]
     map_dir, model_dir, export_dir, report_dir = out / "mapping", out / "model", out / "export", out / "report"
     stages = []
+    # With two or more temperatures, NPT runs everywhere first and each NVT box comes from the
+    # rho(T) line over all of them: one short NPT average per temperature is too noisy for D(T).
+    fit = len(temperatures) > 1
     for k, (t, aa_dir) in enumerate(zip(temperatures, aa_dirs)):
         device_args, device = device_of(k)
-        stages.append(Stage(
-            f"aa {t:g} K", "aa",
-            ["aa", "--liquid", liquid_option(liquid), "--units", str(units), "--temperature", f"{t:g}",
-             *options(cfg["aa"]), "--platform", platform, *device_args, "--seed", "1", "--out", str(aa_dir), "--resume"],
-            aa_dir / "summary.json", [], device))
+        args = ["aa", "--liquid", liquid_option(liquid), "--units", str(units), "--temperature", f"{t:g}",
+                *options(cfg["aa"]), "--platform", platform, *device_args, "--seed", "1", "--out", str(aa_dir),
+                "--resume"]
+        if fit:
+            stages.append(Stage(f"aa NPT {t:g} K", "aa_npt", [*args, "--npt-only"], aa_dir / "npt.json", [], device))
+        stages.append(Stage(f"aa {t:g} K", "aa", [*args, "--density-fit", *map(str, aa_dirs)] if fit else args,
+                            aa_dir / "summary.json", ["aa_npt"] if fit else [], device))
     stages.append(Stage(
         "map", "map",
         ["map", "--data", *map(str, train_dirs), "--beads", liquid.beads_option(), "--out", str(map_dir), "--seed", "1",

@@ -132,7 +132,8 @@ def test_print_commands_in_dependency_order_with_gpus_round_robin(tmp_path, caps
     out = tmp_path / "chain"
     assert main(["run", "--liquid", "emim_bf4", "--gpus", "0,1", "--print-commands", "--out", str(out)]) == 0
     groups = commands_by_group(capsys.readouterr().out)
-    assert [g for g, _ in groups] == ["aa", "map", "train", "export", "simulate", "simulate_prior", "evaluate"]
+    assert [g for g, _ in groups] == ["aa_npt", "aa", "map", "train", "export", "simulate", "simulate_prior",
+                                      "evaluate"]
     commands = dict(groups)
     assert all(argv[0] == "openmm-cgnn" and argv[1] == group.split("_")[0] for group, members in groups for argv in members)
     # Full size: four temperatures from the liquid file, each on its own GPU, round-robin over two.
@@ -144,6 +145,11 @@ def test_print_commands_in_dependency_order_with_gpus_round_robin(tmp_path, caps
                for a in aa)
     # Each later stage reads what the earlier ones write.
     aa_dirs = [option(a, "--out") for a in aa]
+    # NPT everywhere first, stopping there; then NVT in the box of the rho(T) line over all of them.
+    npt = commands["aa_npt"]
+    assert [option(a, "--out") for a in npt] == aa_dirs and all("--npt-only" in a for a in npt)
+    assert all(a[a.index("--density-fit") + 1:][:4] == aa_dirs and "--resume" in a for a in aa)
+    assert all(n[:n.index("--npt-only")] == a[:a.index("--density-fit")] for n, a in zip(npt, aa))
     (map_cmd,), (train,), (export,), (evaluate,) = commands["map"], commands["train"], commands["export"], commands["evaluate"]
     assert option(map_cmd, "--beads") == "EMIM=3,BF4=1" and option(map_cmd, "--device") == "cuda:0"
     assert map_cmd[map_cmd.index("--data") + 1:][:4] == aa_dirs

@@ -3,6 +3,10 @@
 Everything is checked, the box built and the System created before the output directory is
 touched, so bad input leaves nothing behind. With one temperature the run lives in ``out``;
 with several, in ``out/T<T>K/`` each, and ``out/summary.json`` lists them.
+
+The NVT box of each temperature is its own NPT mean by default. With ``density_fit`` it is read off
+a straight rho(T) line fitted over the NPT runs of every temperature (this command's and those of
+other ``aa`` directories, e.g. one job per temperature that stopped after NPT with ``npt_only``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from ..platforms import PlatformError, available_platforms, get_platform, platfo
 from ..units import cube_edge_nm, in_amu
 from ..io import (CorruptFileError, check_output_dir, output_dir, read_marker, staging_path, verify_checksum,
                   write_text_atomic)
-from .stages import CHECKPOINT, AARunError, RunSettings, SingleRun, stdout_log
+from .stages import CHECKPOINT, NPT_JSON, AARunError, RunSettings, SingleRun, stdout_log
 
 if TYPE_CHECKING:
     from ..liquids import Liquid
@@ -34,7 +38,8 @@ RESUME_KEYS = {"composition": "the molecule counts (--liquid, --pairs, --units, 
                "equilibrate_ps": "--equilibrate-ps", "save_every_ps": "--save-every-ps",
                "charge_scale": "--charge-scale", "seed": "--seed", "cutoff_nm": "--cutoff-nm", "dt_fs": "--dt-fs",
                "start_density_kg_m3": "--start-density", "platform": "--platform",
-               "forcefield": "--forcefield-dir", "pressure_bar": "pressure_bar", "friction_per_ps": "friction_per_ps"}
+               "forcefield": "--forcefield-dir", "pressure_bar": "pressure_bar", "friction_per_ps": "friction_per_ps",
+               "max_equilibrate_ps": "--max-equilibrate-ps"}
 
 
 class AAInputError(ValueError):
@@ -75,6 +80,8 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
            forcefield_dir: str | Path | None = None, residues: Sequence[str] | None = None,
            liquid: "str | Path | Liquid | None" = None, count_option: str = "--pairs",
            device_index: int | None = None, pressure_bar: float = 1.0, friction_per_ps: float = 1.0,
+           max_equilibrate_ps: float | None = None, npt_only: bool = False,
+           density_fit: Sequence[str | Path] | None = None,
            log: Callable[[str], None] = stdout_log) -> dict[str, Any]:
     """Build, minimise, equilibrate (NPT) and run NVT production at each temperature.
 
@@ -87,6 +94,11 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
     ``builder.START_DENSITY_LADDER`` that fits). Returns the summary (with several temperatures: the list of
     per-temperature summaries under ``"runs"``). Raises :class:`AAInputError` naming the
     argument for bad input, before anything is written.
+
+    ``max_equilibrate_ps``: extend NPT (in steps of half ``equilibrate_ps``) while its density
+    drifts, up to this length. ``npt_only``: stop every temperature after NPT (``npt.json``); a
+    later call with ``resume`` continues it. ``density_fit``: NVT boxes from the rho(T) line over
+    this call's NPT runs and those in the given ``aa`` directories (an empty list: this call's only).
     """
     from .builder import BoxBuildError, build_box, build_box_auto
     from .forcefield import ForceFieldDataError, build_system
@@ -120,6 +132,13 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
         raise AAInputError(f"--save-every-ps {save_every_ps:g} exceeds --production-ps {production_ps:g}: no frames")
     if resume and overwrite:
         raise AAInputError("--resume and --overwrite exclude each other")
+    if max_equilibrate_ps is not None:
+        _positive(max_equilibrate_ps, "--max-equilibrate-ps")
+        _multiple_of_dt(max_equilibrate_ps, dt_ps, "--max-equilibrate-ps")
+        if max_equilibrate_ps < equilibrate_ps:
+            raise AAInputError(f"--max-equilibrate-ps {max_equilibrate_ps:g} is under --equilibrate-ps {equilibrate_ps:g}")
+    if npt_only and density_fit is not None:
+        raise AAInputError("--npt-only and --density-fit exclude each other (the fit decides the NVT box)")
 
     try:  # the fastest platform that starts here when none is given
         platform = get_platform(platform).getName()
@@ -160,18 +179,23 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
     out = Path(out)
     multi = len(temps) > 1
     runs = {t: (out / run_dir_name(t) if multi else out) for t in temps}
+    fit_sources = None if density_fit is None else _npt_sources(density_fit, set(runs.values()), len(temps))
     settings = {t: RunSettings(
         n_units=n_units, composition=composition, temperature_K=float(t), equilibrate_ps=float(equilibrate_ps),
         production_ps=float(production_ps), save_every_ps=float(save_every_ps), charge_scale=float(charge_scale),
         seed=seed, cutoff_nm=float(cutoff_nm), dt_fs=float(dt_fs), start_density_kg_m3=float(start_density_kg_m3),
         pressure_bar=float(pressure_bar), friction_per_ps=float(friction_per_ps), platform=platform,
-        forcefield=forcefield) for t in temps}
+        forcefield=forcefield, max_equilibrate_ps=None if max_equilibrate_ps is None else float(max_equilibrate_ps))
+        for t in temps}
     replace = _prepare_directory(out, runs, settings, resume, overwrite)
     # A replacement is built beside the old run and swapped in when every temperature is done.
     try:
         with output_dir(out, "aa", replace) as work:
-            summaries = _run_all(work, out, temps, settings, topology, positions, ff, forcefield, composition, liquid,
-                                 cutoff_nm, platform, device_index, log)
+            runners = _runners(work, temps, settings, topology, positions, ff, forcefield, composition, liquid,
+                               cutoff_nm, platform, device_index, log)
+            if npt_only:
+                return _run_npt_only(runners, out, work)
+            summaries = _run_all(runners, out, work, fit_sources)
     except AARunError as exc:
         if replace:
             raise AARunError(f"{exc} (the failed run is in {staging_path(out)}; {out} is unchanged)") from None
@@ -182,14 +206,15 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
     return summaries[0]
 
 
-def _run_all(work: Path, out: Path, temps: list[float], settings: dict[float, RunSettings], topology: Any,
+def _runners(work: Path, temps: list[float], settings: dict[float, RunSettings], topology: Any,
              positions: Any, ff: Any, forcefield: str, composition: dict[str, int], liquid: "Liquid | None",
              cutoff_nm: float, platform: str, device_index: int | None,
-             log: Callable[[str], None]) -> list[dict[str, Any]]:
+             log: Callable[[str], None]) -> list[SingleRun]:
+    """One :class:`SingleRun` per temperature (in ``work``, the directory being written), run.json written."""
     multi = len(temps) > 1
     runs = {t: (work / run_dir_name(t) if multi else work) for t in temps}
     stack = versions()
-    summaries = []
+    runners = []
     for t in temps:
         s = settings[t]
         write_text_atomic(runs[t] / RUN_JSON, json.dumps(s.__dict__, indent=2) + "\n")
@@ -200,17 +225,87 @@ def _run_all(work: Path, out: Path, temps: list[float], settings: dict[float, Ru
                     "dt_fs": s.dt_fs, "save_every_ps": s.save_every_ps, "equilibrate_ps": s.equilibrate_ps,
                     "pressure_bar": s.pressure_bar, "friction_per_ps": s.friction_per_ps,
                     "time_origin": "start of NVT production (frame k at k * save_every_ps)",
-                    "thermostat": "LangevinMiddleIntegrator", "ensemble": "NVT at the NPT mean volume",
+                    "thermostat": "LangevinMiddleIntegrator",
+                    "ensemble": "NVT at the NPT mean density, or at a rho(T) fit over several NPT runs",
                     "constraints": "CL&P cons bonds (X-H)", "nonbonded": "PME + LJ geometric mixing with LRC"}
         counts = ", ".join(f"{n} {r}" for r, n in composition.items())
         log(f"[aa {t:g} K] {runs[t]}: {counts}, {topology.getNumAtoms()} atoms, cutoff {cutoff_nm:g} nm, "
             f"platform {platform}")
-        summary = SingleRun(runs[t], s, topology, positions, ff, metadata, log, device_index).run()
-        summary["dir"] = str(out / runs[t].relative_to(work))
+        runners.append(SingleRun(runs[t], s, topology, positions, ff, metadata, log, device_index))
+    return runners
+
+
+def _run_npt_only(runners: list[SingleRun], out: Path, work: Path) -> dict[str, Any]:
+    """Every temperature up to the end of NPT; their npt.json contents (one, or a list under ``runs``)."""
+    results = [dict(r.run(npt_only=True), dir=str(out / r.dir.relative_to(work))) for r in runners]
+    if len(results) == 1:
+        return results[0]
+    return {"kind": "aa", "stage": "npt", "runs": results, "density_kg_m3": [r["density_kg_m3"] for r in results]}
+
+
+def _run_all(runners: list[SingleRun], out: Path, work: Path,
+             fit_sources: list[Path] | None) -> list[dict[str, Any]]:
+    """Every temperature to the end; with ``fit_sources`` NPT first everywhere, then NVT at the rho(T) line."""
+    multi = len(runners) > 1
+    temps = [r.s.temperature_K for r in runners]
+    densities: dict[float, dict[str, Any] | None] = {t: None for t in temps}
+    if fit_sources is not None:
+        own = [r.run(npt_only=True) for r in runners]
+        densities = _fitted_densities(own + [_read_npt(p) for p in fit_sources], temps, runners[0].log)
+    summaries = []
+    for runner in runners:
+        summary = runner.run(nvt_density=densities[runner.s.temperature_K])
+        summary["dir"] = str(out / runner.dir.relative_to(work))
         summaries.append(summary)
         if multi:
             _write_parent_summary(work, summaries, temps)
     return summaries
+
+
+def _npt_sources(dirs: Sequence[str | Path], own: set[Path], n_own: int) -> list[Path]:
+    """The npt.json files a rho(T) fit reads besides this call's own runs; errors name --density-fit."""
+    own_resolved = {p.resolve() for p in own}
+    found: list[Path] = []
+    for d in map(Path, dirs):
+        if d.resolve() in own_resolved:
+            continue  # this call's own run: its NPT comes first
+        candidates = [d / NPT_JSON] if (d / NPT_JSON).exists() else sorted(d.glob(f"T*K/{NPT_JSON}"))
+        candidates = [c for c in candidates if c.parent.resolve() not in own_resolved]
+        if not candidates and not any(p.resolve().is_relative_to(d.resolve()) for p in own):
+            raise AAInputError(f"--density-fit {d}: no finished NPT run there ({NPT_JSON}); run `aa --npt-only` "
+                               "there first")
+        found += candidates
+    return found
+
+
+def _read_npt(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        float(data["temperature_K"]), float(data["density_kg_m3"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AAInputError(f"--density-fit: cannot read {path} ({exc})") from None
+    return data
+
+
+def _fitted_densities(npt_runs: list[dict[str, Any]], temps: list[float],
+                      log: Callable[[str], None]) -> dict[float, dict[str, Any]]:
+    """The NVT density of each temperature from the rho(T) line over ``npt_runs`` (one per temperature)."""
+    from ..analysis.density import density_line_fit, density_on_line
+
+    by_t = {float(r["temperature_K"]): r for r in npt_runs}  # a temperature listed twice counts once
+    try:
+        fit = density_line_fit(list(by_t), [r["density_kg_m3"] for r in by_t.values()],
+                               [r.get("density_sem_kg_m3") for r in by_t.values()])
+    except ValueError as exc:
+        raise AAInputError(f"--density-fit: {exc}") from None
+    log(f"[aa] rho(T) line over {len(by_t)} NPT runs: {fit['intercept_kg_m3']:.1f} "
+        f"{fit['slope_kg_m3_K']:+.4f} * T kg/m3 (slope ± {fit['slope_err_kg_m3_K']:.4f})")
+    out = {}
+    for t in temps:
+        value, err = density_on_line(fit, t)
+        out[t] = {"source": f"rho(T) line over {len(by_t)} NPT runs", "density_kg_m3": value, "err_kg_m3": err,
+                  "own_npt_kg_m3": by_t[t]["density_kg_m3"] if t in by_t else None, "fit": fit}
+    return out
 
 
 def _molecules(count: int | Mapping[str, int], count_option: str, liquid: "str | Path | Liquid | None",

@@ -1,5 +1,11 @@
 """One all-atom run at one temperature: minimise, NPT, NVT production saving frames; resumable.
 
+NPT runs at least ``equilibrate_ps`` and is extended in steps of half that, up to
+``max_equilibrate_ps``, until the density no longer drifts (:func:`density_convergence`). Its
+result goes to ``npt.json``. A run may stop there (``npt_only``) and continue later with an NVT
+density given from outside: the linear rho(T) fit over the NPT runs of all temperatures
+(``run.py``), which is less noisy than one short run's own average.
+
 Checkpoint file (``checkpoint.chk``): one JSON line with the run's progress, then the bytes of
 an OpenMM checkpoint (``Context.createCheckpoint``). Both are written to a temporary file and
 renamed together, so progress and dynamics state can never disagree. A production checkpoint is
@@ -25,6 +31,7 @@ from ..units import density_kg_m3, in_amu, in_kj_mol, in_kj_mol_nm, in_nm, in_nm
 
 CHECKPOINT = "checkpoint.chk"
 NPT_DENSITY_CSV = "npt_density.csv"
+NPT_JSON = "npt.json"  # written when NPT ends: its density and error, what a rho(T) fit reads
 SAMPLE_EVERY_STEPS = 50  # NPT volume sampling; the barostat moves every 25 steps
 CHECKPOINT_EVERY_S = 60.0  # NPT checkpoints; production checkpoints at every frame
 REPORT_EVERY_S = 30.0  # progress lines at every 10 % of a stage, or at least this often
@@ -55,6 +62,7 @@ class RunSettings:
     friction_per_ps: float
     platform: str
     forcefield: str  # description (source and hash)
+    max_equilibrate_ps: float | None = None  # NPT extension limit while the density drifts; None: no extension
 
     def unit_counts(self) -> dict[str, int | None]:
         """``n_units``, plus ``n_pairs`` when the box is pairs (two molecule types, as many of each)."""
@@ -72,6 +80,14 @@ class RunSettings:
         return round(self.equilibrate_ps / self.dt_ps)
 
     @property
+    def max_npt_steps(self) -> int:
+        return max(self.npt_steps, round((self.max_equilibrate_ps or 0.0) / self.dt_ps))
+
+    @property
+    def npt_extension_steps(self) -> int:
+        return max(1, self.npt_steps // 2)
+
+    @property
     def steps_per_frame(self) -> int:
         return round(self.save_every_ps / self.dt_ps)
 
@@ -86,12 +102,14 @@ class RunSettings:
 
 @dataclass
 class Progress:
-    stage: str  # "npt" or "nvt"
+    stage: str  # "npt", "npt_done" (NPT finished, waiting for its NVT density) or "nvt"
     npt_volumes: list[tuple[int, float]]  # (step, nm3) samples
     frames_done: int = 0  # production frames whose state has been checkpointed
     nvt_edge_nm: float | None = None
     ms_per_step: float | None = None  # production, including frame and checkpoint writing
     npt_ms_per_step: float | None = None
+    npt_total_steps: int | None = None  # the NPT length, once extensions are decided (None: equilibrate_ps)
+    nvt_density: dict[str, Any] | None = None  # where the NVT box came from (own NPT mean or a rho(T) fit)
 
 
 DENSITY_BLOCKS = 4
@@ -191,11 +209,16 @@ class SingleRun:
 
     # ------------------------------------------------------------------ stages
 
-    def run(self) -> dict[str, Any]:
-        """Start or resume; a failure once the run is under way is recorded in summary.json (status, error)."""
+    def run(self, npt_only: bool = False, nvt_density: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Start or resume; a failure once the run is under way is recorded in summary.json (status, error).
+
+        ``npt_only``: stop when NPT ends and return ``npt.json``'s content. ``nvt_density``: the
+        NVT box density (``{"source": ..., "density_kg_m3": ...}``, e.g. from a rho(T) fit)
+        instead of this run's own NPT mean; ignored once the run is past NPT.
+        """
         self._started = False
         try:
-            return self._run()
+            return self._run(npt_only, nvt_density)
         except Exception as exc:
             if self._started:
                 self._record_failure(exc)
@@ -212,14 +235,14 @@ class SingleRun:
         except OSError:
             pass  # a full disk may refuse even this; the exception still says what failed
 
-    def _run(self) -> dict[str, Any]:
+    def _run(self, npt_only: bool, nvt_density: dict[str, Any] | None) -> dict[str, Any]:
         self.dir.mkdir(parents=True, exist_ok=True)
         loaded = self._load_checkpoint()
         if loaded is None:
             context, progress = self._start()
         else:
             progress, chk = loaded
-            context = self._context(barostat=progress.stage == "npt")
+            context = self._context(barostat=progress.stage != "nvt")
             try:
                 context.loadCheckpoint(chk)
             except Exception as exc:  # noqa: BLE001 - OpenMM raises several types for bad bytes
@@ -229,7 +252,11 @@ class SingleRun:
                      f"({progress.stage}, {progress.frames_done} frames)")
         self._started = True
         if progress.stage == "npt":
-            context, progress = self._npt(context, progress)
+            self._npt(context, progress)
+        if npt_only:  # also for a run already in NVT: its NPT result is all that is asked for
+            return self._npt_record(progress)
+        if progress.stage == "npt_done":
+            context = self._switch_to_nvt(context, progress, nvt_density)
         self._production(context, progress)
         return self._summary(progress)
 
@@ -273,37 +300,82 @@ class SingleRun:
                  f"T {temperature:6.1f} K  rho {density_kg_m3(self.total_mass, volume):7.1f} kg/m3  "
                  f"PE {in_kj_mol(state.getPotentialEnergy()):11.1f} kJ/mol  {rate:6.2f} ms/step")
 
-    def _npt(self, context, progress: Progress):
-        total = self.s.npt_steps
+    def _npt(self, context, progress: Progress) -> None:
+        """NPT to ``npt_steps``, extended while the density drifts (up to ``max_npt_steps``); then npt.json."""
+        total = progress.npt_total_steps or self.s.npt_steps
         step = context.getStepCount()
         t0, steps0, last_ckpt = time.perf_counter(), step, time.perf_counter()
         # Short equilibrations still get ~20 volume samples for the second-half mean.
-        sample_every = max(1, min(SAMPLE_EVERY_STEPS, total // 20))
+        sample_every = max(1, min(SAMPLE_EVERY_STEPS, self.s.npt_steps // 20))
         due = _Reporter(total, sample_every)
-        while step < total:
-            n = min(sample_every, total - step)
-            self._step(context, n)
-            step += n
-            progress.npt_volumes.append((step, in_nm3(context.getState().getPeriodicBoxVolume())))
-            if due(step):
-                self._report(context, "NPT", step, total, t0, steps0)
-            if time.perf_counter() - last_ckpt > CHECKPOINT_EVERY_S and step < total:
-                self._save_checkpoint(context, progress)
-                last_ckpt = time.perf_counter()
+        while True:
+            while step < total:
+                n = min(sample_every, total - step)
+                self._step(context, n)
+                step += n
+                progress.npt_volumes.append((step, in_nm3(context.getState().getPeriodicBoxVolume())))
+                if due(step):
+                    self._report(context, "NPT", step, total, t0, steps0)
+                if time.perf_counter() - last_ckpt > CHECKPOINT_EVERY_S and step < total:
+                    self._save_checkpoint(context, progress)
+                    last_ckpt = time.perf_counter()
+            check = density_convergence(self._npt_densities(progress))
+            if check["density_converged"] is not False or total >= self.s.max_npt_steps:
+                break
+            # Still drifting: extend, and judge the longer run's second half again.
+            total = min(self.s.max_npt_steps, total + self.s.npt_extension_steps)
+            progress.npt_total_steps = total
+            due = _Reporter(total, sample_every)
+            self.log(f"{self._tag()} NPT density still drifts ({check['density_drift_kg_m3']:+.1f} kg/m3); "
+                     f"extending NPT to {total * self.s.dt_ps:g} ps")
+            self._save_checkpoint(context, progress)
         if step > steps0:
             progress.npt_ms_per_step = (time.perf_counter() - t0) / (step - steps0) * 1000
-        return self._switch_to_nvt(context, progress)
+        progress.npt_total_steps = total
+        progress.stage = "npt_done"
+        self._write_npt_density(progress)
+        self._save_checkpoint(context, progress)
+        self._npt_record(progress)
+        error = "" if check["density_sem_kg_m3"] is None else f" ± {check['density_sem_kg_m3']:.1f}"
+        self.log(f"{self._tag()} NPT ({total * self.s.dt_ps:g} ps) second-half mean density "
+                 f"{check['density_kg_m3']:.1f}{error} kg/m3")
+        if check["density_converged"] is False:
+            self.log(f"{self._tag()} WARNING: the NPT density still drifts ({check['density_drift_kg_m3']:+.1f} kg/m3 "
+                     f"between the halves of the averaging window, standard error {check['density_sem_kg_m3']:.1f}); "
+                     "the NVT box may be off: use a longer --equilibrate-ps or --max-equilibrate-ps")
+
+    def _npt_record(self, progress: Progress) -> dict[str, Any]:
+        """npt.json (written once NPT has ended): the NPT length, density, error and drift verdict."""
+        path = self.dir / NPT_JSON
+        if path.exists():
+            return json.loads(path.read_text())
+        record = {"temperature_K": self.s.temperature_K, "equilibrate_ps": self._npt_steps(progress) * self.s.dt_ps,
+                  **density_convergence(self._npt_densities(progress)),
+                  "density_samples": int(self._second_half_volumes(progress).size), "total_mass_amu": self.total_mass}
+        write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+        return record
+
+    def _npt_steps(self, progress: Progress) -> int:
+        return progress.npt_total_steps or self.s.npt_steps
 
     def _second_half_volumes(self, progress: Progress) -> np.ndarray:
-        half = self.s.npt_steps / 2
+        half = self._npt_steps(progress) / 2
         return np.array([v for step, v in progress.npt_volumes if step > half])
 
-    def _switch_to_nvt(self, context, progress: Progress):
-        """Rescale molecule centres to the cube of the mean NPT volume and continue without barostat."""
+    def _switch_to_nvt(self, context, progress: Progress, nvt_density: dict[str, Any] | None):
+        """Rescale molecule centres to the cube of the NVT volume and continue without barostat.
+
+        The volume is the second-half NPT mean, or the one of ``nvt_density`` when given.
+        """
         from openmm import Vec3
 
-        volumes = self._second_half_volumes(progress)
-        edge = float(np.mean(volumes)) ** (1.0 / 3.0)
+        own = density_convergence(self._npt_densities(progress))
+        if nvt_density is None:
+            nvt_density = {"source": "own NPT second-half mean", "density_kg_m3": own["density_kg_m3"]}
+        # density_kg_m3 is monotonic in the volume: invert it through the mean volume's density.
+        mean_volume = float(np.mean(self._second_half_volumes(progress)))
+        volume = mean_volume * density_kg_m3(self.total_mass, mean_volume) / nvt_density["density_kg_m3"]
+        edge = volume ** (1.0 / 3.0)
         state = context.getState(getPositions=True, getVelocities=True, enforcePeriodicBox=False)
         positions = in_nm(state.getPositions(asNumpy=True))
         old_edge = in_nm(state.getPeriodicBoxVectors()[0][0])
@@ -318,19 +390,12 @@ class SingleRun:
         nvt.setVelocities(state.getVelocities())
         nvt.setTime(state.getTime())
         nvt.setStepCount(state.getStepCount())
-        progress.stage, progress.nvt_edge_nm = "nvt", edge
-        self._write_npt_density(progress)
+        progress.stage, progress.nvt_edge_nm, progress.nvt_density = "nvt", edge, nvt_density
         self._save_checkpoint(nvt, progress)
         rho = density_kg_m3(self.total_mass, edge**3)
-        check = density_convergence(self._npt_densities(progress))
-        error = "" if check["density_sem_kg_m3"] is None else f" ± {check['density_sem_kg_m3']:.1f}"
-        self.log(f"{self._tag()} NPT second-half mean density {check['density_kg_m3']:.1f}{error} kg/m3; "
-                 f"NVT box edge {edge:.4f} nm ({rho:.1f} kg/m3)")
-        if check["density_converged"] is False:
-            self.log(f"{self._tag()} WARNING: the NPT density still drifts ({check['density_drift_kg_m3']:+.1f} kg/m3 "
-                     f"between the halves of the averaging window, standard error {check['density_sem_kg_m3']:.1f}); "
-                     "the NVT box may be off: use a longer --equilibrate-ps")
-        return nvt, progress
+        self.log(f"{self._tag()} NVT box edge {edge:.4f} nm ({rho:.1f} kg/m3, {nvt_density['source']}; "
+                 f"own NPT mean {own['density_kg_m3']:.1f} kg/m3)")
+        return nvt
 
     def _npt_densities(self, progress: Progress) -> np.ndarray:
         """Densities of the second half of NPT: what the NVT box and its error are taken from."""
@@ -355,7 +420,8 @@ class SingleRun:
         info = TopologyInfo.from_openmm(self.topology, context.getSystem(), state.getPositions())
         npt = density_convergence(self._npt_densities(progress))
         metadata = dict(self.metadata, density_kg_m3=npt["density_kg_m3"], nvt_box_edge_nm=progress.nvt_edge_nm,
-                        density_sem_kg_m3=npt["density_sem_kg_m3"])
+                        density_sem_kg_m3=npt["density_sem_kg_m3"],
+                        nvt_density_source=(progress.nvt_density or {}).get("source", "own NPT second-half mean"))
         writer = FrameWriter(frames_path, info, metadata, with_forces=True, resume=True)
         try:
             if writer.n_frames > progress.frames_done:  # only if frames.h5 outlived its checkpoint
@@ -376,7 +442,7 @@ class SingleRun:
                 if due(progress.frames_done):
                     step = progress.frames_done * self.s.steps_per_frame
                     self._report(context, "NVT", step, total * self.s.steps_per_frame, t0,
-                                 steps0 - self.s.npt_steps)
+                                 steps0 - self._npt_steps(progress))
             if context.getStepCount() > steps0:
                 progress.ms_per_step = (time.perf_counter() - t0) / (context.getStepCount() - steps0) * 1000
                 self._save_checkpoint(context, progress)
@@ -435,6 +501,9 @@ class SingleRun:
             "density_std_kg_m3": float(np.std(densities)),
             "density_samples": len(densities),
             "nvt_box_edge_nm": progress.nvt_edge_nm,
+            # the density of the NVT box: the own NPT mean above, or a rho(T) fit over all temperatures
+            "nvt_density_kg_m3": density_kg_m3(self.total_mass, progress.nvt_edge_nm**3),
+            "nvt_density": progress.nvt_density,
             "n_frames": progress.frames_done,
             "platform": self.s.platform,
             "ms_per_step": progress.ms_per_step,
@@ -443,7 +512,7 @@ class SingleRun:
             "cutoff_nm": self.s.cutoff_nm,
             "dt_fs": self.s.dt_fs,
             "seed": self.s.seed,
-            "equilibrate_ps": self.s.equilibrate_ps,
+            "equilibrate_ps": self._npt_steps(progress) * self.s.dt_ps,
             "production_ps": progress.frames_done * self.s.save_every_ps,
             "save_every_ps": self.s.save_every_ps,
             "forcefield": self.s.forcefield,

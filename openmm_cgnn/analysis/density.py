@@ -123,3 +123,37 @@ def run_density(total_mass_amu: float, box: np.ndarray, n_blocks: int = 5) -> De
     fixed = bool(np.ptp(density) <= 1e-9 * density.mean())
     err = 0.0 if fixed else block_standard_error(density, n_blocks)
     return DensityResult(float(density.mean()), err, fixed, int(density.size))
+
+
+def density_line_fit(temperatures_K: Sequence[float], densities_kg_m3: Sequence[float],
+                     errors_kg_m3: Sequence[float | None]) -> dict[str, Any]:
+    """Weighted straight line rho(T) = intercept + slope * T through per-temperature densities.
+
+    Weights are 1/error^2; a missing or zero error gets the mean of the others (all missing: equal
+    weights). Liquid densities are close to linear in T over a few hundred K, so the line pools the
+    NPT runs of every temperature and takes out the noise of each one's short average.
+    ``residual_chi2`` is the weighted sum of squared residuals over the degrees of freedom (about 1
+    when the line and the errors agree). Needs two or more distinct temperatures.
+    """
+    t = np.asarray(temperatures_K, dtype=float)
+    rho = np.asarray(densities_kg_m3, dtype=float)
+    if np.unique(t).size < 2:
+        raise ValueError(f"a rho(T) line needs NPT runs at two or more temperatures, got {sorted(set(t.tolist()))}")
+    known = [e for e in errors_kg_m3 if e]
+    fill = float(np.mean(known)) if known else 1.0
+    sigma = np.array([e if e else fill for e in errors_kg_m3], dtype=float)
+    (slope, intercept), cov = np.polyfit(t, rho, 1, w=1.0 / sigma, cov="unscaled")
+    residual = (rho - (intercept + slope * t)) / sigma
+    dof = t.size - 2
+    return {"slope_kg_m3_K": float(slope), "intercept_kg_m3": float(intercept),
+            "slope_err_kg_m3_K": float(np.sqrt(cov[0, 0])), "covariance": cov.tolist(),
+            "residual_chi2": float(residual @ residual / dof) if dof > 0 else None,
+            "points": [{"temperature_K": float(a), "density_kg_m3": float(b), "err_kg_m3": float(c)}
+                       for a, b, c in zip(t, rho, sigma)]}
+
+
+def density_on_line(fit: dict[str, Any], temperature_K: float) -> tuple[float, float]:
+    """The fitted density at ``temperature_K`` and its standard error (from the fit's covariance)."""
+    x = np.array([temperature_K, 1.0])
+    value = fit["intercept_kg_m3"] + fit["slope_kg_m3_K"] * temperature_K
+    return float(value), float(np.sqrt(x @ np.asarray(fit["covariance"]) @ x))

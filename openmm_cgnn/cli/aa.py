@@ -10,6 +10,13 @@ Example (quick, CPU)::
 field data per unit ([BMIM][BF4] for the package's data). The size is ``--pairs N`` (1:1 liquids),
 ``--units N`` (formula units, any stoichiometry) or ``--molecules RES=N ...``.
 
+The NVT box is the NPT second-half mean density by default. ``--density-fit`` takes it from a
+straight rho(T) line over the NPT runs of all temperatures instead (less noise between
+temperatures, so less noise in D(T)); with one job per temperature, run each with ``--npt-only``
+first, then each with ``--resume --density-fit DIR ...`` naming all of them.
+``--max-equilibrate-ps`` lets NPT run on, in steps of half ``--equilibrate-ps``, while the
+density still drifts.
+
 CPU threads follow ``OPENMM_CPU_THREADS``. The cutoff defaults to 1.0 nm, less for small boxes
 (half the start box edge after the largest compression NPT is allowed: see ``aa/run.py``).
 """
@@ -32,6 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, nargs="+", required=True, metavar="T",
                         help="temperature(s) in K; several give DIR/T<T>K/ sub-directories")
     parser.add_argument("--equilibrate-ps", type=float, required=True, help="NPT length (ps); density from its 2nd half")
+    parser.add_argument("--max-equilibrate-ps", type=float, default=None, metavar="PS",
+                        help="extend NPT while its density drifts, up to this length (default: no extension)")
+    npt = parser.add_mutually_exclusive_group()
+    npt.add_argument("--npt-only", action="store_true",
+                     help="stop after NPT (npt.json); continue later with --resume (and --density-fit)")
+    npt.add_argument("--density-fit", nargs="*", default=None, metavar="DIR",
+                     help="NVT box from a linear rho(T) fit over the NPT runs of this call's temperatures and "
+                          "of these aa directories (default: each run's own NPT mean)")
     parser.add_argument("--production-ps", type=float, required=True, help="NVT production length (ps)")
     parser.add_argument("--save-every-ps", type=float, required=True, help="frame interval (ps)")
     parser.add_argument("--out", required=True, help="output directory")
@@ -70,10 +85,12 @@ def run(args: argparse.Namespace) -> int:
             charge_scale=args.charge_scale, platform=args.platform, seed=args.seed, cutoff_nm=args.cutoff_nm,
             dt_fs=args.dt_fs, resume=args.resume, overwrite=args.overwrite,
             start_density_kg_m3=args.start_density, forcefield_dir=args.forcefield_dir,
-            residues=args.residues, liquid=args.liquid, count_option=option, device_index=args.device_index)
+            residues=args.residues, liquid=args.liquid, count_option=option, device_index=args.device_index,
+            max_equilibrate_ps=args.max_equilibrate_ps, npt_only=args.npt_only, density_fit=args.density_fit)
     except (AAInputError, AARunError, LiquidError) as exc:
         raise CLIError(str(exc)) from None
     density = summary["density_kg_m3"]
     densities = density if isinstance(density, list) else [density]
-    print(f"aa: wrote {args.out} (density {', '.join(f'{d:.1f}' for d in densities)} kg/m3)")
+    what = "NPT of " if args.npt_only else ""
+    print(f"aa: wrote {what}{args.out} (density {', '.join(f'{d:.1f}' for d in densities)} kg/m3)")
     return 0
