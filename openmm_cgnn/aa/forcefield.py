@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..layout import FORCEFIELD_XML
 from ..units import in_kj_mol, in_nm
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-FORCEFIELD_XML = "forcefield.xml"
 
 # Force groups, so energies can be reported per component.
 FORCE_GROUPS = {"HarmonicBondForce": 0, "HarmonicAngleForce": 1, "PeriodicTorsionForce": 2,

@@ -410,9 +410,9 @@ class SingleRun:
     # ------------------------------------------------------------------ production
 
     def _production(self, context, progress: Progress) -> None:
-        from openmm_cgnn.frames import FILENAME, FrameWriter, TopologyInfo
+        from openmm_cgnn.frames import FrameWriter, TopologyInfo
 
-        frames_path = self.dir / FILENAME
+        frames_path = self.dir / FRAMES_H5
         state = context.getState(getPositions=True, enforcePeriodicBox=False)
         self.topology.setPeriodicBoxVectors(state.getPeriodicBoxVectors())
         if not frames_path.exists() or not (self.dir / "topology.pdb").exists():

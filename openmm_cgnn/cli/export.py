@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from . import CLIError
+from ..layout import CHECKPOINT_PT, MAPPING_JSON, README_MD
 from .simulate import add_system_arguments, cg_system_from_args, user_errors
 
 
@@ -28,12 +29,12 @@ def run(args: argparse.Namespace) -> int:
     from ..model.checkpoint import check_model_mapping
     from ..openmm.export import export_forcefield
 
-    if not (args.model.is_dir() and (args.model / "checkpoint.pt").exists()):
+    if not (args.model.is_dir() and (args.model / CHECKPOINT_PT).exists()):
         raise CLIError(f"{args.model}: not a model directory (no checkpoint.pt)")
     check_output_dir(args.out, "export", overwrite=args.overwrite)  # before any compute
     try:
-        mapping = Mapping.load(args.model / "mapping.json")
-        check_model_mapping(args.model, mapping.sha256(), args.model / "mapping.json")
+        mapping = Mapping.load(args.model / MAPPING_JSON)
+        check_model_mapping(args.model, mapping.sha256(), args.model / MAPPING_JSON)
         cg = cg_system_from_args(args, mapping, args.model)
         temperature = args.temperature
         if temperature is None and args.from_aa is not None:
@@ -42,5 +43,5 @@ def run(args: argparse.Namespace) -> int:
                                 minimize=args.from_aa is None, platform=args.platform)
     except user_errors() as exc:
         raise CLIError(str(exc)) from None
-    print(f"exported the force field for {cg.n_beads} beads to {out} (see {out / 'README.md'})")
+    print(f"exported the force field for {cg.n_beads} beads to {out} (see {out / README_MD})")
     return 0

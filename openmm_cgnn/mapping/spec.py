@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..frames import Frames, FramesError, read_frames
+from ..layout import MAPPING_JSON
 from ..periodic import minimum_image
 
 FORMAT = "openmm_cgnn.mapping/2"
@@ -209,7 +210,7 @@ class Mapping:
     def load(cls, path: str | Path) -> "Mapping":
         path = Path(path)
         if path.is_dir():
-            path = path / "mapping.json"
+            path = path / MAPPING_JSON
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError as exc:

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ..io import MARKER, OutputDirError, check_output_dir, staging_dir, swap_in, write_marker
+from ..io import OutputDirError, check_output_dir, staging_dir, swap_in, write_marker
+from ..layout import CG_PDB, MAPPING_JSON, MARKER, METADATA_JSON, MODEL_PT, PRIOR_JSON, README_MD, SYSTEM_XML
 from ..platforms import PlatformError, get_platform, platform_properties, versions
 from ..units import in_kj_mol, in_nm
 from .force import CGNNForce
@@ -76,13 +77,13 @@ def export_forcefield(
     staging = staging_dir(out)
     try:
         write_marker(staging, "export")
-        force.save_model(staging / "model.pt")
-        (staging / "system.xml").write_text(openmm.XmlSerializer.serialize(system))
-        cg.write_pdb(staging / "cg.pdb")
-        cg.mapping.save(staging / "mapping.json")
+        force.save_model(staging / MODEL_PT)
+        (staging / SYSTEM_XML).write_text(openmm.XmlSerializer.serialize(system))
+        cg.write_pdb(staging / CG_PDB)
+        cg.mapping.save(staging / MAPPING_JSON)
         prior_set = _model_prior(force, model_dir)
         if prior_set is not None:
-            prior_set.to_json(staging / "prior.json")
+            prior_set.to_json(staging / PRIOR_JSON)
         topology_files = write_parmed_topology(cg, staging)
         check = round_trip_check(system, staging, check_platform)
         metadata = {
@@ -99,7 +100,7 @@ def export_forcefield(
                  "force_group": system.getForce(i).getForceGroup()}
                 for i in range(system.getNumForces())
             ],
-            "files": sorted(p.name for p in staging.iterdir() if p.name != MARKER) + ["metadata.json", "README.md"],
+            "files": sorted(p.name for p in staging.iterdir() if p.name != MARKER) + [METADATA_JSON, README_MD],
             "topology_files": topology_files,
             "round_trip_check": check,
             "system_xml_module": {"graph_safe": True, "useCUDAGraphs": force.cuda_graphs,
@@ -107,8 +108,8 @@ def export_forcefield(
             "versions": versions(),
             "model": force.metadata,
         }
-        (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-        (staging / "README.md").write_text(readme_text(metadata))
+        (staging / METADATA_JSON).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        (staging / README_MD).write_text(readme_text(metadata))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -126,7 +127,7 @@ def _model_prior(force: CGNNForce, model_dir: str | Path) -> Any:
     """The PriorSet to ship as prior.json (also when it runs inside the model, for reference)."""
     if force.prior is not None:
         return force.prior
-    path = Path(model_dir) / "prior.json"
+    path = Path(model_dir) / PRIOR_JSON
     if Path(model_dir).is_dir() and path.exists():
         from .prior_forces import load_prior
 
@@ -154,8 +155,8 @@ def round_trip_check(system: Any, folder: Path, platform: Any = None) -> dict[st
     import openmm
     import openmm.app as app
 
-    pdb = app.PDBFile(str(folder / "cg.pdb"))
-    loaded = openmm.XmlSerializer.deserialize((folder / "system.xml").read_text())
+    pdb = app.PDBFile(str(folder / CG_PDB))
+    loaded = openmm.XmlSerializer.deserialize((folder / SYSTEM_XML).read_text())
     energies = []
     for candidate in (system, loaded):
         platform = platform or openmm.Platform.getPlatformByName("Reference")

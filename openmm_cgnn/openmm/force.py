@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..layout import MAPPING_JSON, PRIOR_JSON
 from ..mapping.spec import Mapping
 from ..model.geometry import FLAG_BOX_TOO_SMALL, FLAG_NONFINITE
 from ..platforms import versions  # noqa: F401  (re-exported: the versions report lives in platforms)
@@ -178,7 +179,7 @@ class CGNNForce:
         from ..model.export import build_system_module
 
         model_dir = self.source
-        mapping = Mapping.load(model_dir / "mapping.json")
+        mapping = Mapping.load(model_dir / MAPPING_JSON)
         cg = self._cg_for_mapping(mapping)
         try:
             model = load_model(model_dir)
@@ -243,7 +244,7 @@ class CGNNForce:
                     "export it again for this temperature (openmm-cgnn export --temperature) or use the model directory"
                 )
         inside = bool(meta["includes_prior"])
-        prior_path = path.with_name("prior.json")
+        prior_path = path.with_name(PRIOR_JSON)
         if inside:
             if prior in ("openmm", "none"):
                 raise ModelMismatchError(f"{path}: the prior is inside this model.pt; prior={prior!r} cannot take it out")

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..layout import MODEL_PT
+
 BEAD_TYPE_NAMES = ["CAT:B0", "CAT:B1", "CAT:B2", "AN:B0"]
 
 
@@ -116,6 +118,6 @@ def write_synthetic_model_dir(model_dir, n_pairs: int = 8, box_nm: float = 1.9, 
     model = synthetic_model(cg, seed=seed, weight_scale=weight_scale, use_temperature=use_temperature)
     model_dir = Path(model_dir)
     save_checkpoint(model_dir, model, epoch=0)
-    export_for_frames(model, cg, model_dir / "model.pt", mapping_sha256=None,
+    export_for_frames(model, cg, model_dir / MODEL_PT, mapping_sha256=None,
                       temperature_K=float(cg.temperature_K[0]) if use_temperature else None)
     return model_dir, cg

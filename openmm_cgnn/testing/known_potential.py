@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..layout import FRAMES_H5, MAPPING_JSON
+
 
 @dataclass
 class SyntheticSystem:
@@ -127,10 +129,10 @@ class SyntheticSystem:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "mapping.json").write_text(json.dumps(self.mapping_dict(), indent=2))
+        (out / MAPPING_JSON).write_text(json.dumps(self.mapping_dict(), indent=2))
         info = TopologyInfo.from_openmm(topology, system)
         metadata = {"kind": kind, "temperature_K": temperature, "forcefield": "synthetic shifted-force LJ", "seed": seed}
-        with FrameWriter(out / "frames.h5", info, metadata, with_forces=True) as writer:
+        with FrameWriter(out / FRAMES_H5, info, metadata, with_forces=True) as writer:
             for k in range(n_frames):
                 integrator.step(steps_per_frame)
                 state = context.getState(getPositions=True, getForces=True, getEnergy=True)
