@@ -26,12 +26,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..io import CorruptFileError, atomic_checkpoint, atomic_path, verify_checksum, write_text_atomic
+from ..layout import CHECKPOINT_CHK, FRAMES_H5, NPT_DENSITY_CSV, NPT_JSON, SUMMARY_JSON, TOPOLOGY_PDB, TRAJECTORY_DCD
 from ..platforms import platform_properties
 from ..units import density_kg_m3, in_amu, in_kj_mol, in_kj_mol_nm, in_nm, in_nm3, temperature_from_kinetic_K
 
-CHECKPOINT = "checkpoint.chk"
-NPT_DENSITY_CSV = "npt_density.csv"
-NPT_JSON = "npt.json"  # written when NPT ends: its density and error, what a rho(T) fit reads
 SAMPLE_EVERY_STEPS = 50  # NPT volume sampling; the barostat moves every 25 steps
 CHECKPOINT_EVERY_S = 60.0  # NPT checkpoints; production checkpoints at every frame
 REPORT_EVERY_S = 30.0  # progress lines at every 10 % of a stage, or at least this often
@@ -187,11 +185,11 @@ class SingleRun:
 
     def _save_checkpoint(self, context, progress: Progress) -> None:
         header = json.dumps(asdict(progress)).encode() + b"\n"
-        with atomic_checkpoint(self.dir / CHECKPOINT) as tmp:
+        with atomic_checkpoint(self.dir / CHECKPOINT_CHK) as tmp:
             tmp.write_bytes(header + context.createCheckpoint())
 
     def _load_checkpoint(self) -> tuple[Progress, bytes] | None:
-        path = self.dir / CHECKPOINT
+        path = self.dir / CHECKPOINT_CHK
         if not path.exists():
             return None
         try:
@@ -229,7 +227,7 @@ class SingleRun:
 
         cause = describe_os_error(exc) if isinstance(exc, OSError) else (str(exc).splitlines() or [""])[0]
         try:
-            write_json_atomic(self.dir / "summary.json", {
+            write_json_atomic(self.dir / SUMMARY_JSON, {
                 "kind": "aa", "status": f"failed: {type(exc).__name__}", "error": cause,
                 **self.s.unit_counts(), "composition": self.s.composition, "temperature_K": self.s.temperature_K})
         except OSError:
@@ -246,9 +244,9 @@ class SingleRun:
             try:
                 context.loadCheckpoint(chk)
             except Exception as exc:  # noqa: BLE001 - OpenMM raises several types for bad bytes
-                raise AARunError(f"{self.dir / CHECKPOINT}: corrupt checkpoint ({str(exc).splitlines()[0]}); "
+                raise AARunError(f"{self.dir / CHECKPOINT_CHK}: corrupt checkpoint ({str(exc).splitlines()[0]}); "
                                  "rerun with --overwrite") from None
-            self.log(f"{self._tag()} resumed from {self.dir / CHECKPOINT} at step {context.getStepCount()} "
+            self.log(f"{self._tag()} resumed from {self.dir / CHECKPOINT_CHK} at step {context.getStepCount()} "
                      f"({progress.stage}, {progress.frames_done} frames)")
         self._started = True
         if progress.stage == "npt":
@@ -415,7 +413,7 @@ class SingleRun:
         frames_path = self.dir / FRAMES_H5
         state = context.getState(getPositions=True, enforcePeriodicBox=False)
         self.topology.setPeriodicBoxVectors(state.getPeriodicBoxVectors())
-        if not frames_path.exists() or not (self.dir / "topology.pdb").exists():
+        if not frames_path.exists() or not (self.dir / TOPOLOGY_PDB).exists():
             self._write_topology_pdb(state)
         info = TopologyInfo.from_openmm(self.topology, context.getSystem(), state.getPositions())
         npt = density_convergence(self._npt_densities(progress))
@@ -470,7 +468,7 @@ class SingleRun:
 
         out = io.StringIO()
         PDBFile.writeFile(self.topology, state.getPositions(), out)
-        write_text_atomic(self.dir / "topology.pdb", out.getvalue())
+        write_text_atomic(self.dir / TOPOLOGY_PDB, out.getvalue())
 
     def _write_dcd(self) -> None:
         """trajectory.dcd from frames.h5 (the frames file is the record; the DCD is derived).
@@ -483,7 +481,7 @@ class SingleRun:
         from openmm_cgnn.frames import read_frames
 
         frames = read_frames(self.dir)
-        with atomic_path(self.dir / "trajectory.dcd") as tmp, open(tmp, "wb") as handle:
+        with atomic_path(self.dir / TRAJECTORY_DCD) as tmp, open(tmp, "wb") as handle:
             dcd = DCDFile(handle, self.topology, self.s.dt_ps, firstStep=self.s.steps_per_frame,
                           interval=self.s.steps_per_frame)
             for positions, box in zip(frames.positions, frames.box):
@@ -516,10 +514,10 @@ class SingleRun:
             "production_ps": progress.frames_done * self.s.save_every_ps,
             "save_every_ps": self.s.save_every_ps,
             "forcefield": self.s.forcefield,
-            "files": {"frames": "frames.h5", "topology": "topology.pdb", "trajectory": "trajectory.dcd",
-                      "npt_density": NPT_DENSITY_CSV, "checkpoint": CHECKPOINT},
+            "files": {"frames": FRAMES_H5, "topology": TOPOLOGY_PDB, "trajectory": TRAJECTORY_DCD,
+                      "npt_density": NPT_DENSITY_CSV, "checkpoint": CHECKPOINT_CHK},
         }
-        write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(self.dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
         return summary
 
 
