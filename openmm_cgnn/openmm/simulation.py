@@ -33,13 +33,14 @@ import numpy as np
 
 from ..io import (OutputDirError, atomic_checkpoint, check_output_dir, describe_os_error, is_empty_dir, read_marker,
                   staging_dir, swap_in, verify_checksum, write_json_atomic, write_marker, write_text_atomic)
+from ..layout import CHECKPOINT_CHK, CHECKPOINT_JSON, FRAMES_H5, STATE_CSV, SUMMARY_JSON, TOPOLOGY_PDB, TRAJECTORY_DCD
 from ..model.checkpoint import model_fingerprint
 from ..platforms import PlatformError, get_platform, pin_torch_threads, platform_properties, versions
 from ..units import in_kj_mol, in_nm
 from .force import CGNNForce
 from .topology import CGSystem
 
-RUN_FILES = ("frames.h5", "trajectory.dcd", "topology.pdb", "state.csv", "summary.json", "checkpoint.chk", "checkpoint.json")
+RUN_FILES = (FRAMES_H5, TRAJECTORY_DCD, TOPOLOGY_PDB, STATE_CSV, SUMMARY_JSON, CHECKPOINT_CHK, CHECKPOINT_JSON)
 DT_CANDIDATES_FS = (20.0, 15.0, 10.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0)
 # Velocity-Verlet energy fluctuations grow as dt^2; std(E_total)/std(E_kinetic) below this is the
 # usual "energy is conserved well enough" rule for choosing MD time steps.
@@ -319,12 +320,12 @@ class CGRun:
         """Check --out before anything is computed; nothing is deleted here (see ``io.output_dir``)."""
         self.final_out = self.out
         existing = [name for name in RUN_FILES if (self.out / name).exists()]
-        if self.resume and "checkpoint.chk" in existing:
+        if self.resume and CHECKPOINT_CHK in existing:
             check_output_dir(self.out, "cg", resume=True)
-            missing = [n for n in ("checkpoint.json", "frames.h5", "trajectory.dcd") if n not in existing]
+            missing = [n for n in (CHECKPOINT_JSON, FRAMES_H5, TRAJECTORY_DCD) if n not in existing]
             if missing:
                 raise SimulationError(f"{self.out}: cannot resume, missing {missing}")
-            verify_checksum(self.out / "checkpoint.chk", required=False)  # older runs have no checksum file
+            verify_checksum(self.out / CHECKPOINT_CHK, required=False)  # older runs have no checksum file
             self.replace = False
             return
         if self.resume and existing:
@@ -727,7 +728,7 @@ class CGRun:
 
     def _production_failure(self, simulation: Any, exc: SimulationUnstable, save_every: int) -> SimulationUnstable:
         """Why the production run gave NaN: replayed from its checkpoint (same random numbers)."""
-        checkpoint = self.out / "checkpoint.chk"
+        checkpoint = self.out / CHECKPOINT_CHK
         step = int(simulation.currentStep)
 
         def start() -> tuple[Any, Any]:
@@ -735,7 +736,7 @@ class CGRun:
                 simulation.loadCheckpoint(str(checkpoint))
             return simulation.context, simulation.integrator
 
-        begin = int(json.loads((self.out / "checkpoint.json").read_text())["steps_done"]) if checkpoint.exists() else step
+        begin = int(json.loads((self.out / CHECKPOINT_JSON).read_text())["steps_done"]) if checkpoint.exists() else step
         diagnosis, offset = find_cause(self.cgnn, start, max(step - begin, save_every) if checkpoint.exists() else 0)
         if diagnosis is not None and diagnosis.flags:
             return _failure(self.cgnn, "production run", diagnosis, begin + offset)
