@@ -132,5 +132,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"  mean squared mapped force: summed map {fm['mean_squared_force_sum']:.4g}, optimal map "
               f"{fm['mean_squared_force_optimal']:.4g} (kJ/mol/nm)^2 per bead, ratio "
               f"{'n/a' if ratio is None else format(ratio, '.3f')} over {fm['n_samples']} molecules x frames")
-    print(f"wrote {out / 'mapping.json'} and mapping_report.json, loss_*.png, assignment_*.png in {report['seconds']:.1f} s")
+    print(f"wrote {out / MAPPING_JSON} and {MAPPING_REPORT_JSON}, loss_*.png, assignment_*.png in {report['seconds']:.1f} s")
     return 0
