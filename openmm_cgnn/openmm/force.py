@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from ..layout import MAPPING_JSON, PRIOR_JSON
+from ..units import in_amu, in_kj_mol, in_kj_mol_nm, nm_array
 from ..mapping.spec import Mapping
 from ..model.geometry import FLAG_BOX_TOO_SMALL, FLAG_NONFINITE
 from ..platforms import versions  # noqa: F401  (re-exported: the versions report lives in platforms)
-from ..units import in_amu, in_kj_mol, in_kj_mol_nm, nm_array
 from .engines import ENGINES, ForceEngine, default_engine, make_engine
 from .prior_forces import load_prior, prior_forces
 from .topology import CGSystem
