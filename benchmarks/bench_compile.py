@@ -30,10 +30,10 @@ def one_process(args: argparse.Namespace) -> dict:
     import openmm
 
     from bench_md import fresh_model_dir
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.mapping.spec import CGMapping
     from openmm_cgnn.openmm import CGNNForce, CGSystem, composition_for_pairs
 
-    mapping = Mapping.load(args.model / "mapping.json")
+    mapping = CGMapping.load(args.model / "mapping.json")
     cg = CGSystem.packed(mapping, composition_for_pairs(mapping, args.pairs), args.density, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         source = args.model if args.size == "saved" else fresh_model_dir(args.model, args.size, Path(tmp) / "m")

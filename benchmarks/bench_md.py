@@ -444,14 +444,14 @@ def main() -> int:
 
     threads = pin_threads(args.threads)
     load_before = machine_info()["load_average_1_5_15min"]
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.mapping.spec import CGMapping
     from openmm_cgnn.openmm.simulation import choose_platform
     from openmm_cgnn.platforms import platform_properties, versions
 
     model_dir = args.model
     if not (model_dir / "checkpoint.pt").is_file() or not (model_dir / "mapping.json").is_file():
         raise SystemExit(f"--model {model_dir}: not a model directory (needs checkpoint.pt and mapping.json)")
-    mapping = Mapping.load(model_dir / "mapping.json")
+    mapping = CGMapping.load(model_dir / "mapping.json")
     platform = choose_platform(args.platform)
     name = platform.getName()
     properties = platform_properties(platform, threads=args.threads)

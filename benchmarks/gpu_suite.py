@@ -126,7 +126,7 @@ def suite_mapping() -> Any:
     from openmm.app import PDBFile
 
     from openmm_cgnn.aa import load_forcefield
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.mapping.spec import CGMapping
 
     ff = load_forcefield()
     residues = {}
@@ -139,7 +139,7 @@ def suite_mapping() -> Any:
                           "beads": [{"name": f"B{k}", "atoms": list(g), "mass": float(sum(mass[a] for a in g))}
                                     for k, g in enumerate(groups)],
                           "bead_bonds": [[k, k + 1] for k in range(n_beads - 1)]}
-    return Mapping.from_dict({"format": "openmm_cgnn.mapping/1", "residues": residues})
+    return CGMapping.from_dict({"format": "openmm_cgnn.mapping/1", "residues": residues})
 
 
 def suite_prior(mapping: Any) -> dict[str, Any]:
@@ -187,11 +187,11 @@ def make_model(folder: Path) -> Path:
 
 def packed(model_dir: Path, pairs: int, seed: int = 1) -> Any:
     """``pairs`` ion pairs packed at the suite density, molecules grown at the prior's bond lengths."""
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.mapping.spec import CGMapping
     from openmm_cgnn.openmm import CGSystem, composition_for_pairs
     from openmm_cgnn.openmm.prior_forces import bond_lengths, load_prior
 
-    mapping = Mapping.load(model_dir / "mapping.json")
+    mapping = CGMapping.load(model_dir / "mapping.json")
     bonds = bond_lengths(load_prior(model_dir / "prior.json", mapping.bead_type_names))
     return CGSystem.packed(mapping, composition_for_pairs(mapping, pairs), DENSITY_KG_M3, seed=seed, bond_lengths=bonds)
 
@@ -331,11 +331,11 @@ def thermal_start(model_dir: Path, pairs: int, platform: str, dt_fs: float | Non
     a plain start instead, so that the timings still come: the failure goes into the summary."""
     import bench_md
 
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.mapping.spec import CGMapping
 
     options = {k: settings[k] for k in ("stability_steps", "dt_candidates_fs") if k in settings}
     try:
-        return bench_md.cg_thermal_start(model_dir, Mapping.load(model_dir / "mapping.json"), pairs, DENSITY_KG_M3,
+        return bench_md.cg_thermal_start(model_dir, CGMapping.load(model_dir / "mapping.json"), pairs, DENSITY_KG_M3,
                                          TEMPERATURE_K, platform, dt_fs, settings["thermalize_steps"], 1, work, **options)
     except Exception as exc:  # noqa: BLE001 - reported, and the plain start below takes over
         error = _error(exc)
@@ -390,11 +390,11 @@ def _error(exc: BaseException) -> str:
 
 def step_agreement(cfg: dict[str, Any], platform: Any, writer: StepWriter, work: Path) -> None:
     from openmm_cgnn.openmm import CGSystem
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.mapping.spec import CGMapping
     from openmm_cgnn.platforms import platform_properties
 
     model_dir = REFERENCE_DIR / "model"
-    mapping = Mapping.load(model_dir / "mapping.json")
+    mapping = CGMapping.load(model_dir / "mapping.json")
     data = np.load(REFERENCE_DIR / "reference.npz")
     meta = json.loads((REFERENCE_DIR / "reference.json").read_text())
     precisions = cfg["precisions"] if "Precision" in platform.getPropertyNames() else ["platform default"]

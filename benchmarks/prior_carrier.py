@@ -20,7 +20,7 @@ import torch  # noqa: F401  (torch before openmm)
 
 import openmm
 from common import RESULTS, best_of_blocks, machine_info, pin_threads, step_block, write_json
-from openmm_cgnn.mapping.spec import Mapping
+from openmm_cgnn.mapping.spec import CGMapping
 from openmm_cgnn.model import CGModel, HybridGraphConfig, PriorSet, save_checkpoint
 from openmm_cgnn.openmm.force import CGNNForce
 from openmm_cgnn.openmm.topology import CGSystem, composition_for_pairs
@@ -49,7 +49,7 @@ def model_dir(folder: Path, size: str) -> Path:
     make = HybridGraphConfig.quick if size == "quick" else HybridGraphConfig.reference
     config = make(len(TYPES), bead_type_names=list(TYPES), use_temperature=True)
     save_checkpoint(folder, CGModel(config, PriorSet.from_dict(PRIOR, TYPES)), epoch=0)
-    Mapping.from_dict(MAPPING).save(folder / "mapping.json")
+    CGMapping.from_dict(MAPPING).save(folder / "mapping.json")
     return folder
 
 
@@ -78,7 +78,7 @@ def main() -> int:
     args = parser.parse_args()
     pin_threads(args.threads)
 
-    mapping = Mapping.from_dict(MAPPING)
+    mapping = CGMapping.from_dict(MAPPING)
     prior = PriorSet.from_dict(PRIOR, TYPES)
     bonds = {(r, min(b), max(b)): r0 for r, b, r0 in zip(prior.bonds.residues, prior.bonds.beads, prior.bonds.r0)}
     results = []

@@ -173,9 +173,9 @@ def test_prior_json_round_trip_and_old_format(tabulated, tmp_path):
 
     from models.make_models import HERE
 
-    from openmm_cgnn.mapping import Mapping
+    from openmm_cgnn.mapping import CGMapping
 
-    names = Mapping.load(HERE / "toy_mapping.json").bead_type_names
+    names = CGMapping.load(HERE / "toy_mapping.json").bead_type_names
     old = PriorSet.from_json(HERE / "toy_prior.json", names)  # format openmm_cgnn.prior/1
     assert json.loads((HERE / "toy_prior.json").read_text())["format"] == "openmm_cgnn.prior/1"
     assert old.bonded_form == "harmonic" and old.to_dict()["format"] == "openmm_cgnn.prior/2"

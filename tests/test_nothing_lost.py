@@ -20,7 +20,7 @@ import torch  # noqa: F401  (before openmm)
 from models.make_models import make_model_dir, write_aa_run
 from openmm_cgnn.cli import main
 from openmm_cgnn.io import MARKER, read_marker, write_marker
-from openmm_cgnn.mapping.spec import Mapping
+from openmm_cgnn.mapping.spec import CGMapping
 from openmm_cgnn.testing.known_potential import SyntheticSystem
 
 
@@ -55,7 +55,7 @@ def model_dir(root):
     from openmm_cgnn.model import load_model, save_checkpoint
 
     folder = make_model_dir(root / "model")
-    mapping = Mapping.load(folder / "mapping.json")
+    mapping = CGMapping.load(folder / "mapping.json")
     save_checkpoint(folder, load_model(folder), epoch=0, extra={"mapping_sha256": mapping.sha256()})
     write_marker(folder, "model")
     return folder

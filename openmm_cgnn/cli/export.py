@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..frames import read_frames
     from ..io import check_output_dir
-    from ..mapping.spec import Mapping
+    from ..mapping.spec import CGMapping
     from ..model.checkpoint import check_model_mapping
     from ..openmm.export import export_forcefield
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.model}: not a model directory (no checkpoint.pt)")
     check_output_dir(args.out, "export", overwrite=args.overwrite)  # before any compute
     try:
-        mapping = Mapping.load(args.model / MAPPING_JSON)
+        mapping = CGMapping.load(args.model / MAPPING_JSON)
         check_model_mapping(args.model, mapping.sha256(), args.model / MAPPING_JSON)
         cg = cg_system_from_args(args, mapping, args.model)
         temperature = args.temperature

@@ -3,6 +3,7 @@
 from .spec import (  # noqa: F401
     Bead,
     CGFrames,
+    CGMapping,
     Mapping,
     MappingError,
     ResidueMapping,
@@ -11,4 +12,4 @@ from .spec import (  # noqa: F401
     load_cg_frames,
     make_molecules_whole,
 )
-from .learn import learn_mapping  # noqa: F401,E402  (the CGAE: learns a Mapping from AA frames)
+from .learn import learn_mapping  # noqa: F401,E402  (the CGAE: learns a CGMapping from AA frames)

@@ -116,7 +116,9 @@ class ResidueMapping:
 
 
 @dataclass
-class Mapping:
+class CGMapping:
+    """The contents of ``mapping.json``: for each residue, its beads and bead bonds (docs/contracts.md section 2)."""
+
     residues: "OrderedDict[str, ResidueMapping]"
     training: dict[str, Any] = field(default_factory=dict)
     source: str = field(default="mapping", compare=False)  # the file it was read from, for messages
@@ -175,7 +177,7 @@ class Mapping:
         return write_json_atomic(path, self.to_dict())
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "mapping") -> "Mapping":
+    def from_dict(cls, data: dict[str, Any], source: str = "mapping") -> "CGMapping":
         if not isinstance(data, dict):
             raise MappingError(f"{source}: expected a JSON object with 'format' and 'residues', got {type(data).__name__}")
         if data.get("format") not in READABLE_FORMATS:
@@ -207,7 +209,7 @@ class Mapping:
         return cls(residues=residues, training=dict(data.get("training", {})), source=source)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Mapping":
+    def load(cls, path: str | Path) -> "CGMapping":
         path = Path(path)
         if path.is_dir():
             path = path / MAPPING_JSON
@@ -218,6 +220,10 @@ class Mapping:
         except json.JSONDecodeError as exc:
             raise MappingError(f"{path}: not valid JSON ({exc})") from exc
         return cls.from_dict(data, source=str(path))
+
+
+# The short name of older code; new code says CGMapping, which does not shadow typing.Mapping.
+Mapping = CGMapping
 
 
 @dataclass
@@ -325,14 +331,14 @@ def make_molecules_whole(positions: np.ndarray, box: np.ndarray, residue_index: 
     return whole
 
 
-def _check_bead_mass(mapping: Mapping, residue: str, bead: Bead, run_mass: float, path: Any) -> None:
+def _check_bead_mass(mapping: CGMapping, residue: str, bead: Bead, run_mass: float, path: Any) -> None:
     """A mapping that records bead masses must agree with the run's (else it belongs to other molecules)."""
     if bead.mass > 0 and abs(bead.mass - run_mass) > 1e-3 + 1e-5 * run_mass:
         raise MappingError(f"{mapping.source}: bead '{residue}:{bead.name}' has 'mass' {bead.mass:g} amu, but it (its atoms) "
                            f"weigh {run_mass:g} amu in {path}; the mapping does not belong to these runs")
 
 
-def _resolve_force_map(mapping: Mapping, force_map: str | None, source: Any) -> bool:
+def _resolve_force_map(mapping: CGMapping, force_map: str | None, source: Any) -> bool:
     """True when the stored per-residue force maps are used, False for the summed map."""
     if force_map is None:
         return mapping.has_force_map
@@ -347,7 +353,7 @@ def _resolve_force_map(mapping: Mapping, force_map: str | None, source: Any) -> 
     raise MappingError(f"force map must be 'optimal' or 'sum', got {force_map!r}")
 
 
-def _bead_matrices(mapping: Mapping, frames: Frames, stored_force_map: bool = False):
+def _bead_matrices(mapping: CGMapping, frames: Frames, stored_force_map: bool = False):
     """Sparse (M, N) matrices for centre of mass, bead membership and the force map, plus per-bead bookkeeping."""
     from scipy import sparse
 
@@ -412,7 +418,7 @@ def _bead_matrices(mapping: Mapping, frames: Frames, stored_force_map: bool = Fa
             np.array(bonds, dtype=np.int64).reshape(-1, 2))
 
 
-def apply_mapping(mapping: Mapping, frames: Frames, force_map: str | None = None) -> CGFrames:
+def apply_mapping(mapping: CGMapping, frames: Frames, force_map: str | None = None) -> CGFrames:
     """Map all-atom frames to beads: centre-of-mass positions, mapped forces, summed masses.
 
     ``force_map``: ``"optimal"`` (the mapping's stored force map; an error if it has none),
@@ -450,7 +456,7 @@ def _sparse_apply(matrix: Any, values: np.ndarray) -> np.ndarray:
     return np.asarray(matrix @ flat).reshape(-1, f, d).transpose(1, 0, 2)
 
 
-def cg_frames_from_cg_run(mapping: Mapping, frames: Frames) -> CGFrames:
+def cg_frames_from_cg_run(mapping: CGMapping, frames: Frames) -> CGFrames:
     """Read a CG run (particles are beads) into CGFrames, checking it against the mapping."""
     top = frames.topology
     bead_type, bead_name, residue_name, bonds = [], [], [], []
@@ -487,7 +493,7 @@ def cg_frames_from_cg_run(mapping: Mapping, frames: Frames) -> CGFrames:
     )
 
 
-def load_cg_frames(path_or_dir: str | Path, mapping: Mapping, force_map: str | None = None, **read_kw: Any) -> CGFrames:
+def load_cg_frames(path_or_dir: str | Path, mapping: CGMapping, force_map: str | None = None, **read_kw: Any) -> CGFrames:
     """CG frames of any run: AA runs are mapped (``force_map`` as in :func:`apply_mapping`), CG runs
     (metadata ``kind == "cg"``) read as beads."""
     frames = read_frames(path_or_dir, **read_kw)

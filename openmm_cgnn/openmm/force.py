@@ -30,7 +30,7 @@ import torch
 
 from ..layout import MAPPING_JSON, PRIOR_JSON
 from ..units import in_amu, in_kj_mol, in_kj_mol_nm, nm_array
-from ..mapping.spec import Mapping
+from ..mapping.spec import CGMapping
 from ..model.geometry import FLAG_BOX_TOO_SMALL, FLAG_NONFINITE
 from ..platforms import versions  # noqa: F401  (re-exported: the versions report lives in platforms)
 from .engines import ENGINES, ForceEngine, default_engine, make_engine
@@ -155,7 +155,7 @@ class CGNNForce:
             raise ModelMismatchError(f"{model_pt}: model file not found")
         return cls(model_pt, topology, temperature, **kw)
 
-    def _cg_for_mapping(self, mapping: Mapping) -> CGSystem:
+    def _cg_for_mapping(self, mapping: CGMapping) -> CGSystem:
         """The CG system: the one given, or the topology's beads checked against the mapping."""
         if self.cg is not None:
             if self.cg.mapping.sha256() != mapping.sha256():
@@ -179,7 +179,7 @@ class CGNNForce:
         from ..model.export import build_system_module
 
         model_dir = self.source
-        mapping = Mapping.load(model_dir / MAPPING_JSON)
+        mapping = CGMapping.load(model_dir / MAPPING_JSON)
         cg = self._cg_for_mapping(mapping)
         try:
             model = load_model(model_dir)

@@ -268,12 +268,12 @@ def train(
 def _train(data_paths: Sequence[str | Path], mapping_path: str | Path, out_dir: Path, config: TrainConfig,
            model_overrides: dict[str, Any] | None, resume: bool, replace: bool, show_progress: bool,
            stop_after_epochs: int | None, world: World, device: torch.device) -> dict:
-    from openmm_cgnn.mapping.spec import Mapping, MappingError
+    from openmm_cgnn.mapping.spec import CGMapping, MappingError
     from openmm_cgnn.model import read_checkpoint
     from openmm_cgnn.model.checkpoint import model_from_checkpoint
 
     try:
-        mapping = Mapping.load(mapping_path)
+        mapping = CGMapping.load(mapping_path)
     except MappingError as exc:
         raise TrainingDataError(str(exc)) from exc
     if config.force_map == "optimal":

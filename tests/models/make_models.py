@@ -174,10 +174,10 @@ class PairModel(torch.nn.Module):
 
 def toy_cg_system(n_pairs: int = N_PAIRS, seed: int = 1):
     """The toy CG system: ``n_pairs`` CAT + ANI molecules packed in a cubic box, relaxed in the prior."""
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.mapping.spec import CGMapping
     from openmm_cgnn.openmm.topology import CGSystem
 
-    mapping = Mapping.from_dict(MAPPING)
+    mapping = CGMapping.from_dict(MAPPING)
     rng = np.random.default_rng(seed)
     molecules = ["CAT"] * n_pairs + ["ANI"] * n_pairs
     edge = BOX_NM * (n_pairs / N_PAIRS) ** (1 / 3)
@@ -238,7 +238,7 @@ if __name__ == "__main__":
 
 def make_model_dir(folder: Path, use_temperature: bool = False, seed: int = 0, **config_overrides) -> Path:
     """A model directory (docs/contracts.md section 3) holding an untrained tiny CGModel with the toy prior."""
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.mapping.spec import CGMapping
     from openmm_cgnn.model import CGModel, HybridGraphConfig, PriorSet, save_checkpoint
 
     torch.manual_seed(seed)
@@ -249,7 +249,7 @@ def make_model_dir(folder: Path, use_temperature: bool = False, seed: int = 0, *
     model = CGModel(config, PriorSet.from_dict(PRIOR, TYPES))
     folder = Path(folder)
     save_checkpoint(folder, model, epoch=0)
-    Mapping.from_dict(MAPPING).save(folder / "mapping.json")
+    CGMapping.from_dict(MAPPING).save(folder / "mapping.json")
     return folder
 
 
