@@ -188,12 +188,12 @@ def make_model(folder: Path) -> Path:
 def packed(model_dir: Path, pairs: int, seed: int = 1) -> Any:
     """``pairs`` ion pairs packed at the suite density, molecules grown at the prior's bond lengths."""
     from openmm_cgnn.mapping.spec import CGMapping
-    from openmm_cgnn.openmm import CGSystem, composition_for_pairs
+    from openmm_cgnn.openmm import CGConfiguration, composition_for_pairs
     from openmm_cgnn.openmm.prior_forces import bond_lengths, load_prior
 
     mapping = CGMapping.load(model_dir / "mapping.json")
     bonds = bond_lengths(load_prior(model_dir / "prior.json", mapping.bead_type_names))
-    return CGSystem.packed(mapping, composition_for_pairs(mapping, pairs), DENSITY_KG_M3, seed=seed, bond_lengths=bonds)
+    return CGConfiguration.packed(mapping, composition_for_pairs(mapping, pairs), DENSITY_KG_M3, seed=seed, bond_lengths=bonds)
 
 
 def packed_minimized(model_dir: Path, pairs: int, seed: int = 1) -> Any:
@@ -274,7 +274,7 @@ def prepare(out: Path, model: Path | None, new_model: bool, cases: dict[str, int
     meta = {"what": "CGNNForce energies and forces of gpu_reference/model on the Reference platform (host checks on): "
                     "model = prior inside the module, openmm = prior as native forces, network = the TorchForce alone",
             "temperature_K": TEMPERATURE_K, "density_kg_m3": DENSITY_KG_M3, "cases": written, "versions": versions(),
-            "positions": "CGSystem.packed (seed 1), minimised on the CPU platform (200 iterations, prior as native forces)",
+            "positions": "CGConfiguration.packed (seed 1), minimised on the CPU platform (200 iterations, prior as native forces)",
             "command": "python benchmarks/gpu_suite.py prepare"}
     (out / "reference.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {out / 'reference.npz'} and {out / 'reference.json'}", flush=True)
@@ -389,7 +389,7 @@ def _error(exc: BaseException) -> str:
 
 
 def step_agreement(cfg: dict[str, Any], platform: Any, writer: StepWriter, work: Path) -> None:
-    from openmm_cgnn.openmm import CGSystem
+    from openmm_cgnn.openmm import CGConfiguration
     from openmm_cgnn.mapping.spec import CGMapping
     from openmm_cgnn.platforms import platform_properties
 
@@ -400,7 +400,7 @@ def step_agreement(cfg: dict[str, Any], platform: Any, writer: StepWriter, work:
     precisions = cfg["precisions"] if "Precision" in platform.getPropertyNames() else ["platform default"]
     rows = []
     for case, info in meta["cases"].items():
-        cg = CGSystem.from_molecules(mapping, info["molecule_residues"], data[f"{case}/positions"], data[f"{case}/box"])
+        cg = CGConfiguration.from_molecules(mapping, info["molecule_residues"], data[f"{case}/positions"], data[f"{case}/box"])
         scripted: dict[tuple[str, bool], Any] = {}  # scripting costs seconds: once per carrier and graphs setting
         for term, (carrier, groups) in AGREEMENT_TERMS.items():
             e_ref, f_ref = float(data[f"{case}/{term}/energy"]), data[f"{case}/{term}/forces"]

@@ -23,7 +23,7 @@ from common import RESULTS, best_of_blocks, machine_info, pin_threads, step_bloc
 from openmm_cgnn.mapping.spec import CGMapping
 from openmm_cgnn.model import CGModel, HybridGraphConfig, PriorSet, save_checkpoint
 from openmm_cgnn.openmm.force import CGNNForce
-from openmm_cgnn.openmm.topology import CGSystem, composition_for_pairs
+from openmm_cgnn.openmm.topology import CGConfiguration, composition_for_pairs
 from openmm_cgnn.platforms import versions
 
 TYPES = ["CAT:B0", "CAT:B1", "CAT:B2", "CAT:B3", "ANI:B0"]
@@ -53,7 +53,7 @@ def model_dir(folder: Path, size: str) -> Path:
     return folder
 
 
-def make_context(cg: CGSystem, source: Path, carrier: str, platform: str) -> tuple:
+def make_context(cg: CGConfiguration, source: Path, carrier: str, platform: str) -> tuple:
     force = CGNNForce(source, cg, 400.0, prior=carrier)
     system = cg.system()
     force.add_to(system)
@@ -86,7 +86,7 @@ def main() -> int:
         sources = {size: model_dir(Path(tmp) / size, size) for size in args.sizes}
         for pairs, size in [(p, s) for p in args.pairs for s in args.sizes]:
             source = sources[size]
-            cg = CGSystem.packed(mapping, composition_for_pairs(mapping, pairs), 1200.0, seed=1, bond_lengths=bonds)
+            cg = CGConfiguration.packed(mapping, composition_for_pairs(mapping, pairs), 1200.0, seed=1, bond_lengths=bonds)
             # relax the packed start once, so both carriers are timed on the same sane configuration
             force = CGNNForce(source, cg, 400.0, prior="openmm")
             system = cg.system()

@@ -26,7 +26,7 @@ from ..layout import CG_PDB, MAPPING_JSON, MARKER, METADATA_JSON, MODEL_PT, PRIO
 from ..platforms import PlatformError, get_platform, platform_properties, versions
 from ..units import in_kj_mol, in_nm
 from .force import CGNNForce
-from .topology import CGSystem
+from .topology import CGConfiguration
 
 EXPORT_FORMAT = "openmm_cgnn.export/1"
 ROUND_TRIP_RTOL = 1e-9
@@ -38,7 +38,7 @@ class ExportError(RuntimeError):
 
 def export_forcefield(
     model_dir: str | Path,
-    cg: CGSystem,
+    cg: CGConfiguration,
     out_dir: str | Path,
     temperature: float | None = None,
     prior: str = "auto",
@@ -135,7 +135,7 @@ def _model_prior(force: CGNNForce, model_dir: str | Path) -> Any:
     return None
 
 
-def _minimized(system: Any, cg: CGSystem, log: Any, platform: Any) -> CGSystem:
+def _minimized(system: Any, cg: CGConfiguration, log: Any, platform: Any) -> CGConfiguration:
     import openmm
 
     context = openmm.Context(system, openmm.VerletIntegrator(0.001), platform, platform_properties(platform))
@@ -170,7 +170,7 @@ def round_trip_check(system: Any, folder: Path, platform: Any = None) -> dict[st
     return {"platform": platform.getName(), "potential_energy_kj_mol": original, "reloaded_potential_energy_kj_mol": reloaded}
 
 
-def write_parmed_topology(cg: CGSystem, folder: Path) -> list[str]:
+def write_parmed_topology(cg: CGConfiguration, folder: Path) -> list[str]:
     """PSF, GRO and a GROMACS TOP with the beads (types RES_BEAD, masses, bonds); no potential in them."""
     import parmed
 

@@ -35,7 +35,7 @@ from ..model.geometry import FLAG_BOX_TOO_SMALL, FLAG_NONFINITE
 from ..platforms import versions  # noqa: F401  (re-exported: the versions report lives in platforms)
 from .engines import ENGINES, ForceEngine, default_engine, make_engine
 from .prior_forces import load_prior, prior_forces
-from .topology import CGSystem
+from .topology import CGConfiguration
 
 PRIOR_CARRIERS = ("auto", "openmm", "model", "none")
 # benchmarks/results/prior_carrier_cpu.json (CPU, real CGModel, 320 and 1500 beads): the prior inside the
@@ -67,7 +67,7 @@ class CGNNForce:
 
     ``source`` is a model directory (``load_model``, then ``script_for_system`` for this system and
     temperature) or a scripted ``model.pt`` with metadata (checked against this system; a prior not
-    inside it comes from the ``prior.json`` beside it). ``topology`` is a :class:`CGSystem` or an
+    inside it comes from the ``prior.json`` beside it). ``topology`` is a :class:`CGConfiguration` or an
     ``openmm.app.Topology`` whose atoms are the beads, named as in the mapping.
 
     ``prior``: "auto" (model directory: ``DEFAULT_PRIOR_CARRIER``; model.pt: as it was scripted),
@@ -89,7 +89,7 @@ class CGNNForce:
     def __init__(
         self,
         source: str | Path,
-        topology: CGSystem | Any,
+        topology: CGConfiguration | Any,
         temperature: float | None = None,
         *,
         prior: str = "auto",
@@ -119,12 +119,12 @@ class CGNNForce:
         self.max_pairs_per_bead = max_pairs_per_bead
         self.prior_force_group = prior_force_group
         self.model_force_group = model_force_group
-        self.cg = topology if isinstance(topology, CGSystem) else None
-        self.topology = topology.topology() if isinstance(topology, CGSystem) else topology
+        self.cg = topology if isinstance(topology, CGConfiguration) else None
+        self.topology = topology.topology() if isinstance(topology, CGConfiguration) else topology
         # model directories can build the module again: (host_checks, max_pairs_per_bead, scripted) -> module
         self._rescript: Callable[..., Any] | None = None
         self._engine_module: Any = None  # the module the engine runs when it is not self.module
-        self.box = np.asarray(topology.box) if isinstance(topology, CGSystem) else _topology_box(self.topology)
+        self.box = np.asarray(topology.box) if isinstance(topology, CGConfiguration) else _topology_box(self.topology)
         if self.source.is_dir():
             self._from_model_dir(prior)
         elif self.source.is_file():
@@ -144,18 +144,18 @@ class CGNNForce:
     # -- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, topology: CGSystem | Any, temperature: float | None = None, **kw: Any) -> "CGNNForce":
+    def from_model_dir(cls, model_dir: str | Path, topology: CGConfiguration | Any, temperature: float | None = None, **kw: Any) -> "CGNNForce":
         if not Path(model_dir).is_dir():
             raise ModelMismatchError(f"{model_dir}: not a model directory")
         return cls(model_dir, topology, temperature, **kw)
 
     @classmethod
-    def from_model_file(cls, model_pt: str | Path, topology: CGSystem | Any, temperature: float | None = None, **kw: Any) -> "CGNNForce":
+    def from_model_file(cls, model_pt: str | Path, topology: CGConfiguration | Any, temperature: float | None = None, **kw: Any) -> "CGNNForce":
         if not Path(model_pt).is_file():
             raise ModelMismatchError(f"{model_pt}: model file not found")
         return cls(model_pt, topology, temperature, **kw)
 
-    def _cg_for_mapping(self, mapping: CGMapping) -> CGSystem:
+    def _cg_for_mapping(self, mapping: CGMapping) -> CGConfiguration:
         """The CG system: the one given, or the topology's beads checked against the mapping."""
         if self.cg is not None:
             if self.cg.mapping.sha256() != mapping.sha256():
@@ -164,7 +164,7 @@ class CGNNForce:
         names, residues, molecules = bead_layout(self.topology)
         first = np.unique(molecules, return_index=True)[1]
         try:
-            cg = CGSystem.from_molecules(mapping, [residues[i] for i in first], np.zeros((len(names), 3)), np.eye(3))
+            cg = CGConfiguration.from_molecules(mapping, [residues[i] for i in first], np.zeros((len(names), 3)), np.eye(3))
         except ValueError as exc:
             raise ModelMismatchError(f"{self.source}: the topology does not fit the model's mapping: {exc}") from None
         if cg.bead_names != names:

@@ -38,7 +38,7 @@ from ..model.checkpoint import model_fingerprint
 from ..platforms import PlatformError, get_platform, pin_torch_threads, platform_properties, versions
 from ..units import in_kj_mol, in_nm
 from .force import CGNNForce
-from .topology import CGSystem
+from .topology import CGConfiguration
 
 RUN_FILES = (FRAMES_H5, TRAJECTORY_DCD, TOPOLOGY_PDB, STATE_CSV, SUMMARY_JSON, CHECKPOINT_CHK, CHECKPOINT_JSON)
 DT_CANDIDATES_FS = (20.0, 15.0, 10.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0)
@@ -289,7 +289,7 @@ class CGRun:
     def __init__(
         self,
         cgnn: CGNNForce,
-        cg: CGSystem,
+        cg: CGConfiguration,
         out_dir: str | Path,
         config: RunConfig,
         resume: bool = False,

@@ -175,7 +175,7 @@ class PairModel(torch.nn.Module):
 def toy_cg_system(n_pairs: int = N_PAIRS, seed: int = 1):
     """The toy CG system: ``n_pairs`` CAT + ANI molecules packed in a cubic box, relaxed in the prior."""
     from openmm_cgnn.mapping.spec import CGMapping
-    from openmm_cgnn.openmm.topology import CGSystem
+    from openmm_cgnn.openmm.topology import CGConfiguration
 
     mapping = CGMapping.from_dict(MAPPING)
     rng = np.random.default_rng(seed)
@@ -187,7 +187,7 @@ def toy_cg_system(n_pairs: int = N_PAIRS, seed: int = 1):
     grid = np.array([(x, y, z) for x in range(sites) for y in range(sites) for z in range(sites)], dtype=float)
     grid = grid[rng.permutation(len(grid))[: len(molecules)]] * edge / sites
     coords = [shape[name] + site + rng.normal(scale=0.02, size=3) for name, site in zip(molecules, grid)]
-    return CGSystem.from_molecules(mapping, molecules, np.vstack(coords), np.eye(3) * edge)
+    return CGConfiguration.from_molecules(mapping, molecules, np.vstack(coords), np.eye(3) * edge)
 
 
 def metadata_for(cg, include_prior: bool) -> dict:
