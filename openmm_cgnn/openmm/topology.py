@@ -332,7 +332,7 @@ def build_cg_system(
     bond_lengths: Mapping[tuple[str, int, int], float] | None = None,
     molecules: Mapping[str, int] | None = None,
 ) -> CGConfiguration:
-    """The starting CG system: a frame of a run (AA runs are mapped), or molecules packed at a density:
+    """The starting CG configuration: a frame of a run (AA runs are mapped), or molecules packed at a density:
     ``pairs`` formula units of a 1:1 liquid or explicit ``molecules`` counts."""
     if sum(x is not None for x in (from_run, pairs, molecules)) != 1:
         raise ValueError("give exactly one of a run directory (from_run), a number of pairs or molecule counts")
