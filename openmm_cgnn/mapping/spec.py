@@ -432,21 +432,31 @@ def apply_mapping(mapping: CGMapping, frames: Frames, force_map: str | None = No
     positions = _sparse_apply(com, whole)
     forces = None
     if frames.forces is not None:
-        forces = _sparse_apply(force_matrix, frames.forces.astype(np.float64)).astype(np.float32)
+        forces = _sparse_apply(force_matrix, frames.forces.astype(np.float64))
+    return _cg_frames(mapping, frames, positions, forces, bead_type, bead_name, residue_name,
+                      molecule_index=np.array(molecule_index, dtype=np.int64),
+                      masses=np.asarray(member @ top.mass).ravel(), bonds=bonds,
+                      force_map="optimal" if stored else "sum")
+
+
+def _cg_frames(mapping: CGMapping, frames: Frames, positions: np.ndarray, forces: np.ndarray | None,
+               bead_type: list[int], bead_name: list[str], residue_name: list[str], *, molecule_index: np.ndarray,
+               masses: np.ndarray, bonds: np.ndarray, force_map: str) -> CGFrames:
+    """CGFrames of these beads on ``frames``' time axis (box, time, temperature); float32 positions and forces."""
     return CGFrames(
         positions=positions.astype(np.float32),
-        forces=forces,
+        forces=None if forces is None else forces.astype(np.float32),
         box=frames.box.astype(np.float64),
         time=frames.time,
         temperature_K=np.full(frames.n_frames, frames.temperature_K),
         bead_type=np.array(bead_type, dtype=np.int64),
         bead_type_names=mapping.bead_type_names,
         bead_name=bead_name,
-        molecule_index=np.array(molecule_index, dtype=np.int64),
+        molecule_index=molecule_index,
         residue_name=residue_name,
-        masses=np.asarray(member @ top.mass).ravel(),
+        masses=masses,
         bonds=bonds,
-        force_map="optimal" if stored else "sum",
+        force_map=force_map,
     )
 
 
@@ -476,21 +486,9 @@ def cg_frames_from_cg_run(mapping: CGMapping, frames: Frames) -> CGFrames:
         bead_type += [mapping.bead_type_index(name, k) for k in range(len(names))]
         bead_name += names
         residue_name += [name] * len(names)
-    return CGFrames(
-        positions=frames.positions.astype(np.float32),
-        forces=None if frames.forces is None else frames.forces.astype(np.float32),
-        box=frames.box.astype(np.float64),
-        time=frames.time,
-        temperature_K=np.full(frames.n_frames, frames.temperature_K),
-        bead_type=np.array(bead_type, dtype=np.int64),
-        bead_type_names=mapping.bead_type_names,
-        bead_name=bead_name,
-        molecule_index=top.residue_index.copy(),
-        residue_name=residue_name,
-        masses=top.mass.copy(),
-        bonds=np.array(bonds, dtype=np.int64).reshape(-1, 2),
-        force_map="cg",
-    )
+    return _cg_frames(mapping, frames, frames.positions, frames.forces, bead_type, bead_name, residue_name,
+                      molecule_index=top.residue_index.copy(), masses=top.mass.copy(),
+                      bonds=np.array(bonds, dtype=np.int64).reshape(-1, 2), force_map="cg")
 
 
 def load_cg_frames(path_or_dir: str | Path, mapping: CGMapping, force_map: str | None = None, **read_kw: Any) -> CGFrames:
