@@ -27,7 +27,7 @@ import numpy as np
 
 from ..io import CorruptFileError, atomic_checkpoint, atomic_path, verify_checksum, write_text_atomic
 from ..layout import CHECKPOINT_CHK, FRAMES_H5, NPT_DENSITY_CSV, NPT_JSON, SUMMARY_JSON, TOPOLOGY_PDB, TRAJECTORY_DCD
-from ..platforms import platform_properties
+from ..platforms import get_platform, platform_properties
 from ..units import density_kg_m3, in_amu, in_kj_mol, in_kj_mol_nm, in_nm, in_nm3, temperature_from_kinetic_K
 
 SAMPLE_EVERY_STEPS = 50  # NPT volume sampling; the barostat moves every 25 steps
@@ -177,7 +177,7 @@ class SingleRun:
 
         integrator = openmm.LangevinMiddleIntegrator(self.s.temperature_K, self.s.friction_per_ps, self.s.dt_ps)
         integrator.setRandomNumberSeed(self.s.openmm_seed(1))
-        platform = openmm.Platform.getPlatformByName(self.s.platform)
+        platform = get_platform(self.s.platform, check=False)
         properties = platform_properties(self.s.platform, self.device_index)
         return openmm.Context(self._system(barostat), integrator, platform, properties)
 

@@ -28,7 +28,7 @@ from ..frames import evenly_spaced
 from ..io import write_text_atomic
 from ..layout import PRIOR_JSON
 from ..units import kT_kj_mol
-from .geometry import pair_vectors, safe_norm
+from .geometry import FLAG_BOX_TOO_SMALL, FLAG_PAIR_OVERFLOW, pair_vectors, safe_norm
 from .system import SystemTensors, molecule_tables, residue_layout
 
 PRIOR_FORMAT = "openmm_cgnn.prior/2"
@@ -691,9 +691,9 @@ def _fit_sigma(positions: Tensor, box: Tensor, bead_type: np.ndarray, molecule_i
         pos = positions[frame:frame + 1]
         frame_box = box[frame:frame + 1]
         index_i, index_j, valid, _, flags = search(pos, frame_box, molecules)
-        if int(flags[0]) & 2:
+        if int(flags[0]) & FLAG_BOX_TOO_SMALL:
             raise ValueError(f"fit_priors: frame {frame}: box smaller than twice the cutoff {cutoff} nm")
-        if int(flags[0]) & 1:
+        if int(flags[0]) & FLAG_PAIR_OVERFLOW:
             raise ValueError(f"fit_priors: frame {frame}: over 512 neighbours per bead within {cutoff} nm; "
                              "is the data really a liquid in nm?")
         index_i, index_j = index_i[valid], index_j[valid]

@@ -159,7 +159,7 @@ def round_trip_check(system: Any, folder: Path, platform: Any = None) -> dict[st
     loaded = openmm.XmlSerializer.deserialize((folder / SYSTEM_XML).read_text())
     energies = []
     for candidate in (system, loaded):
-        platform = platform or openmm.Platform.getPlatformByName("Reference")
+        platform = platform or get_platform("Reference", check=False)
         context = openmm.Context(candidate, openmm.VerletIntegrator(0.001), platform, platform_properties(platform))
         context.setPositions(pdb.positions)
         energies.append(in_kj_mol(context.getState(getEnergy=True).getPotentialEnergy()))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..layout import FRAMES_H5, MAPPING_JSON
+from ..platforms import get_platform
 
 
 @dataclass
@@ -121,7 +122,7 @@ class SyntheticSystem:
         topology, system, positions = self.build()
         integrator = openmm.LangevinMiddleIntegrator(temperature, 5.0, 0.005)
         integrator.setRandomNumberSeed(seed)
-        context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
+        context = openmm.Context(system, integrator, get_platform("Reference", check=False))
         context.setPositions(positions)
         openmm.LocalEnergyMinimizer.minimize(context, 1.0, 200)
         context.setVelocitiesToTemperature(temperature, seed)
