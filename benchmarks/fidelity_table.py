@@ -30,9 +30,9 @@ from openmm_cgnn.analysis.evaluate import model_summary
 from openmm_cgnn.driver import SETTINGS, Stage, plan, run_plan
 from openmm_cgnn.liquids import load_liquid
 
-VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "sum_map": ("summed force map", ["--force-map", "sum"]),
-    "harmonic": ("harmonic bonded priors", ["--prior-form", "harmonic"]),
+VARIANTS: dict[str, tuple[str, dict[str, list[str]]]] = {
+    "sum_map": ("summed force map", {"--force-map": ["sum"]}),
+    "harmonic": ("harmonic bonded priors", {"--prior-form": ["harmonic"]}),
 }
 
 
@@ -58,25 +58,32 @@ def drop_option(args: Sequence[str], name: str) -> list[str]:
     return args[:start] + args[end:]
 
 
-def variant_stages(chain: list[Stage], out: Path, name: str) -> list[Stage]:
-    """The train, simulate and evaluate stages of one variant, derived from the chain's own stages."""
-    extra = VARIANTS[name][1]
-    root = out / "variants" / name
+def variant_stages(chain: list[Stage], root: Path, name: str, train_options: dict[str, list[str]],
+                   cg_steps: int | None = None) -> list[Stage]:
+    """The train, simulate and evaluate stages of one variant in ``root``, derived from the chain's own.
+
+    ``train_options``: options of the chain's ``train`` to set (or add), e.g. ``{"--force-map": ["sum"]}``.
+    ``cg_steps``: a shorter CG run than the chain's (the same step and save interval).
+    """
     model = root / "model"
     by_group: dict[str, list[Stage]] = {}
     for stage in chain:
         by_group.setdefault(stage.group, []).append(stage)
     (train,) = by_group["train"]
     args = drop_option(set_option(train.args, "--out", [str(model)]), "--resume")
+    for option, values in train_options.items():
+        args = set_option(args, option, values) if option in args else [*args, option, *values]
     if (model / "checkpoint.pt").exists():
         args.append("--resume")
-    stages = [Stage(f"{name}: train", "train", [*args, *extra], model / "model.pt", [], train.device)]
+    stages = [Stage(f"{name}: train", "train", args, model / "model.pt", [], train.device)]
     cg_dirs = []
     for stage in by_group["simulate"]:
         trained_run = Path(stage.args[stage.args.index("--out") + 1])
         cg_dir = root / "cg" / trained_run.name
         cg_dirs.append(str(cg_dir))
         args = set_option(set_option(stage.args, "--forcefield", [str(model)]), "--out", [str(cg_dir)])
+        if cg_steps is not None:
+            args = set_option(args, "--steps", [str(cg_steps)])
         # the same step as the chain's trained run: the variants differ in the model only
         args = [*drop_option(args, "--dt-candidates-fs"), "--dt-from", str(trained_run)]
         stages.append(Stage(f"{name}: {stage.name}", "simulate", args, cg_dir / "summary.json", ["train"],
@@ -94,7 +101,8 @@ def _worst(by_temperature: dict[str, Any], key: str, temps: set[str], inside: bo
     return max(values) if values else None
 
 
-def _row(label: str, part: dict[str, Any], held_out: set[str], validation_rmse: float | None) -> dict[str, Any]:
+def model_row(label: str, part: dict[str, Any], held_out: set[str], validation_rmse: float | None) -> dict[str, Any]:
+    """One row: a report's model summary (``ablation.trained`` or ``model_summary``) in a few numbers."""
     rows = part["by_temperature"]
     tv = [v for row in rows.values() for v in row.get("bonded_tv", {}).values() if v is not None]
     ratios = [r["ratio"] for row in rows.values() for r in row.get("d_ratio_cg_aa", {}).values()
@@ -113,7 +121,8 @@ def _row(label: str, part: dict[str, Any], held_out: set[str], validation_rmse: 
     }
 
 
-def _validation_rmse(model_dir: Path) -> float | None:
+def validation_rmse(model_dir: Path) -> float | None:
+    """The trained model's validation force RMSE (kJ/mol/nm), None before training ends."""
     path = model_dir / "metrics.json"
     return json.loads(path.read_text())["validation"]["overall"]["rmse"] if path.exists() else None
 
@@ -126,15 +135,15 @@ def table(out: Path) -> dict[str, Any]:
     model_metrics = json.loads((out / "model" / "metrics.json").read_text())
     prior_rmse = model_metrics["validation"]["overall"]["rmse"] * model_metrics[
         "validation_mse_relative_to"]["prior_only"] ** -0.5
-    rows = [_row("trained (optimal map, tabulated priors)", ablation["trained"], held_out,
-                 _validation_rmse(out / "model"))]
+    rows = [model_row("trained (optimal map, tabulated priors)", ablation["trained"], held_out,
+                 validation_rmse(out / "model"))]
     if "prior_only" in ablation:
-        rows.append(_row("prior only (network off)", ablation["prior_only"], held_out, prior_rmse))
+        rows.append(model_row("prior only (network off)", ablation["prior_only"], held_out, prior_rmse))
     for name, (label, _) in VARIANTS.items():
         report = out / "variants" / name / "report" / "metrics.json"
         if report.exists():
             variant = model_summary(json.loads(report.read_text()))  # no prior-only runs: no ablation section
-            rows.append(_row(f"trained, {label}", variant, held_out, _validation_rmse(report.parent.parent / "model")))
+            rows.append(model_row(f"trained, {label}", variant, held_out, validation_rmse(report.parent.parent / "model")))
     return {"format": "openmm_cgnn.fidelity_table/1", "run": str(out), "held_out_temperatures_K": sorted(held_out),
             "targets": metrics["verdict"]["targets"], "rows": rows}
 
@@ -178,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.table_only:
         chain = plan(load_liquid(args.liquid), args.size, args.run)
-        stages = [s for name in args.variants for s in variant_stages(chain, args.run, name)]
+        stages = [s for name in args.variants
+                  for s in variant_stages(chain, args.run / "variants" / name, name, VARIANTS[name][1])]
         run_plan(stages, jobs=args.jobs, log_dir=args.run / "variants" / "logs")
     result = table(args.run)
     path = args.json or args.run / "fidelity_table.json"

@@ -275,6 +275,16 @@ def test_tiny_chain_for_a_second_liquid(tmp_path, monkeypatch):
                                           "trained, harmonic bonded priors"]
     assert all(r["worst_com_rdf_error"] is not None and r["worst_bonded_tv"] is not None for r in rows)
     assert rows[0]["worst_com_rdf_error"] == metrics["verdict"]["rdf"]["com"]["worst_error"]
+    # The network-size sweep on the same chain: one tiny network, short CG runs, no timing.
+    import network_sweep
+
+    assert network_sweep.main(["--run", str(out), "--liquid", "emim_bf4", "--size", "tiny", "--networks", "n8",
+                               "--cg-steps", "50", "--no-timing"]) == 0
+    hparams = json.loads((out / "sweep" / "n8" / "model" / "hparams.json").read_text())
+    assert (hparams["features"], hparams["intra_blocks"], hparams["intra_cutoff_nm"]) == (8, 1, 0.5)
+    assert json.loads((out / "sweep" / "n8" / "cg" / "T450K" / "summary.json").read_text())["steps_done"] == 50
+    (row,) = json.loads((out / "network_sweep.json").read_text())["rows"]
+    assert row["model"] == "n8" and row["parameters"] > 0 and row["validation_force_rmse"] > 0
 
 
 def test_cg_packing_takes_any_stoichiometry():
