@@ -32,7 +32,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "MDAnalysis"],
+        # ruff: pinned, so that a new release's checks cannot fail CI on unchanged code (rules: ruff.toml).
+        "test": ["pytest", "MDAnalysis", "ruff==0.17.6"],
         "bench": ["torchani==2.9.0"],
         # `openmm-cgnn import` reads GROMACS and LAMMPS files with MDAnalysis.
         "import": ["MDAnalysis"],

@@ -23,7 +23,6 @@ from common import RESULTS, machine_info, write_json
 
 def one_process(args: argparse.Namespace) -> dict:
     """In this process: build the CG system, the python-engine force, and time its calls."""
-    import numpy as np
     import torch
 
     torch.set_num_threads(1)

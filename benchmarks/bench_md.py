@@ -96,8 +96,11 @@ def compress_to_density(topology: Any, positions: np.ndarray, edge: float, densi
 
 
 def aa_context(composition: dict[str, int], density: float, temperature: float, platform: Any, properties: dict,
-               seed: int, cutoff_nm: float | None, minimize_iterations: int) -> tuple[Any, dict]:
-    """A ready-to-step AA Context for ``composition`` at ``density`` (production settings of ``run_aa``)."""
+               seed: int, cutoff_nm: float | None, minimize_iterations: int,
+               forcefield_dir: Path | None = None) -> tuple[Any, dict]:
+    """A ready-to-step AA Context for ``composition`` at ``density`` (production settings of ``run_aa``).
+
+    ``forcefield_dir``: converted CL&P data (default: the package's, [BMIM][BF4])."""
     import openmm
 
     from openmm_cgnn.aa import build_system, load_forcefield
@@ -105,7 +108,7 @@ def aa_context(composition: dict[str, int], density: float, temperature: float, 
     from openmm_cgnn.units import cube_edge_nm
     from openmm_cgnn.aa.run import auto_cutoff_nm
 
-    ff = load_forcefield()
+    ff = load_forcefield(forcefield_dir)
     missing = [r for r in composition if r not in ff.residues]
     if missing:
         raise SystemExit(f"the mapping's residues {missing} are not in the all-atom force field ({list(ff.residues)})")
@@ -197,7 +200,7 @@ def md_row(source: Path, cg: Any, temperature: float, dt_fs: float, density: flo
     """
     composition = cg.composition()
     aa, aa_info = aa_context(composition, density, temperature, platform, properties, args.seed,
-                             args.aa_cutoff_nm, args.aa_minimize_iterations)
+                             args.aa_cutoff_nm, args.aa_minimize_iterations, resolve_forcefield_dir(args))
     aa_steps = block_steps(aa, args.block_seconds, args.warmup_steps)
     blocks, cg_rows = {"aa": lambda c=aa: step_block(c, aa_steps)}, {}
     carriers = list(getattr(args, "carrier", None) or ["auto"])  # gpu_suite's namespace has none: the default
@@ -390,6 +393,16 @@ def resolve_density(args: argparse.Namespace) -> tuple[float, str]:
     raise SystemExit("give --density KG_M3 or --aa-run DIR (an all-atom run whose summary.json has the density)")
 
 
+def resolve_forcefield_dir(args: argparse.Namespace) -> Path | None:
+    """--forcefield-dir, else the one --aa-run was made with (its frames' metadata), else the package's."""
+    if args.forcefield_dir is not None or args.aa_run is None:
+        return args.forcefield_dir
+    from openmm_cgnn.frames import read_frames
+
+    directory = read_frames(args.aa_run, stop=1).metadata.get("forcefield_dir")
+    return Path(directory) if directory else None
+
+
 def resolve_dt(args: argparse.Namespace) -> tuple[float | None, str]:
     if args.cg_dt_fs is not None:
         return args.cg_dt_fs, "--cg-dt-fs"
@@ -415,6 +428,8 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=None, help="K (default: --cg-summary's, else 400)")
     parser.add_argument("--density", type=float, default=None, help="kg/m3 for both AA and CG boxes")
     parser.add_argument("--aa-run", type=Path, default=None, help="AA run directory: its density (if --density is not given)")
+    parser.add_argument("--forcefield-dir", type=Path, default=None,
+                        help="converted CL&P data for the AA side (default: --aa-run's, else the package's)")
     parser.add_argument("--aa-cutoff-nm", type=float, default=None, help="AA cutoff (default: what run_aa picks per size)")
     parser.add_argument("--cg-summary", type=Path, default=None, help="summary.json of a CG run: largest_stable_dt_fs")
     parser.add_argument("--cg-dt-fs", type=float, default=None, help="CG time step (overrides --cg-summary and the check)")

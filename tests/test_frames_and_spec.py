@@ -13,7 +13,6 @@ from openmm_cgnn.mapping.spec import (
     CGMapping,
     MappingError,
     ResidueMapping,
-    apply_mapping,
     load_cg_frames,
     make_molecules_whole,
 )

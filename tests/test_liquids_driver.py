@@ -257,6 +257,34 @@ def test_tiny_chain_for_a_second_liquid(tmp_path, monkeypatch):
     assert "## Ablation" in (out / "report" / "report.md").read_text()
     # Done stages are skipped: a second call runs nothing and succeeds.
     assert main(["run", "--liquid", "emim_bf4", "--size", "tiny", "--out", str(out)]) == 0
+    # The fidelity table: a variant with harmonic priors, trained and run on the same data and step.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fidelity_table
+
+    assert fidelity_table.main(["--run", str(out), "--liquid", "emim_bf4", "--size", "tiny",
+                                "--variants", "harmonic"]) == 0
+    variant = out / "variants" / "harmonic"
+    assert json.loads((variant / "model" / "prior.json").read_text())["bonded_form"] == "harmonic"
+    assert json.loads((out / "model" / "prior.json").read_text())["bonded_form"] == "tabulated"
+    for t in (450, 500):
+        run = json.loads((variant / "cg" / f"T{t}K" / "summary.json").read_text())
+        cg = json.loads((out / "cg" / f"T{t}K" / "summary.json").read_text())
+        assert run["steps_done"] == 200 and run["dt_fs"] == cg["dt_fs"]
+    rows = json.loads((out / "fidelity_table.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["trained (optimal map, tabulated priors)", "prior only (network off)",
+                                          "trained, harmonic bonded priors"]
+    assert all(r["worst_com_rdf_error"] is not None and r["worst_bonded_tv"] is not None for r in rows)
+    assert rows[0]["worst_com_rdf_error"] == metrics["verdict"]["rdf"]["com"]["worst_error"]
+    # The network-size sweep on the same chain: one tiny network, short CG runs, no timing.
+    import network_sweep
+
+    assert network_sweep.main(["--run", str(out), "--liquid", "emim_bf4", "--size", "tiny", "--networks", "n8",
+                               "--cg-steps", "50", "--no-timing"]) == 0
+    hparams = json.loads((out / "sweep" / "n8" / "model" / "hparams.json").read_text())
+    assert (hparams["features"], hparams["intra_blocks"], hparams["intra_cutoff_nm"]) == (8, 1, 0.5)
+    assert json.loads((out / "sweep" / "n8" / "cg" / "T450K" / "summary.json").read_text())["steps_done"] == 50
+    (row,) = json.loads((out / "network_sweep.json").read_text())["rows"]
+    assert row["model"] == "n8" and row["parameters"] > 0 and row["validation_force_rmse"] > 0
 
 
 def test_cg_packing_takes_any_stoichiometry():

@@ -100,46 +100,17 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
     later call with ``resume`` continues it. ``density_fit``: NVT boxes from the rho(T) line over
     this call's NPT runs and those in the given ``aa`` directories (an empty list: this call's only).
     """
-    from .builder import BoxBuildError, build_box, build_box_auto
-    from .forcefield import ForceFieldDataError, build_system
-
     temps = [temperatures] if isinstance(temperatures, (int, float)) else list(temperatures)
     if isinstance(count, Mapping):
         count_option = "--molecules"
     else:
         _positive(count, count_option, integer=True)
-    if not temps:
-        raise AAInputError("--temperature needs at least one value")
-    for t in temps:
-        _positive(t, "--temperature")
-    if len(set(temps)) != len(temps):
-        raise AAInputError(f"--temperature lists a value twice: {temps}")
-    for value, flag in ((equilibrate_ps, "--equilibrate-ps"), (production_ps, "--production-ps"),
-                        (save_every_ps, "--save-every-ps"), (charge_scale, "--charge-scale"), (dt_fs, "--dt-fs"),
-                        (pressure_bar, "pressure_bar"),
-                        (friction_per_ps, "friction_per_ps")):
-        _positive(value, flag)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise AAInputError(f"--seed must be a non-negative integer, got {seed!r}")
-    if dt_fs > 4.0:
-        raise AAInputError(f"--dt-fs {dt_fs:g} is too large for constrained X-H bonds only (use <= 4)")
-    dt_ps = dt_fs / 1000.0
-    _multiple_of_dt(save_every_ps, dt_ps, "--save-every-ps")
-    _multiple_of_dt(equilibrate_ps, dt_ps, "--equilibrate-ps")
-    if round(equilibrate_ps / dt_ps) < 20:
-        raise AAInputError(f"--equilibrate-ps {equilibrate_ps:g} is under 20 time steps; the density needs more")
-    if save_every_ps > production_ps:
-        raise AAInputError(f"--save-every-ps {save_every_ps:g} exceeds --production-ps {production_ps:g}: no frames")
+    _check_settings(temps, equilibrate_ps, production_ps, save_every_ps, charge_scale, dt_fs, pressure_bar,
+                    friction_per_ps, seed, max_equilibrate_ps)
     if resume and overwrite:
         raise AAInputError("--resume and --overwrite exclude each other")
-    if max_equilibrate_ps is not None:
-        _positive(max_equilibrate_ps, "--max-equilibrate-ps")
-        _multiple_of_dt(max_equilibrate_ps, dt_ps, "--max-equilibrate-ps")
-        if max_equilibrate_ps < equilibrate_ps:
-            raise AAInputError(f"--max-equilibrate-ps {max_equilibrate_ps:g} is under --equilibrate-ps {equilibrate_ps:g}")
     if npt_only and density_fit is not None:
         raise AAInputError("--npt-only and --density-fit exclude each other (the fit decides the NVT box)")
-
     try:  # the fastest platform that starts here when none is given
         platform = get_platform(platform).getName()
         platform_properties(platform, device_index)  # a device index needs a GPU platform
@@ -147,39 +118,15 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
         raise AAInputError(str(exc)) from None
 
     ff, composition, n_units, liquid = _molecules(count, count_option, liquid, residues, forcefield_dir)
-
-    if start_density_kg_m3 is not None:
-        _positive(start_density_kg_m3, "--start-density")
-    try:
-        if start_density_kg_m3 is None:
-            topology, positions, start_density_kg_m3 = build_box_auto(ff, composition, seed=seed)
-        else:
-            topology, positions = build_box(ff, composition, start_density_kg_m3, seed=seed)
-    except BoxBuildError as exc:
-        raise AAInputError(f"--start-density: {exc}") from None
-    total_mass = sum(in_amu(a.element.mass) for a in topology.atoms())
-    start_edge = cube_edge_nm(total_mass, start_density_kg_m3)
-    if cutoff_nm is None:
-        cutoff_nm = auto_cutoff_nm(start_edge)
-    _positive(cutoff_nm, "--cutoff-nm")
-    limit = max_cutoff_nm(start_edge)
-    if cutoff_nm > limit:
-        raise AAInputError(f"--cutoff-nm {cutoff_nm:g} is more than half the box edge after NPT compression "
-                           f"(start edge {start_edge:.2f} nm, allowed <= {limit:.2f} nm); use a larger {count_option}")
-    if cutoff_nm < MIN_CUTOFF_NM:
-        raise AAInputError(f"{count_option} {_describe(count)} gives a box too small for a cutoff of at least "
-                           f"{MIN_CUTOFF_NM} nm (start edge {start_edge:.2f} nm)")
-    try:
-        build_system(topology, ff, cutoff_nm=cutoff_nm, charge_scale=charge_scale)
-    except ForceFieldDataError as exc:
-        raise AAInputError(f"--forcefield-dir: {exc}") from None
+    topology, positions, start_density_kg_m3, cutoff_nm = _start_box(
+        ff, composition, _describe(count), count_option, start_density_kg_m3, seed, cutoff_nm, charge_scale)
 
     ff_hash = hashlib.sha256(ff.xml_path.read_bytes()).hexdigest()
     forcefield = f"{ff.description}; converted {ff.xml_path.name} sha256 {ff_hash}"
     out = Path(out)
     multi = len(temps) > 1
     runs = {t: (out / run_dir_name(t) if multi else out) for t in temps}
-    fit_sources = None if density_fit is None else _npt_sources(density_fit, set(runs.values()), len(temps))
+    fit_sources = None if density_fit is None else _npt_sources(density_fit, set(runs.values()))
     settings = {t: RunSettings(
         n_units=n_units, composition=composition, temperature_K=float(t), equilibrate_ps=float(equilibrate_ps),
         production_ps=float(production_ps), save_every_ps=float(save_every_ps), charge_scale=float(charge_scale),
@@ -204,6 +151,74 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
         return json.loads((out / SUMMARY_JSON).read_text())
     summaries[0]["dir"] = str(out)
     return summaries[0]
+
+
+def _check_settings(temps: list[float], equilibrate_ps: float, production_ps: float, save_every_ps: float,
+                    charge_scale: float, dt_fs: float, pressure_bar: float, friction_per_ps: float, seed: int,
+                    max_equilibrate_ps: float | None) -> None:
+    """The numbers of a run, each checked; the error names the option."""
+    if not temps:
+        raise AAInputError("--temperature needs at least one value")
+    for t in temps:
+        _positive(t, "--temperature")
+    if len(set(temps)) != len(temps):
+        raise AAInputError(f"--temperature lists a value twice: {temps}")
+    for value, flag in ((equilibrate_ps, "--equilibrate-ps"), (production_ps, "--production-ps"),
+                        (save_every_ps, "--save-every-ps"), (charge_scale, "--charge-scale"), (dt_fs, "--dt-fs"),
+                        (pressure_bar, "pressure_bar"),
+                        (friction_per_ps, "friction_per_ps")):
+        _positive(value, flag)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise AAInputError(f"--seed must be a non-negative integer, got {seed!r}")
+    if dt_fs > 4.0:
+        raise AAInputError(f"--dt-fs {dt_fs:g} is too large for constrained X-H bonds only (use <= 4)")
+    dt_ps = dt_fs / 1000.0
+    _multiple_of_dt(save_every_ps, dt_ps, "--save-every-ps")
+    _multiple_of_dt(equilibrate_ps, dt_ps, "--equilibrate-ps")
+    if round(equilibrate_ps / dt_ps) < 20:
+        raise AAInputError(f"--equilibrate-ps {equilibrate_ps:g} is under 20 time steps; the density needs more")
+    if save_every_ps > production_ps:
+        raise AAInputError(f"--save-every-ps {save_every_ps:g} exceeds --production-ps {production_ps:g}: no frames")
+    if max_equilibrate_ps is not None:
+        _positive(max_equilibrate_ps, "--max-equilibrate-ps")
+        _multiple_of_dt(max_equilibrate_ps, dt_ps, "--max-equilibrate-ps")
+        if max_equilibrate_ps < equilibrate_ps:
+            raise AAInputError(f"--max-equilibrate-ps {max_equilibrate_ps:g} is under --equilibrate-ps {equilibrate_ps:g}")
+
+
+def _start_box(ff: Any, composition: dict[str, int], count_text: str, count_option: str,
+               start_density_kg_m3: float | None, seed: int, cutoff_nm: float | None,
+               charge_scale: float) -> tuple[Any, Any, float, float]:
+    """(topology, positions, start density, cutoff) of the inserted box; its System is built once as a check."""
+    from .builder import BoxBuildError, build_box, build_box_auto
+    from .forcefield import ForceFieldDataError, build_system
+
+    if start_density_kg_m3 is not None:
+        _positive(start_density_kg_m3, "--start-density")
+    try:
+        if start_density_kg_m3 is None:
+            topology, positions, start_density_kg_m3 = build_box_auto(ff, composition, seed=seed)
+        else:
+            topology, positions = build_box(ff, composition, start_density_kg_m3, seed=seed)
+    except BoxBuildError as exc:
+        raise AAInputError(f"--start-density: {exc}") from None
+    total_mass = sum(in_amu(a.element.mass) for a in topology.atoms())
+    start_edge = cube_edge_nm(total_mass, start_density_kg_m3)
+    if cutoff_nm is None:
+        cutoff_nm = auto_cutoff_nm(start_edge)
+    _positive(cutoff_nm, "--cutoff-nm")
+    limit = max_cutoff_nm(start_edge)
+    if cutoff_nm > limit:
+        raise AAInputError(f"--cutoff-nm {cutoff_nm:g} is more than half the box edge after NPT compression "
+                           f"(start edge {start_edge:.2f} nm, allowed <= {limit:.2f} nm); use a larger {count_option}")
+    if cutoff_nm < MIN_CUTOFF_NM:
+        raise AAInputError(f"{count_option} {count_text} gives a box too small for a cutoff of at least "
+                           f"{MIN_CUTOFF_NM} nm (start edge {start_edge:.2f} nm)")
+    try:
+        build_system(topology, ff, cutoff_nm=cutoff_nm, charge_scale=charge_scale)
+    except ForceFieldDataError as exc:
+        raise AAInputError(f"--forcefield-dir: {exc}") from None
+    return topology, positions, float(start_density_kg_m3), float(cutoff_nm)
 
 
 def _runners(work: Path, temps: list[float], settings: dict[float, RunSettings], topology: Any,
@@ -262,7 +277,7 @@ def _run_all(runners: list[SingleRun], out: Path, work: Path,
     return summaries
 
 
-def _npt_sources(dirs: Sequence[str | Path], own: set[Path], n_own: int) -> list[Path]:
+def _npt_sources(dirs: Sequence[str | Path], own: set[Path]) -> list[Path]:
     """The npt.json files a rho(T) fit reads besides this call's own runs; errors name --density-fit."""
     own_resolved = {p.resolve() for p in own}
     found: list[Path] = []

@@ -355,39 +355,49 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _dynamics(table: dict, settings: EvaluationSettings, metrics: dict, say: Callable[[str], None]) -> dict:
-    """Fill metrics["diffusion"] and ["d_ratio_cg_aa"]; return the MSD curves for plotting."""
+def _diffusion(table: dict, settings: EvaluationSettings, say: Callable[[str], None],
+               measured: dict | None = None) -> tuple[dict, dict]:
+    """The diffusion of every run in ``table``, added to a copy of the ``measured`` results
+    ({species: {T key: {kind: result}}}); returns (results, MSD curves for plotting)."""
+    diffusion = {species: {key: dict(entry) for key, entry in by_t.items()} for species, by_t in (measured or {}).items()}
     msd_series: dict[str, dict[str, list]] = {}
     for key, by_kind in table.items():
         for kind, run in by_kind.items():
             say(f"diffusion: {kind.upper()} {key} K")
             for species, (curve, result) in run_diffusion(run, settings).items():
-                metrics["diffusion"].setdefault(species, {}).setdefault(key, {})[kind] = result.to_dict()
+                diffusion.setdefault(species, {}).setdefault(key, {})[kind] = result.to_dict()
                 msd_series.setdefault(species, {}).setdefault(kind, []).append(plots.MSDSeries(
                     run.temperature_K, curve.lag_ps, curve.msd_nm2, result.fit_start_ps, result.fit_end_ps,
                     result.D_m2_s))
-    for species, by_t in metrics["diffusion"].items():
+    return diffusion, msd_series
+
+
+def _d_ratios(diffusion: dict) -> dict:
+    """D_CG/D_AA of each species at every temperature with both kinds measured."""
+    ratios: dict[str, dict] = {}
+    for species, by_t in diffusion.items():
         for key, entry in by_t.items():
             if set(entry) >= set(KINDS):
                 results = {k: DiffusionResult(**entry[k]) for k in KINDS}
-                metrics["d_ratio_cg_aa"].setdefault(species, {})[key] = _ratio(results["aa"], results["cg"])
-    return msd_series
+                ratios.setdefault(species, {})[key] = _ratio(results["aa"], results["cg"])
+    return ratios
 
 
-def _arrhenius(metrics: dict, held_out: Sequence[str] = ()) -> dict[str, dict[str, plots.ArrheniusSeries]]:
-    """Fill metrics["arrhenius"] from the converged D of each species and kind.
+def _arrhenius(diffusion: dict, held_out: Sequence[str] = ()) -> tuple[dict, dict[str, dict[str, plots.ArrheniusSeries]]]:
+    """The Arrhenius fits of the converged D of each species and kind: (fits, series for plotting).
 
     With ``held_out`` temperature keys, each entry also gets ``without_held_out``: the same fits
     over the other temperatures (the transfer claim is the difference between the two).
     """
+    fits: dict[str, dict] = {}
     series: dict[str, dict[str, plots.ArrheniusSeries]] = {}
-    for species, by_t in metrics["diffusion"].items():
+    for species, by_t in diffusion.items():
         entry, series[species] = _arrhenius_fits(by_t)
         if held_out:
             kept = {key: value for key, value in by_t.items() if key not in held_out}
             entry["without_held_out"] = {"temperatures_K": list(kept), **_arrhenius_fits(kept)[0]}
-        metrics["arrhenius"][species] = entry
-    return series
+        fits[species] = entry
+    return fits, series
 
 
 def _arrhenius_fits(by_t: dict) -> tuple[dict, dict[str, plots.ArrheniusSeries]]:
@@ -471,17 +481,18 @@ def target_verdict(metrics: dict, settings: EvaluationSettings) -> dict:
     return verdict
 
 
-def _structure(table: dict, settings: EvaluationSettings, metrics: dict, figures: dict,
-               say: Callable[[str], None]) -> None:
-    """Fill metrics["rdf"] and ["structure"] at the temperatures with both kinds; queue their figures."""
+def _structure(table: dict, settings: EvaluationSettings, say: Callable[[str], None]) -> tuple[dict, dict, dict]:
+    """RDF and bonded comparisons at the temperatures with both kinds: (rdf, structure, figures to draw)."""
+    rdf: dict[str, dict] = {}
+    structure: dict[str, dict] = {}
+    figures: dict[str, tuple] = {}
     for key, by_kind in table.items():
         if len(by_kind) < 2:
             continue
         say(f"structure: {key} K")
         rdf_metrics, com_panels, bead_panels = compare_rdfs(by_kind["aa"], by_kind["cg"], settings)
         for name, m in rdf_metrics.items():
-            entry = metrics["rdf"].setdefault(name, {"kind": m["kind"], "pair": m["pair"], "error": None,
-                                                     "by_temperature": {}})
+            entry = rdf.setdefault(name, {"kind": m["kind"], "pair": m["pair"], "error": None, "by_temperature": {}})
             entry["by_temperature"][key] = {k: v for k, v in m.items() if k not in ("kind", "pair")}
             entry["error"] = max(v["error"] for v in entry["by_temperature"].values())
         figures[f"rdf_com_{key}K.png"] = (plots.plot_rdfs, f"Molecular centre-of-mass RDFs at {key} K", com_panels)
@@ -490,14 +501,15 @@ def _structure(table: dict, settings: EvaluationSettings, metrics: dict, figures
                                                bead_panels)
         if len(by_kind["aa"].cg.bonds):
             bonded, bonds, angles = compare_bonded(by_kind["aa"], by_kind["cg"])
-            metrics["structure"][key] = bonded
+            structure[key] = bonded
             figures[f"bonds_{key}K.png"] = (plots.plot_distributions, f"CG bond lengths at {key} K", "r (nm)", bonds)
             if angles:
                 figures[f"angles_{key}K.png"] = (plots.plot_distributions, f"CG angles at {key} K",
                                                  "angle (degrees)", angles)
+    return rdf, structure, figures
 
 
-def _prior_only(prior_runs: Sequence[Run], table: dict, settings: EvaluationSettings, metrics: dict,
+def _prior_only(prior_runs: Sequence[Run], table: dict, settings: EvaluationSettings, diffusion: dict,
                 say: Callable[[str], None]) -> dict:
     """The ablation: each prior-only CG run against the AA run at its temperature, analysed exactly as
     the trained model's runs are (rdf, structure, diffusion, d_ratio_cg_aa, arrhenius)."""
@@ -514,17 +526,17 @@ def _prior_only(prior_runs: Sequence[Run], table: dict, settings: EvaluationSett
                                   "give one run per temperature")
         paired[key] = {"aa": table[key]["aa"], "cg": run}
     paired = {key: paired[key] for key in table if key in paired}
-    out: dict[str, Any] = {"rdf": {}, "structure": {}, "diffusion": {}, "d_ratio_cg_aa": {}, "arrhenius": {}}
     # The AA diffusion is already measured: only the prior-only runs are analysed again.
-    for species, by_t in metrics["diffusion"].items():
+    measured_aa: dict[str, dict] = {}
+    for species, by_t in diffusion.items():
         for key in paired:
             if "aa" in by_t.get(key, {}):
-                out["diffusion"].setdefault(species, {})[key] = {"aa": by_t[key]["aa"]}
+                measured_aa.setdefault(species, {})[key] = {"aa": by_t[key]["aa"]}
     prefixed = lambda message: say(f"prior-only {message}")  # noqa: E731
-    _dynamics({key: {"cg": v["cg"]} for key, v in paired.items()}, settings, out, prefixed)
-    _arrhenius(out)
-    _structure(paired, settings, out, {}, prefixed)  # no figures: the table in the report compares them
-    return out
+    prior_diffusion, _ = _diffusion({key: {"cg": v["cg"]} for key, v in paired.items()}, settings, prefixed, measured_aa)
+    rdf, structure, _ = _structure(paired, settings, prefixed)  # no figures: the table in the report compares them
+    return {"rdf": rdf, "structure": structure, "diffusion": prior_diffusion, "d_ratio_cg_aa": _d_ratios(prior_diffusion),
+            "arrhenius": _arrhenius(prior_diffusion)[0]}
 
 
 def model_summary(model: dict) -> dict:
@@ -566,14 +578,15 @@ def _held_out_keys(table: dict, settings: EvaluationSettings) -> list[str]:
     return keys
 
 
-def _density(aa_runs: Sequence[Run], metrics: dict) -> tuple[Any, list]:
-    """Fill metrics["density"]: every AA run against the experimental table of its liquid, if known."""
+def _density(aa_runs: Sequence[Run]) -> tuple[dict, Any, list]:
+    """Every AA run's density against the experimental table of its liquid, if known:
+    (the metrics entry, the reference, (T, density, error) points for plotting)."""
     formulae = aa_runs[0].molecule_formulae
     reference = find_experimental_density(formulae) if formulae else None
-    metrics["density"] = {"reference": reference.to_dict() if reference else None, "runs": {}}
+    density: dict[str, Any] = {"reference": reference.to_dict() if reference else None, "runs": {}}
     if reference is None:
-        metrics["density"]["note"] = (f"no experimental density for molecules {formulae}" if formulae
-                                      else "no experimental density: the AA topology has no elements")
+        density["note"] = (f"no experimental density for molecules {formulae}" if formulae
+                           else "no experimental density: the AA topology has no elements")
     points = []
     for run in aa_runs:
         d = run_density(run.total_mass_amu, run.cg.box).to_dict()
@@ -584,9 +597,9 @@ def _density(aa_runs: Sequence[Run], metrics: dict) -> tuple[Any, list]:
             exp, extrapolated = reference.at(run.temperature_K)
             d.update(experiment_kg_m3=exp, experiment_extrapolated=extrapolated,
                      relative_difference=(d["density_kg_m3"] - exp) / exp)
-        metrics["density"]["runs"][temperature_key(run.temperature_K)] = d
+        density["runs"][temperature_key(run.temperature_K)] = d
         points.append((run.temperature_K, d["density_kg_m3"], d["err_kg_m3"]))
-    return reference, points
+    return density, reference, points
 
 
 def evaluate(
@@ -651,17 +664,16 @@ def evaluate(
             "aa_only": [k for k, v in table.items() if set(v) == {"aa"}],
             "cg_only": [k for k, v in table.items() if set(v) == {"cg"}],
         },
-        "rdf": {}, "structure": {}, "diffusion": {}, "d_ratio_cg_aa": {}, "arrhenius": {}, "density": {},
     }
-    figures: dict[str, tuple] = {}
-    msd_series = _dynamics(table, settings, metrics, say)
-    arrhenius_series = _arrhenius(metrics, held_out)
-    _structure(table, settings, metrics, figures, say)
+    diffusion, msd_series = _diffusion(table, settings, say)
+    arrhenius, arrhenius_series = _arrhenius(diffusion, held_out)
+    metrics["rdf"], metrics["structure"], figures = _structure(table, settings, say)
+    metrics.update(diffusion=diffusion, d_ratio_cg_aa=_d_ratios(diffusion), arrhenius=arrhenius)
+    metrics["density"], reference, density_points = _density([v["aa"] for v in table.values() if "aa" in v])
     metrics["verdict"] = target_verdict(metrics, settings)  # the trained model's, never the ablation's
     if prior_runs:
-        metrics["prior_only"] = _prior_only(prior_runs, table, settings, metrics, say)
+        metrics["prior_only"] = _prior_only(prior_runs, table, settings, diffusion, say)
         metrics["ablation"] = {"trained": model_summary(metrics), "prior_only": model_summary(metrics["prior_only"])}
-    reference, density_points = _density([v["aa"] for v in table.values() if "aa" in v], metrics)
 
     # Every number is known: now write, beside an old report that is swapped out at the end.
     with output_dir(out_dir, "report", replace) as work:

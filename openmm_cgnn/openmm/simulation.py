@@ -25,9 +25,10 @@ import os
 import struct
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -283,6 +284,44 @@ def _truncate_state_csv(path: Path, last_step: int) -> None:
     write_text_atomic(path, "".join(kept))
 
 
+@dataclass
+class _Prepared:
+    """What the production run starts from: a fresh run's set-up, or a resumed run's checkpoint."""
+
+    properties: dict[str, str]  # the platform's
+    dt_fs: float
+    previous: dict[str, Any] | None = None  # checkpoint.json of the run being resumed
+    positions: np.ndarray | None = None  # fresh runs: the thermalised state
+    velocities: Any = None
+    stability: Any = None  # the time-step search's results, if it ran
+
+
+class _RunFiles:
+    """frames.h5 and trajectory.dcd, appended to together at every save."""
+
+    def __init__(self, writer: Any, dcd_handle: Any, dcd: Any) -> None:
+        self.writer, self.dcd_handle, self.dcd = writer, dcd_handle, dcd
+        self.n_frames = writer.n_frames
+
+    def append(self, simulation: Any) -> None:
+        import openmm.unit as unit
+
+        state = simulation.context.getState(getPositions=True, getEnergy=True, enforcePeriodicBox=False)
+        if not _finite_state(state):
+            raise SimulationUnstable(f"NaN/inf positions or energy at step {simulation.currentStep}")
+        pos = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        box = np.array(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer))
+        self.writer.append(pos, box, state.getTime().value_in_unit(unit.picosecond),
+                           potential_energy=state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+        self.dcd.writeModel(state.getPositions(), periodicBoxVectors=state.getPeriodicBoxVectors())
+        self.dcd_handle.flush()
+        self.n_frames = self.writer.n_frames
+
+    def close(self) -> None:
+        self.writer.close()
+        self.dcd_handle.close()
+
+
 class CGRun:
     """One CG run directory; :meth:`run` simulates until ``config.steps`` steps in total are done."""
 
@@ -369,39 +408,59 @@ class CGRun:
             return None
         return [(self.cgnn.model_force_group, 1), (self.cgnn.prior_force_group, inner)]
 
-    def _summary_base(self, dt_fs: float, platform: Any, stability: list[StabilityResult] | None) -> dict[str, Any]:
+    def _metadata(self, dt_fs: float | None, platform: Any) -> dict[str, Any]:
+        """The run's settings and provenance, computed once: frames.h5 carries them and summary.json
+        derives from them (there the force field is named ``model``)."""
         return {
             "kind": "cg",
-            "status": "running",
-            "model": str(self.cgnn.source),
-            "model_sha256": model_fingerprint(self.cgnn.source),
+            "temperature_K": self.config.temperature_K,
+            "forcefield": str(self.cgnn.source),
             "prior_carrier": self.cgnn.prior_carrier,
             "network": self.cgnn.network,  # False: the prior-only ablation
-            "temperature_K": self.config.temperature_K,
+            "seed": self.config.seed,
+            "platform": platform.getName(),
             "dt_fs": dt_fs,
+            "friction_per_ps": self.config.friction_per_ps,
+            "mapping_sha256": self.cg.mapping.sha256(),
+            "versions": versions(),
+            **self.extra_metadata,
+        }
+
+    def _summary_base(self, metadata: dict[str, Any], stability: list[StabilityResult] | None) -> dict[str, Any]:
+        """summary.json of a fresh run: ``metadata`` and what the set-up chose and found."""
+        m = metadata
+        return {
+            "kind": m["kind"],
+            "status": "running",
+            "model": m["forcefield"],
+            "model_sha256": model_fingerprint(self.cgnn.source),
+            "prior_carrier": m["prior_carrier"],
+            "network": m["network"],
+            "temperature_K": m["temperature_K"],
+            "dt_fs": m["dt_fs"],
             "dt_chosen_by": "user" if self.config.dt_fs is not None else "stability check",
-            "largest_stable_dt_fs": None if stability is None else dt_fs,
+            "largest_stable_dt_fs": None if stability is None else m["dt_fs"],
             "dt_stability": None if stability is None else [asdict(r) for r in stability],
             # the check starts at the largest candidate: a stable result equal to it is a lower bound
             "dt_candidates_fs": None if stability is None else sorted(self.config.dt_candidates_fs, reverse=True),
-            "friction_per_ps": self.config.friction_per_ps,
+            "friction_per_ps": m["friction_per_ps"],
             "integrator": ("MTSLangevinIntegrator" if self.mts_groups() else "LangevinMiddleIntegrator"),
             "mts_inner_steps": int(self.config.mts_inner_steps),
             "save_every_steps": self.config.save_every_steps,
-            "seed": self.config.seed,
-            "platform": platform.getName(),
+            "seed": m["seed"],
+            "platform": m["platform"],
             "n_beads": self.cg.n_beads,
             "composition": self.cg.composition(),
             "box_nm": np.asarray(self.cg.box).tolist(),
             "density_kg_m3": self.cg.density_kg_m3(),
-            "mapping_sha256": self.cg.mapping.sha256(),
-            "versions": versions(),
+            "mapping_sha256": m["mapping_sha256"],
+            "versions": m["versions"],
             "cuda_graphs": self.cgnn.cuda_graphs_report or self.cgnn.cuda_graphs,
             "force_engine": self.cgnn.engine_report(),  # TorchForce or PythonForce (+ compile time, cache)
             "torch_threads": getattr(self, "torch_threads", None),  # CPU: pinned to OpenMM's thread count
             "max_pairs_per_bead": self._max_pairs_per_bead(),
             "pair_list_regrown": self.regrows,
-            **self.extra_metadata,
+            **{key: m[key] for key in self.extra_metadata},
         }
 
     def _write_json(self, name: str, summary: dict[str, Any]) -> None:
@@ -457,12 +516,26 @@ class CGRun:
             pass  # a full disk may refuse even this; the exception itself still says what failed
 
     def _run(self, platform: Any) -> RunResult:
-        import openmm
-        import openmm.app as app
-        import openmm.unit as unit
+        prepared = self._prepare(platform)
+        metadata = self._metadata(prepared.dt_fs, platform)
+        simulation = self._build(prepared.dt_fs, platform, prepared.properties)
+        summary = self._start(simulation, prepared, metadata)
+        start_step = int(simulation.currentStep)
+        with self._outputs(simulation, prepared, metadata) as files:
+            wall_start = time.perf_counter()
+            regrow_from_checkpoint = self._production(simulation, files, summary, fresh=prepared.previous is None)
+        if regrow_from_checkpoint is not None:
+            # a full pair list is no instability: regrow it and go on from the last checkpoint
+            self._regrow(regrow_from_checkpoint)
+            del simulation
+            self.resume = True
+            return self.run()
+        return self._finish(simulation, summary, files.n_frames, start_step, prepared.dt_fs,
+                            time.perf_counter() - wall_start)
 
-        from ..frames import FrameWriter, TopologyInfo
-
+    def _prepare(self, platform: Any) -> _Prepared:
+        """The system with the force field, and the state production starts from: a resumed run's
+        checkpoint (its settings checked against this run's), or a fresh run's set-up."""
         cfg = self.config
         self.topology = self.cg.topology()
         self.system = self.cg.system()
@@ -470,8 +543,8 @@ class CGRun:
         self.torch_threads = pin_torch_threads(platform, properties)  # torch's pool = OpenMM's CPU threads
         # On CUDA: the graph-safe module with CUDA graphs; on CPU the compiled engine for long runs.
         self.cgnn.add_to(self.system, platform, steps=cfg.steps)
-        previous = json.loads((self.out / "checkpoint.json").read_text()) if self.resume else None
-        if previous is not None:
+        if self.resume:
+            previous = json.loads((self.out / "checkpoint.json").read_text())
             self._check_resume_settings(previous, platform)
             self._started = True
             if read_marker(self.out) is None:  # a run of an older version: it is a CG run
@@ -480,62 +553,62 @@ class CGRun:
             grown, current = previous.get("max_pairs_per_bead"), self._max_pairs_per_bead()
             if grown is not None and current is not None and float(grown) > current:
                 self.cgnn.resize_pair_list(self.system, float(grown))  # the list this run had regrown to
+            return _Prepared(properties, float(previous["dt_fs"]), previous, stability=previous.get("dt_stability"))
+        try:
+            positions, velocities, dt_fs, stability = self._set_up(platform, properties)
+        except SimulationUnstable as exc:
+            # the run had started: say how it ended, and why
+            summary = self._summary_base(self._metadata(cfg.dt_fs, platform), None)
+            summary.update(status="failed: set-up", error=str(exc), cause=exc.cause)
+            self._write_json("summary.json", summary)
+            raise
+        return _Prepared(properties, dt_fs, None, positions, velocities, stability)
 
-        if previous is not None:
-            dt_fs = float(previous["dt_fs"])
-            stability = previous.get("dt_stability")
-        else:
-            try:
-                positions, velocities, dt_fs, stability = self._set_up(platform, properties)
-            except SimulationUnstable as exc:
-                # the run had started: say how it ended, and why
-                summary = self._summary_base(cfg.dt_fs, platform, None)
-                summary.update(status="failed: set-up", error=str(exc), cause=exc.cause)
-                self._write_json("summary.json", summary)
-                raise
+    def _start(self, simulation: Any, prepared: _Prepared, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Put the prepared state into ``simulation``; returns the summary the run keeps up to date."""
+        import openmm
 
-        simulation = self._build(dt_fs, platform, properties)
-        save_every = cfg.save_every_steps
-        start_positions = self.cg.with_positions(positions if previous is None else self.cg.positions).positions_quantity()
-        topology_info = TopologyInfo.from_openmm(self.topology, self.system, start_positions)
-        metadata = {
-            "kind": "cg",
-            "temperature_K": cfg.temperature_K,
-            "forcefield": str(self.cgnn.source),
-            "prior_carrier": self.cgnn.prior_carrier,
-            "network": self.cgnn.network,
-            "seed": cfg.seed,
-            "platform": platform.getName(),
-            "dt_fs": dt_fs,
-            "friction_per_ps": cfg.friction_per_ps,
-            "mapping_sha256": self.cg.mapping.sha256(),
-            "versions": versions(),
-            **self.extra_metadata,
-        }
+        previous = prepared.previous
         if previous is None:
-            summary = self._summary_base(dt_fs, platform, stability)
-            simulation.context.setPositions(positions)
-            simulation.context.setVelocities(velocities)
+            simulation.context.setPositions(prepared.positions)
+            simulation.context.setVelocities(prepared.velocities)
             simulation.context.setTime(0.0)
             simulation.currentStep = 0
+            return self._summary_base(metadata, prepared.stability)
+        summary = previous
+        summary["status"] = "running"
+        summary["pair_list_regrown"] = list(previous.get("pair_list_regrown") or []) + [
+            r for r in self.regrows if r not in (previous.get("pair_list_regrown") or [])]
+        summary["max_pairs_per_bead"] = self._max_pairs_per_bead()
+        try:
+            simulation.loadCheckpoint(str(self.out / "checkpoint.chk"))
+        except openmm.OpenMMException as exc:
+            raise SimulationError(
+                f"{self.out / 'checkpoint.chk'}: cannot be loaded on platform {simulation.context.getPlatform().getName()} "
+                f"({str(exc).splitlines()[0]}); resume on the platform that wrote it ({previous.get('platform')})"
+            ) from exc
+        return summary
+
+    @contextmanager
+    def _outputs(self, simulation: Any, prepared: _Prepared, metadata: dict[str, Any]) -> Iterator[_RunFiles]:
+        """The production run's files, open while it runs: frames.h5 and trajectory.dcd (a resumed
+        run's rewound to its checkpoint), state.csv and the progress on stdout (reporters), and a
+        fresh run's topology.pdb. Closed however the run ends."""
+        import openmm.app as app
+        import openmm.unit as unit
+
+        from ..frames import FrameWriter, TopologyInfo
+
+        cfg, previous = self.config, prepared.previous
+        save_every = cfg.save_every_steps
+        start_positions = self.cg.with_positions(
+            prepared.positions if previous is None else self.cg.positions).positions_quantity()
+        if previous is None:
             with open(self.out / "topology.pdb", "w") as handle:
                 app.PDBFile.writeFile(self.topology, start_positions, handle)
-        else:
-            summary = previous
-            summary["status"] = "running"
-            summary["pair_list_regrown"] = list(previous.get("pair_list_regrown") or []) + [
-                r for r in self.regrows if r not in (previous.get("pair_list_regrown") or [])]
-            summary["max_pairs_per_bead"] = self._max_pairs_per_bead()
-            try:
-                simulation.loadCheckpoint(str(self.out / "checkpoint.chk"))
-            except openmm.OpenMMException as exc:
-                raise SimulationError(
-                    f"{self.out / 'checkpoint.chk'}: cannot be loaded on platform {platform.getName()} "
-                    f"({str(exc).splitlines()[0]}); resume on the platform that wrote it ({previous.get('platform')})"
-                ) from exc
-
         start_step = int(simulation.currentStep)
         n_expected = start_step // save_every + 1  # frames at steps 0, k, 2k, ... up to the checkpoint
+        topology_info = TopologyInfo.from_openmm(self.topology, self.system, start_positions)
         writer = FrameWriter(self.out / "frames.h5", topology_info, metadata, with_forces=False, resume=previous is not None)
         dcd_path = self.out / "trajectory.dcd"
         if previous is not None:
@@ -546,7 +619,8 @@ class CGRun:
             _truncate_dcd(dcd_path, self.cg.n_beads, n_expected)
             _truncate_state_csv(self.out / "state.csv", start_step)
         dcd_handle = open(dcd_path, "r+b" if previous is not None else "wb")
-        dcd = app.DCDFile(dcd_handle, self.topology, dt_fs * unit.femtosecond, 0, save_every, append=previous is not None)
+        dcd = app.DCDFile(dcd_handle, self.topology, prepared.dt_fs * unit.femtosecond, 0, save_every,
+                          append=previous is not None)
         report_every = cfg.report_every_steps or save_every
         simulation.reporters.append(
             app.StateDataReporter(
@@ -561,25 +635,29 @@ class CGRun:
                     remainingTime=True, speed=True, totalSteps=max(cfg.steps, 1), separator="  ",
                 )
             )
-
-        def save_frame() -> None:
-            state = simulation.context.getState(getPositions=True, getEnergy=True, enforcePeriodicBox=False)
-            if not _finite_state(state):
-                raise SimulationUnstable(f"NaN/inf positions or energy at step {simulation.currentStep}")
-            pos = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-            box = np.array(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer))
-            writer.append(pos, box, state.getTime().value_in_unit(unit.picosecond),
-                          potential_energy=state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
-            dcd.writeModel(state.getPositions(), periodicBoxVectors=state.getPeriodicBoxVectors())
-            dcd_handle.flush()
-            summary["n_frames"] = writer.n_frames
-            self._checkpoint(simulation, summary)
-
-        wall_start = time.perf_counter()
-        regrow_from_checkpoint: PairListOverflow | None = None
+        files = _RunFiles(writer, dcd_handle, dcd)
         try:
-            if previous is None:
-                save_frame()
+            yield files
+        finally:
+            files.close()
+            for reporter in simulation.reporters:
+                handle = getattr(reporter, "_out", None)
+                if handle is not None and handle is not sys.stdout and hasattr(handle, "close"):
+                    handle.close()
+
+    def _production(self, simulation: Any, files: _RunFiles, summary: dict[str, Any], fresh: bool) -> PairListOverflow | None:
+        """Step to ``config.steps``: a frame and a checkpoint every ``save_every_steps``.
+
+        Returns the pair-list overflow that stopped it when the runner can regrow the list and go on
+        from the checkpoint; any other instability ends the run, recorded in summary.json.
+        """
+        import openmm
+
+        cfg = self.config
+        save_every = cfg.save_every_steps
+        try:
+            if fresh:
+                self._save_frame(simulation, files, summary)
             while simulation.currentStep < cfg.steps:
                 chunk = min(save_every - simulation.currentStep % save_every, cfg.steps - simulation.currentStep)
                 try:
@@ -587,42 +665,37 @@ class CGRun:
                 except (openmm.OpenMMException, ValueError) as exc:
                     raise SimulationUnstable(f"{str(exc).splitlines()[0]} (near step {simulation.currentStep})") from exc
                 if simulation.currentStep % save_every == 0:
-                    save_frame()
+                    self._save_frame(simulation, files, summary)
             if simulation.currentStep % save_every:
                 self._checkpoint(simulation, summary)  # the steps after the last frame are not lost on resume
         except SimulationUnstable as exc:
             failure = self._production_failure(simulation, exc, save_every)
             if (isinstance(failure, PairListOverflow) and (self.out / "checkpoint.chk").exists()
                     and self.cgnn.can_regrow and len(self.regrows) < MAX_REGROWS):
-                regrow_from_checkpoint = failure
-            else:
-                message = (
-                    f"CG run became unstable: {failure.where}. Kept {writer.n_frames} frames (last at step "
-                    f"{(writer.n_frames - 1) * save_every}) in {self.out}; {failure.explanation}"
-                )
-                summary.update(status="failed: unstable", error=message, n_frames=writer.n_frames, cause=failure.cause)
-                self._write_json("summary.json", summary)
-                raise SimulationUnstable(message, failure.cause) from exc
-        finally:
-            writer_frames = writer.n_frames
-            writer.close()
-            dcd_handle.close()
-            for reporter in simulation.reporters:
-                handle = getattr(reporter, "_out", None)
-                if handle is not None and handle is not sys.stdout and hasattr(handle, "close"):
-                    handle.close()
-        if regrow_from_checkpoint is not None:
-            # a full pair list is no instability: regrow it and go on from the last checkpoint
-            self._regrow(regrow_from_checkpoint)
-            del simulation
-            self.resume = True
-            return self.run()
-        wall = time.perf_counter() - wall_start
+                return failure
+            message = (
+                f"CG run became unstable: {failure.where}. Kept {files.n_frames} frames (last at step "
+                f"{(files.n_frames - 1) * save_every}) in {self.out}; {failure.explanation}"
+            )
+            summary.update(status="failed: unstable", error=message, n_frames=files.n_frames, cause=failure.cause)
+            self._write_json("summary.json", summary)
+            raise SimulationUnstable(message, failure.cause) from exc
+        return None
+
+    def _save_frame(self, simulation: Any, files: _RunFiles, summary: dict[str, Any]) -> None:
+        files.append(simulation)
+        summary["n_frames"] = files.n_frames
+        self._checkpoint(simulation, summary)
+
+    def _finish(self, simulation: Any, summary: dict[str, Any], n_frames: int, start_step: int, dt_fs: float,
+                wall: float) -> RunResult:
+        """The finished run's summary.json: progress and speed of this session."""
+        save_every = self.config.save_every_steps
         done = int(simulation.currentStep) - start_step
         summary.update(
             status="finished",
             steps_done=int(simulation.currentStep),
-            n_frames=writer_frames,
+            n_frames=n_frames,
             simulated_ps=float(simulation.currentStep * dt_fs * 1e-3),
             wall_seconds_this_session=wall,
             ns_per_day=(done * dt_fs * 1e-6) / (wall / 86400.0) if wall > 0 and done else None,
