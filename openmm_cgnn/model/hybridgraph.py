@@ -7,6 +7,10 @@
   envelope so energies and forces go to zero smoothly at both cutoffs.
 - The two stacks' features are summed and a per-bead MLP reads out energies, summed per frame.
 
+``CGEnergy`` (search, graph, network, priors; TorchScript) and ``CGModel`` (the eager entry point)
+live here too and run whichever network ``config.architecture`` names (model/registry.py); the
+network reads the pairs as a :class:`~openmm_cgnn.model.graph.BeadGraph`.
+
 All pair lists are fixed-size with masks so the scripted model can run in a CUDA graph.
 Intramolecular pairs also use the minimum image: OpenMM may hand over beads wrapped one by one
 (a CG System without bonded forces has one-bead "molecules"), and the minimum image is exact for
