@@ -35,7 +35,7 @@ SIZES = dict(features=12, filters=12, n_gaussians=8, intra_blocks=1, inter_block
 TEMPERATURE_K = 350.0
 
 
-def make_model(architecture: str, dtype: str = "float64", prior=None, seed: int = 0) -> CGModel:
+def make_model(architecture: str, dtype: str = "float64", prior=None, seed: int = 0, weight_scale: float = 2.0) -> CGModel:
     """A tiny untrained model taking 1/T, with weights scaled up so every term visibly contributes."""
     torch.manual_seed(seed)
     config = HybridGraphConfig.quick(len(BEAD_TYPE_NAMES), bead_type_names=list(BEAD_TYPE_NAMES), dtype=dtype,
@@ -43,7 +43,7 @@ def make_model(architecture: str, dtype: str = "float64", prior=None, seed: int 
     model = CGModel(config, prior)
     with torch.no_grad():
         for parameter in model.net.parameters():
-            parameter.mul_(2.0)
+            parameter.mul_(weight_scale)
     model.set_temperature(TEMPERATURE_K)
     return model.eval().requires_grad_(False)
 
@@ -156,6 +156,25 @@ def test_rotation_translation_permutation_invariance(liquid, model):
     e_perm, f_perm = model.energy_and_forces(positions[:, order], box, bead_type[order], molecules[order])
     torch.testing.assert_close(e_perm, energy, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(f_perm, forces[:, order], rtol=1e-8, atol=1e-8)
+
+
+def test_force_matching_steps_lower_the_loss(liquid, architecture):
+    """Training differentiates the forces again (create_graph): a few Adam steps on another model's
+    forces lower the force error."""
+    positions, box, bead_type, molecules = tensors(liquid)
+    _, target = make_model(architecture, seed=5, weight_scale=1.0).energy_and_forces(positions, box, bead_type, molecules)
+    model = make_model(architecture, weight_scale=1.0).requires_grad_(True)
+    model.net.temperature_shift.requires_grad_(True)
+    optimizer = torch.optim.Adam([p for p in model.net.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        _, forces = model.energy_and_forces(positions, box, bead_type, molecules, create_graph=True)
+        loss = (forces - target).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
 
 
 @pytest.fixture(scope="module")
