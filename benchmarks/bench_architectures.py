@@ -47,7 +47,7 @@ def train_architecture(run: Path, data: list[str], architecture: str, seed: int,
         raise SystemExit(f"training {architecture} (seed {seed}) failed: {' '.join(argv)}")
     metrics = json.loads((out / "metrics.json").read_text())
     return {
-        "architecture": architecture, "seed": seed, "command": "openmm-cgnn " + shlex.join(argv),
+        "architecture": architecture, "seed": seed, "command": "openmm-cgnn " + shlex.join(argv), "model_dir": str(out),
         "validation_force_rmse": metrics["validation"]["overall"]["rmse"],
         "validation_force_rms": metrics["validation"]["overall"]["force_rms"],
         "validation_rmse_prior_only": metrics["baselines"]["prior_only"]["validation"]["overall"]["rmse"],
@@ -107,6 +107,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds for the forward+backward timing at most")
     parser.add_argument("--seed", type=int, default=1, help="seed of the MD timing")
+    parser.add_argument("--reuse-training", type=Path, default=None, metavar="JSON",
+                        help="an earlier result: take its training rows and models, time only")
     parser.add_argument("--out", type=Path, default=RESULTS / "architectures_cpu.json")
     args = parser.parse_args()
     threads = pin_threads(args.threads)
@@ -114,9 +116,14 @@ def main() -> int:
     settings = dict(SETTINGS[args.size]["train"])
     if args.epochs is not None:
         settings["--epochs"] = args.epochs
-    work = Path(tempfile.mkdtemp(prefix="bench_architectures_"))
     training, trained = [], {}
-    for architecture in args.architectures:
+    if args.reuse_training is not None:
+        training = json.loads(args.reuse_training.read_text())["training"]
+        for row in training:
+            command = shlex.split(row["command"])
+            trained.setdefault(row["architecture"], Path(row.get("model_dir") or command[command.index("--out") + 1]))
+    for architecture in args.architectures if args.reuse_training is None else []:
+        work = Path(tempfile.mkdtemp(prefix=f"bench_architectures_{architecture}_"))
         for seed in args.seeds:
             out = work / f"{architecture}_seed{seed}"
             row = train_architecture(args.run, args.data, architecture, seed, out, settings, not args.no_temperature_input)
@@ -141,6 +148,7 @@ def main() -> int:
         "cg_step": {"n_beads": cg.n_beads, "temperature_K": args.temperature, "dt_fs": dt_fs, "carrier": "TorchForce",
                     "platform": "CPU", "start": f"{args.data[0]} last frame, mapped"},
         "training": training,
+        "training_from": str(args.reuse_training) if args.reuse_training else "this run",
         "step_costs": steps,
         "ratios_to_" + args.architectures[0]: {name: {"ms_per_step": row["ms_per_step"] / reference["ms_per_step"],
                                                       "forward_backward": row["forward_backward"]["min_ms"]
