@@ -173,7 +173,7 @@ def test_force_matching_steps_lower_the_loss(liquid, architecture):
         loss = (forces - target).square().mean()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
 
 
