@@ -16,7 +16,7 @@ from openmm_cgnn.cli import main as cli_main
 from openmm_cgnn.frames import read_frames
 from openmm_cgnn.model import PriorSet
 from openmm_cgnn.model.priors import TabulatedBondPrior
-from openmm_cgnn.openmm.constraints import bond_minimum, choose_bond_constraints
+from openmm_cgnn.openmm.constraints import bond_curvature, choose_bond_constraints
 from openmm_cgnn.openmm.export import export_forcefield
 from openmm_cgnn.openmm.force import CGNNForce, ModelMismatchError
 
@@ -55,17 +55,17 @@ def test_stiff_means_a_short_vibrational_period(cg):
     assert choose_bond_constraints(prior, cg.bead_type, cg.molecule_index, cg.masses, "none") == []
 
 
-def test_tabulated_bond_minimum_and_curvature():
-    """A table of a skewed well: the constraint length is the minimum between grid points, the
-    curvature the spline's there (not the softer harmonic fit stored beside it)."""
+def test_tabulated_bond_curvature_is_the_tables():
+    """A table of a skewed well: the stiffness is the spline's curvature at its minimum, not the
+    softer harmonic fit stored beside it; the length is the entry's r0."""
     r0, k = 0.2731, 80000.0
     grid = np.linspace(0.22, 0.33, 61)
     table = {"min_nm": 0.22, "max_nm": 0.33, "energy_kj_mol": (0.5 * k * (grid - r0) ** 2 + 900 * (grid - r0) ** 3).tolist(),
              "wall_k_kj_mol_nm2": 1e4}
     prior = PriorSet(["A:B0", "A:B1"], bonds=TabulatedBondPrior(["A"], [[0, 1]], [0.27], [10000.0], [table]))
-    length, curvature = bond_minimum(prior, 0)
-    assert length == pytest.approx(r0, abs=2e-4)  # the grid spacing is 1.8e-3 nm
-    assert curvature == pytest.approx(k, rel=0.05)
+    assert bond_curvature(prior, 0) == pytest.approx(k, rel=0.05)
+    [only] = choose_bond_constraints(prior, np.array([0, 1]), np.array([0, 0]), [30.0, 15.0], "all")
+    assert only.length_nm == 0.27 and only.curvature_kj_mol_nm2 == pytest.approx(k, rel=0.05)
 
 
 @pytest.mark.parametrize("prior", ["model", "openmm"])

@@ -38,7 +38,7 @@ def add_system_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--constrain-bonds", choices=["none", "stiff", "all"], default=None,
-        help="hold CG bonds at the prior's minimum with OpenMM distance constraints (their prior terms go): "
+        help="hold CG bonds at the prior's r0 with OpenMM distance constraints (their prior terms go): "
              "stiff = bonds vibrating with a period under 100 fs, all = every bond (default none; an export "
              "directory or model.pt keeps what it was made with)",
     )
