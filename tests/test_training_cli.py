@@ -129,6 +129,7 @@ def test_cli_cuda_without_device(run_dir, tmp_path, capsys):
     ("features", "NAME=VALUE"),
     ("features=many", "'many' is not a valid int"),
     ("features=0", "HybridGraphConfig.features"),
+    ("architecture=transformer", "HybridGraphConfig.architecture: must be one of ('hybridgraph', 'painn')"),
     ("energy_scale=2", "NAME one of"),  # set from the data, not by hand
 ])
 def test_cli_model_option_errors(run_dir, tmp_path, capsys, option, message):

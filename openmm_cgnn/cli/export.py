@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         if temperature is None and args.from_aa is not None:
             temperature = read_frames(args.from_aa, start=-1).temperature_K
         out = export_forcefield(args.model, cg, args.out, temperature=temperature, prior=args.prior, overwrite=args.overwrite,
-                                minimize=args.from_aa is None, platform=args.platform)
+                                minimize=args.from_aa is None, platform=args.platform,
+                                constrain_bonds=args.constrain_bonds)
     except user_errors() as exc:
         raise CLIError(str(exc)) from None
     print(f"exported the force field for {cg.n_beads} beads to {out} (see {out / README_MD})")

@@ -38,6 +38,12 @@ def add_system_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the prior runs: native OpenMM forces, inside the TorchScript model, or not at all (default auto: the faster one measured)",
     )
     parser.add_argument(
+        "--constrain-bonds", choices=["none", "stiff", "all"], default=None,
+        help="hold CG bonds at the prior's r0 with OpenMM distance constraints (their prior terms go): "
+             "stiff = bonds vibrating with a period under 100 fs, all = every bond (default none; an export "
+             "directory or model.pt keeps what it was made with)",
+    )
+    parser.add_argument(
         "--carrier", choices=["auto", "torch", "python"], default="auto",
         help="what runs the network in OpenMM: torch = openmm-torch TorchForce (TorchScript; the exportable one), "
              "python = OpenMM PythonForce with torch.compile (compiled once, cached in TORCHINDUCTOR_CACHE_DIR); "
@@ -166,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         check_model_mapping(source, mapping.sha256(), mapping_path)
         cg = cg_system_from_args(args, mapping, source)
         force = CGNNForce(source, cg, args.temperature, prior=args.prior, network=args.network == "on",
-                          engine=args.carrier)
+                          engine=args.carrier, constrain_bonds=args.constrain_bonds)
         result = CGRun(force, cg, args.out, config, resume=args.resume, overwrite=args.overwrite,
                        metadata={"start": _start_description(args)}).run()
     except SimulationUnstable as exc:

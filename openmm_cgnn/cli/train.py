@@ -1,4 +1,4 @@
-"""``openmm-cgnn train``: force-match the Hybridgraph CG force field to mapped runs.
+"""``openmm-cgnn train``: force-match the CG force field (Hybridgraph by default) to mapped runs.
 
 Reads every ``--data`` run (AA runs are mapped with ``--mapping``; CG runs are read as beads),
 holds out the last ``--validation-fraction`` of each run (contiguous time blocks) for validation,
@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"stop after this many epochs without validation improvement (default {defaults.early_stopping_patience})")
     parser.add_argument("--model-option", nargs="+", default=[], metavar="NAME=VALUE",
                         help="override a network hyper-parameter of the --quick or reference size, e.g. "
-                             "features=64 filters=64 inter_cutoff_nm=0.9 (names as in hparams.json)")
+                             "features=64 filters=64 inter_cutoff_nm=0.9 or architecture=painn (names as in "
+                             "hparams.json; architectures in model/registry.py, default hybridgraph)")
     parser.add_argument("--force-map", choices=["optimal", "sum"], default=defaults.force_map,
                         help="how all-atom forces become bead forces: the mapping's statistically optimal force map "
                              "(fitted on --data when mapping.json has none) or each bead's atoms summed "

@@ -1,4 +1,4 @@
-"""Hyper-parameters of the Hybridgraph CG force field, saved with every model (``hparams.json``)."""
+"""Hyper-parameters of the CG force field, saved with every model (``hparams.json``)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from typing import Any
 
 NEIGHBOR_BACKENDS = ("auto", "dense", "cell")
 DTYPES = ("float32", "float64")
+# Checkpoints written before the key existed hold this architecture.
+DEFAULT_ARCHITECTURE = "hybridgraph"
 
 
 @dataclass
 class HybridGraphConfig:
-    """Sizes and switches of :class:`~openmm_cgnn.model.hybridgraph.CGModel`.
+    """Sizes and switches of :class:`~openmm_cgnn.model.hybridgraph.CGModel`, whatever its architecture.
 
     Cutoffs are in nm. ``max_pairs_per_bead`` sets the static capacity of the intermolecular pair
     list: it holds ``ceil(N * max_pairs_per_bead / 2)`` unique pairs for N beads, i.e. the budget
@@ -24,6 +26,10 @@ class HybridGraphConfig:
 
     n_bead_types: int
     bead_type_names: list[str] | None = None
+    # The network (model/registry.py ARCHITECTURES). The sizes below serve every architecture:
+    # features (scalar and vector channels), n_gaussians (radial basis) and intra_/inter_blocks
+    # (message-passing layers per pair list); filters is the Hybridgraph's alone.
+    architecture: str = DEFAULT_ARCHITECTURE
     features: int = 240
     filters: int = 256
     n_gaussians: int = 80
@@ -75,6 +81,9 @@ class HybridGraphConfig:
             need(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name, "must be a positive number")
         need(self.neighbor_backend in NEIGHBOR_BACKENDS, "neighbor_backend", f"must be one of {NEIGHBOR_BACKENDS}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+        from .registry import ARCHITECTURES  # the registry imports the networks, which import this module
+
+        need(self.architecture in ARCHITECTURES, "architecture", f"must be one of {tuple(ARCHITECTURES)}")
         if self.bead_type_names is not None:
             need(len(self.bead_type_names) == self.n_bead_types, "bead_type_names",
                  f"must list n_bead_types={self.n_bead_types} names")

@@ -148,7 +148,7 @@ class SystemForceWithTemperature(SystemForce):
 def build_system_module(
     model: CGModel, bead_type, molecule_index, temperature_K: float | None = None, include_prior: bool = True,
     neighbor_backend: str | None = None, box=None, host_checks: bool = True, temperature_parameter: bool = False,
-    max_pairs_per_bead: float | None = None, neighbor_skin_nm: float | None = None,
+    max_pairs_per_bead: float | None = None, neighbor_skin_nm: float | None = None, skip_bonds: Sequence[int] = (),
 ) -> SystemForce:
     """The plain ``nn.Module`` of ``model`` for one CG system (bead types and molecule of each bead,
     CG topology order); :func:`script_for_system` scripts it for TorchForce.
@@ -157,6 +157,7 @@ def build_system_module(
     model's; "cell" needs ``box`` (3x3, nm) to fix its grid, and "auto" without a box gives "dense".
     ``temperature_parameter=True`` builds the 3-argument variant (T as an OpenMM global parameter).
     ``max_pairs_per_bead`` overrides the model's pair-list capacity (the runner regrows it this way).
+    ``skip_bonds``: entries of the prior's bond list that get no term (bonds held by constraints).
 
     ``host_checks=True``: the host-reading variant (CPU/Reference). With a ``box``, the pair list is
     built with the skin ``neighbor_skin_nm`` and reused while it stays exact (``VerletNeighborSearch``;
@@ -197,7 +198,7 @@ def build_system_module(
         parameter.requires_grad_(False)
     energy.trim_pairs = bool(host_checks)  # a host read: never in the graph-safe variant
     system = build_system_tensors(bead_type, molecule_index, model.prior if include_prior else None, device=device,
-                                  dtype=model.dtype)
+                                  dtype=model.dtype, skip_bonds=skip_bonds)
     cls = SystemForceWithTemperature if temperature_parameter else SystemForce
     return cls(energy, system, inverse_temperature, config.reference_temperature_K, config.use_temperature,
                include_prior, host_checks, model.dtype, model.cutoff_nm)

@@ -7,6 +7,10 @@
   envelope so energies and forces go to zero smoothly at both cutoffs.
 - The two stacks' features are summed and a per-bead MLP reads out energies, summed per frame.
 
+``CGEnergy`` (search, graph, network, priors; TorchScript) and ``CGModel`` (the eager entry point)
+live here too and run whichever network ``config.architecture`` names (model/registry.py); the
+network reads the pairs as a :class:`~openmm_cgnn.model.graph.BeadGraph`.
+
 All pair lists are fixed-size with masks so the scripted model can run in a CUDA graph.
 Intramolecular pairs also use the minimum image: OpenMM may hand over beads wrapped one by one
 (a CG System without bonded forces has one-bead "molecules"), and the minimum image is exact for
@@ -28,11 +32,9 @@ from .geometry import (
     FLAG_NONFINITE,
     FLAG_PAIR_OVERFLOW,
     gaussian_centers,
-    pair_vectors,
-    safe_norm,
-    shifted_softplus,
-    smooth_envelope,
 )
+from .graph import BeadGraph, Pairs, make_pairs, pair_weight
+from .layers import BeadNetwork, ShiftedSoftplus, gaussian_basis, readout_mlp
 from .neighbors import (
     CellNeighborSearch,
     DenseNeighborSearch,
@@ -43,11 +45,6 @@ from .neighbors import (
 )
 from .priors import ExcludedVolumePrior, HarmonicAnglePrior, HarmonicBondPrior, PriorSet
 from .system import SystemTensors, build_system_tensors, check_topology
-
-
-class ShiftedSoftplus(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return shifted_softplus(x)
 
 
 class InteractionBlock(nn.Module):
@@ -80,56 +77,35 @@ class InteractionStack(nn.Module):
         self.gamma = float(gamma)
         self.blocks = nn.ModuleList([InteractionBlock(features, filters, n_gaussians) for _ in range(blocks)])
 
-    def forward(self, x: Tensor, distance: Tensor, valid: Tensor, index_i: Tensor, index_j: Tensor) -> Tensor:
-        radial = torch.exp(-self.gamma * (distance.unsqueeze(-1) - self.centers.to(distance.dtype)) ** 2)
-        weight = torch.where(valid, smooth_envelope(distance, self.cutoff), torch.zeros_like(distance))
+    def forward(self, x: Tensor, pairs: Pairs) -> Tensor:
+        radial = gaussian_basis(pairs.distance, self.centers, self.gamma)
+        weight = pair_weight(pairs, self.cutoff)
         for block in self.blocks:
-            x = block(x, radial, weight, index_i, index_j)
+            x = block(x, radial, weight, pairs.index_i, pairs.index_j)
         return x
 
 
-class HybridGraphNet(nn.Module):
+class HybridGraphNet(BeadNetwork):
     """The learned part: bead energies from intra- and intermolecular pair distances."""
 
     def __init__(self, config: HybridGraphConfig):
-        super().__init__()
-        self.features = config.features
-        self.uses_temperature = bool(config.use_temperature)
-        self.energy_scale = float(config.energy_scale)
-        self.embedding = nn.Embedding(config.n_bead_types, config.features)
-        self.temperature_shift = nn.Linear(1, config.features, bias=False)
-        if not self.uses_temperature:
-            self.temperature_shift.requires_grad_(False)
-            nn.init.zeros_(self.temperature_shift.weight)
+        super().__init__(config)
         self.intra = InteractionStack(config.intra_blocks, config.features, config.filters, config.n_gaussians,
                                       config.intra_cutoff_nm)
         self.inter = InteractionStack(config.inter_blocks, config.features, config.filters, config.n_gaussians,
                                       config.inter_cutoff_nm)
-        half = max(config.features // 2, 1)
-        self.readout = nn.Sequential(nn.Linear(config.features, half), ShiftedSoftplus(), nn.Linear(half, 1))
+        self.readout = readout_mlp(config.features)
 
-    def forward(self, bead_type: Tensor, temperature_feature: Optional[Tensor], batch: int,
-                intra_distance: Tensor, intra_valid: Tensor, intra_i: Tensor, intra_j: Tensor,
-                inter_distance: Tensor, inter_valid: Tensor, inter_i: Tensor, inter_j: Tensor) -> Tensor:
-        """Energy per frame (B,) float64. Pair tensors are (B, P) with indices inside a frame."""
-        n_beads = bead_type.shape[0]
-        x = self.embedding(bead_type).unsqueeze(0).expand(batch, n_beads, self.features)
-        if self.uses_temperature and temperature_feature is not None:
-            x = x + self.temperature_shift(temperature_feature.reshape(batch, 1, 1).to(x.dtype))
-        x = x.reshape(batch * n_beads, self.features)
-        offset = (torch.arange(batch, device=bead_type.device) * n_beads).unsqueeze(1)
-        h_intra = self.intra(x, intra_distance.reshape(-1), intra_valid.reshape(-1),
-                             (intra_i + offset).reshape(-1), (intra_j + offset).reshape(-1))
-        h_inter = self.inter(x, inter_distance.reshape(-1), inter_valid.reshape(-1),
-                             (inter_i + offset).reshape(-1), (inter_j + offset).reshape(-1))
-        bead_energy = self.readout(h_intra + h_inter).reshape(batch, n_beads) * self.energy_scale
-        return bead_energy.to(torch.float64).sum(-1)
+    def forward(self, bead_type: Tensor, temperature_feature: Optional[Tensor], graph: BeadGraph) -> Tensor:
+        """Energy per frame (B,) float64 of the graph's B frames."""
+        x = self.initial_features(bead_type, temperature_feature, graph.batch)
+        return self.frame_energy(self.intra(x, graph.intra) + self.inter(x, graph.inter), graph.batch)
 
 
 class CGEnergy(nn.Module):
     """Network + priors on one neighbour list; TorchScript-able, shared by eager and exported models."""
 
-    def __init__(self, net: HybridGraphNet, neighbors: nn.Module, excluded_volume: ExcludedVolumePrior,
+    def __init__(self, net: BeadNetwork, neighbors: nn.Module, excluded_volume: ExcludedVolumePrior,
                  bonds: HarmonicBondPrior, angles: HarmonicAnglePrior, intra_cutoff: float, inter_cutoff: float):
         super().__init__()
         self.net = net
@@ -152,20 +128,17 @@ class CGEnergy(nn.Module):
             # Valid pairs come first (the search packs them), so a prefix holds them all.
             used = max(1, min(int(count.max()), index_i.shape[1]))
             index_i, index_j, valid = index_i[:, :used], index_j[:, :used], valid[:, :used]
-        distance = safe_norm(pair_vectors(positions, box, index_i, index_j), valid, self.inter_cutoff)
+        inter = make_pairs(positions, box, index_i, index_j, valid, self.inter_cutoff)
         energy = torch.zeros(batch, dtype=torch.float64, device=positions.device)
         if use_network:
-            intra_i = system.intra_i.unsqueeze(0).expand(batch, -1)
-            intra_j = system.intra_j.unsqueeze(0).expand(batch, -1)
-            intra_vectors = pair_vectors(positions, box, intra_i, intra_j)
-            intra_valid = (intra_vectors * intra_vectors).sum(-1) < self.intra_cutoff * self.intra_cutoff
-            intra_distance = safe_norm(intra_vectors, intra_valid, self.intra_cutoff)
-            energy = energy + self.net(system.bead_type, temperature_feature, batch,
-                                       intra_distance, intra_valid, intra_i, intra_j,
-                                       distance, valid, index_i, index_j)
+            intra = make_pairs(positions, box, system.intra_i.unsqueeze(0).expand(batch, -1),
+                               system.intra_j.unsqueeze(0).expand(batch, -1), None, self.intra_cutoff)
+            graph = BeadGraph(batch, positions.shape[1], intra, inter)
+            energy = energy + self.net(system.bead_type, temperature_feature, graph)
         if use_prior:
             energy = energy + self.bonds(positions, box, system) + self.angles(positions, box, system)
-            energy = energy + self.excluded_volume(distance, system.bead_type[index_i], system.bead_type[index_j], valid)
+            energy = energy + self.excluded_volume(inter.distance.reshape(batch, -1), system.bead_type[index_i],
+                                                   system.bead_type[index_j], valid)
         return energy, flags, count
 
 
@@ -204,13 +177,15 @@ class CGModel(nn.Module):
         self.config = config
         self.prior = prior
         self.check_inputs = True
+        from .registry import build_network  # the registry imports this module
+
         search_cutoff = max(config.inter_cutoff_nm, prior.cutoff_nm if prior is not None and prior.excluded_volume.enabled else 0.0)
         self.search_cutoff = search_cutoff
         # The search is (re)built for each system size and box in forward(); dense until then.
         neighbors = make_neighbor_search("dense", search_cutoff, config.max_pairs_per_bead)
         names = prior.bead_type_names if prior is not None else [f"T{i}:B" for i in range(config.n_bead_types)]
         self.energy = CGEnergy(
-            HybridGraphNet(config), neighbors,
+            build_network(config), neighbors,
             prior.excluded_volume if prior is not None else ExcludedVolumePrior(names),
             prior.bonds if prior is not None else HarmonicBondPrior(),
             prior.angles if prior is not None else HarmonicAnglePrior(),
@@ -222,7 +197,8 @@ class CGModel(nn.Module):
 
     # ---- conveniences -------------------------------------------------------------------------
     @property
-    def net(self) -> HybridGraphNet:
+    def net(self) -> BeadNetwork:
+        """The architecture's network (``config.architecture``)."""
         return self.energy.net
 
     @property

@@ -337,9 +337,10 @@ class PriorSet(nn.Module):
         return "tabulated" if tabulated else "harmonic"
 
     # ---- system terms -------------------------------------------------------------------------
-    def system_terms(self, bead_type: np.ndarray, molecule_index: np.ndarray):
+    def system_terms(self, bead_type: np.ndarray, molecule_index: np.ndarray, skip_bonds: Sequence[int] = ()):
         """Bond and angle terms laid onto a system: ((K,2) index, r0, k, entry), ((A,3) index, theta0, k, entry);
-        ``entry`` is each term's position in the prior's bond or angle list (its table when tabulated)."""
+        ``entry`` is each term's position in the prior's bond or angle list (its table when tabulated).
+        Bond entries in ``skip_bonds`` give no terms (bonds held by constraints, openmm/constraints.py)."""
         if not self.bonds.residues and not self.angles.residues:
             return ((np.zeros((0, 2), np.int64), np.zeros(0), np.zeros(0), np.zeros(0, np.int64)),
                     (np.zeros((0, 3), np.int64), np.zeros(0), np.zeros(0), np.zeros(0, np.int64)))
@@ -367,6 +368,9 @@ class PriorSet(nn.Module):
             return (index_array.reshape(-1, width), *reals, entry.astype(np.int64))
 
         bonds = expand("bonds", self.bonds.residues, self.bonds.beads, self.bonds.r0, self.bonds.k)
+        if len(skip_bonds):
+            keep = ~np.isin(bonds[-1], np.asarray(skip_bonds, dtype=np.int64))
+            bonds = tuple(part[keep] for part in bonds)
         angles = expand("angles", self.angles.residues, self.angles.beads, self.angles.theta0, self.angles.k)
         return bonds, angles
 

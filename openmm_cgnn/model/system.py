@@ -103,9 +103,10 @@ def check_topology(bead_type: Tensor, molecule_index: Tensor, n_bead_types: int)
 
 def build_system_tensors(
     bead_type: Tensor, molecule_index: Tensor, prior=None, device: torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, skip_bonds: Sequence[int] = (),
 ) -> SystemTensors:
-    """Topology tensors for one system; ``prior`` (a PriorSet or None) adds bond and angle terms."""
+    """Topology tensors for one system; ``prior`` (a PriorSet or None) adds bond and angle terms
+    (none for the bond entries in ``skip_bonds``: constrained bonds)."""
     types = bead_type.detach().cpu().numpy().astype(np.int64)
     molecules = molecule_index.detach().cpu().numpy().astype(np.int64)
     device = bead_type.device if device is None else device
@@ -125,7 +126,7 @@ def build_system_tensors(
     intra_j = np.concatenate(pair_j) if pair_j else np.zeros(0, dtype=np.int64)
 
     if prior is not None:
-        bonds, angles = prior.system_terms(types, molecules)
+        bonds, angles = prior.system_terms(types, molecules, skip_bonds)
     else:
         bonds = (np.zeros((0, 2), np.int64), np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
         angles = (np.zeros((0, 3), np.int64), np.zeros(0), np.zeros(0), np.zeros(0, np.int64))

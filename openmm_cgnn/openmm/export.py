@@ -46,6 +46,7 @@ def export_forcefield(
     minimize: bool = False,
     log: Any = print,
     platform: str = "Reference",
+    constrain_bonds: str | None = None,
 ) -> Path:
     """Write the export directory for the model in ``model_dir`` applied to the CG system ``cg``.
 
@@ -53,6 +54,8 @@ def export_forcefield(
     ``minimize`` relaxes ``cg`` in the force field first (for packed starting structures).
     ``platform`` runs that minimisation and the round-trip check: Reference by default; on a machine
     whose openmm-torch has only its CUDA kernels (a torch ABI other than the pinned one), CUDA.
+    ``constrain_bonds`` (``CGNNForce``): the constraints go into system.xml, their bonds' prior
+    terms leave both carriers, and model.pt's metadata lists them.
     """
     import openmm
 
@@ -66,7 +69,8 @@ def export_forcefield(
         check_platform = get_platform(platform, "--platform")
     except PlatformError as exc:
         raise ExportError(str(exc)) from None
-    force = CGNNForce(model_dir, cg, temperature, prior=prior, engine="torch")  # system.xml needs TorchForce
+    force = CGNNForce(model_dir, cg, temperature, prior=prior, engine="torch",  # system.xml needs TorchForce
+                      constrain_bonds=constrain_bonds)
     system = cg.system()
     # the graph-safe module with CUDA graphs: no host reads, so it runs on every platform (the
     # property only matters on CUDA), and bad input gives NaN there as everywhere
@@ -91,6 +95,7 @@ def export_forcefield(
             "source_model_dir": str(Path(model_dir).resolve()),
             "temperature_K": temperature,
             "prior_carrier": force.prior_carrier,
+            **force.constraint_report(),  # constrain_bonds, constrained_bonds, n_constraints
             "n_beads": cg.n_beads,
             "composition": cg.composition(),
             "box_nm": np.asarray(cg.box).tolist(),
@@ -221,6 +226,8 @@ Forces in `system.xml`:
 {forces}
 
 Prior carrier: `{metadata['prior_carrier']}` ("openmm": native forces beside the TorchForce; "model": inside the TorchScript module).
+Bond constraints: {metadata['n_constraints']} (`--constrain-bonds {metadata['constrain_bonds']}`; they are in `system.xml`, and the
+constrained bonds have no prior term; a plain-OpenMM integrator applies them itself).
 {temperature_note}
 
 ## Python

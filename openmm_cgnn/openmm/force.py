@@ -33,6 +33,7 @@ from ..units import in_amu, in_kj_mol, in_kj_mol_nm, nm_array
 from ..mapping.spec import CGMapping
 from ..model.geometry import FLAG_BOX_TOO_SMALL, FLAG_NONFINITE
 from ..platforms import versions  # noqa: F401  (re-exported: the versions report lives in platforms)
+from .constraints import CONSTRAIN_BONDS, BondConstraint, add_constraints, choose_bond_constraints, constraint_pairs
 from .engines import ENGINES, ForceEngine, default_engine, make_engine
 from .prior_forces import load_prior, prior_forces
 from .topology import CGConfiguration
@@ -83,6 +84,10 @@ class CGNNForce:
     ``engine``: "auto" (the platform's default, chosen when the forces are added), "torch",
     "python" or a :class:`~openmm_cgnn.openmm.engines.ForceEngine`.
 
+    ``constrain_bonds``: "none", "stiff" or "all" (``constraints.py``): those bonds become distance
+    constraints of the System (added by :meth:`add_to`) and lose their prior terms. None: "none"
+    for a model directory; a model.pt keeps the constraints it was scripted with (its metadata).
+
     Use: ``forces = CGNNForce(model_dir, cg_system, temperature=400); forces.add_to(system)``.
     """
 
@@ -100,7 +105,12 @@ class CGNNForce:
         max_pairs_per_bead: float | None = None,
         network: bool = True,
         engine: str | ForceEngine = "auto",
+        constrain_bonds: str | None = None,
     ) -> None:
+        if constrain_bonds is not None and constrain_bonds not in CONSTRAIN_BONDS:
+            raise ValueError(f"constrain_bonds must be one of {CONSTRAIN_BONDS}, got {constrain_bonds!r}")
+        self.constrain_bonds = constrain_bonds
+        self.bond_constraints: list[BondConstraint] = []
         if prior not in PRIOR_CARRIERS:
             raise ValueError(f"prior must be one of {PRIOR_CARRIERS}, got {prior!r}")
         if isinstance(engine, str) and engine not in ("auto",) + ENGINES:
@@ -199,12 +209,14 @@ class CGNNForce:
         include = carrier == "model"
         self.prior_carrier = carrier
         self.prior = model.prior if carrier == "openmm" else None
+        self._choose_constraints(model.prior, cg.bead_type, cg.molecule_index, cg.masses)
 
         def script(host_checks: bool, max_pairs_per_bead: float | None, scripted: bool = True) -> Any:
             try:
                 module = build_system_module(model, cg.bead_type, cg.molecule_index, self.temperature,
                                              include_prior=include, box=self.box, host_checks=host_checks,
-                                             neighbor_skin_nm=self.neighbor_skin_nm, max_pairs_per_bead=max_pairs_per_bead)
+                                             neighbor_skin_nm=self.neighbor_skin_nm, max_pairs_per_bead=max_pairs_per_bead,
+                                             skip_bonds=self.skip_bonds)
             except ValueError as exc:
                 raise ModelMismatchError(f"{model_dir}: {exc}") from None
             return torch.jit.script(module) if scripted else module
@@ -215,7 +227,8 @@ class CGNNForce:
                                         self.temperature, include, host_checks=self.host_checks,
                                         graph_safe=not self.host_checks,
                                         neighbor_skin_nm=self.module.neighbor_skin_nm,
-                                        max_pairs_per_bead=self.module.max_pairs_per_bead)
+                                        max_pairs_per_bead=self.module.max_pairs_per_bead,
+                                        **self._constraint_metadata())
         self.cg = cg
         self.bead_type, self.molecule_index = cg.bead_type, cg.molecule_index
 
@@ -264,6 +277,48 @@ class CGNNForce:
         _, _, molecules = bead_layout(self.topology)
         self.bead_type = np.asarray(meta["bead_type"], dtype=np.int64)
         self.molecule_index = molecules
+        recorded = meta.get("constrain_bonds") or "none"
+        if self.constrain_bonds is None or (inside and self.constrain_bonds == recorded):
+            # the module was scripted without these bonds' terms: their constraints come with it
+            try:
+                self.bond_constraints = [BondConstraint.from_dict(c) for c in meta.get("constrained_bonds") or []]
+            except ValueError as exc:
+                raise ModelMismatchError(f"{path}: metadata.json {exc}") from None
+            self.constrain_bonds = recorded
+        elif inside:
+            raise ModelMismatchError(f"{path}: scripted with its prior inside and --constrain-bonds {recorded}; "
+                                     f"{self.constrain_bonds!r} needs the model directory (or an export made with it)")
+        else:
+            self._choose_constraints(self.prior, self.bead_type, molecules, meta["masses"])
+        self.metadata.update(self._constraint_metadata())
+
+    def _choose_constraints(self, prior: Any, bead_type: np.ndarray, molecule_index: np.ndarray, masses: Any) -> None:
+        mode = self.constrain_bonds or "none"
+        if mode != "none" and prior is None:
+            raise ModelMismatchError(f"{self.source}: --constrain-bonds {mode} needs the model's prior (bond lengths "
+                                     "and stiffnesses), and this model has none")
+        self.constrain_bonds = mode
+        self.bond_constraints = choose_bond_constraints(prior, bead_type, molecule_index, masses, mode)
+
+    @property
+    def skip_bonds(self) -> list[int]:
+        """The prior's bond entries held by constraints (no bond term for them)."""
+        return [c.entry for c in self.bond_constraints]
+
+    def _constraint_metadata(self) -> dict[str, Any]:
+        return {"constrain_bonds": self.constrain_bonds, "constrained_bonds": [c.as_dict() for c in self.bond_constraints]}
+
+    def constraint_pairs(self) -> list[tuple[int, int, float]]:
+        """(bead i, bead j, length nm) of every constraint :meth:`add_to` puts into the System."""
+        _, residues, molecules = bead_layout(self.topology)
+        try:
+            return constraint_pairs(self.bond_constraints, residues, molecules)
+        except ValueError as exc:
+            raise ModelMismatchError(f"{self.source}: {exc}") from None
+
+    def constraint_report(self) -> dict[str, Any]:
+        """What summary.json records about the constraints."""
+        return {**self._constraint_metadata(), "n_constraints": len(self.constraint_pairs())}
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -365,7 +420,7 @@ class CGNNForce:
         extra = []
         if self.prior is not None:
             extra = prior_forces(self.prior, self.bead_type, self.molecule_index, self.metadata["bead_type_names"],
-                                 self.prior_force_group)
+                                 self.prior_force_group, self.skip_bonds)
         if not self.network:  # the prior-only ablation
             self.cuda_graphs = False
             return extra
@@ -373,8 +428,8 @@ class CGNNForce:
 
     def add_to(self, system: Any, platform: Any = None, *, cuda_graphs: bool | None = None,
                steps: int | None = None) -> list[int]:
-        """Check ``system`` and add the forces to it; returns their indices in the System (the
-        network's first, also kept in ``force_index``).
+        """Check ``system`` and add the forces to it, and the bond constraints; returns the forces'
+        indices in the System (the network's first, also kept in ``force_index``).
 
         ``platform`` (an OpenMM Platform or its name) chooses the engine when it is "auto"; on
         "CUDA" TorchForce runs the graph-safe module with CUDA graphs. ``cuda_graphs`` overrides
@@ -390,6 +445,7 @@ class CGNNForce:
         self._system = system
         indices = [system.addForce(force) for force in forces]
         self.force_index = indices[0] if self.network else None
+        add_constraints(system, self.constraint_pairs())
         return indices
 
     def engine_report(self) -> dict[str, Any]:

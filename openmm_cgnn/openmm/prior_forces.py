@@ -32,10 +32,12 @@ def load_prior(path: str | Path, bead_type_names: Sequence[str] | None = None) -
         raise PriorError(str(exc)) from None
 
 
-def prior_forces(prior: Any, bead_type: np.ndarray, molecule_index: np.ndarray, bead_type_names: Sequence[str], force_group: int = 1) -> list[Any]:
+def prior_forces(prior: Any, bead_type: np.ndarray, molecule_index: np.ndarray, bead_type_names: Sequence[str],
+                 force_group: int = 1, skip_bonds: Sequence[int] = ()) -> list[Any]:
     """OpenMM forces for the prior terms that act in this system (excluded volume, bonds, angles).
 
-    ``bead_type`` and ``molecule_index`` are per bead in CG topology order, indexing ``bead_type_names``.
+    ``bead_type`` and ``molecule_index`` are per bead in CG topology order, indexing ``bead_type_names``;
+    the bond entries in ``skip_bonds`` get no force (they are constrained).
     """
     if list(prior.bead_type_names) != list(bead_type_names):
         raise PriorError(f"the prior's bead types {prior.bead_type_names} are not the model's {list(bead_type_names)}")
@@ -46,7 +48,7 @@ def prior_forces(prior: Any, bead_type: np.ndarray, molecule_index: np.ndarray, 
         forces.append(excluded_volume_force(prior.excluded_volume, bead_type, molecule_index))
     try:
         (bond_index, r0, k_bond, bond_entry), (angle_index, theta0, k_angle, angle_entry) = \
-            prior.system_terms(bead_type, molecule_index)
+            prior.system_terms(bead_type, molecule_index, skip_bonds)
     except ValueError as exc:
         raise PriorError(f"the prior does not fit this system: {exc}") from None
     if prior.bonded_form == "tabulated":

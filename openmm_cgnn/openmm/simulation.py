@@ -446,6 +446,7 @@ class CGRun:
             "friction_per_ps": m["friction_per_ps"],
             "integrator": ("MTSLangevinIntegrator" if self.mts_groups() else "LangevinMiddleIntegrator"),
             "mts_inner_steps": int(self.config.mts_inner_steps),
+            **self.cgnn.constraint_report(),  # constrain_bonds, constrained_bonds, n_constraints
             "save_every_steps": self.config.save_every_steps,
             "seed": m["seed"],
             "platform": m["platform"],
@@ -713,6 +714,7 @@ class CGRun:
             "save_every_steps": cfg.save_every_steps,
             "n_beads": self.cg.n_beads,
             "network": self.cgnn.network,
+            "constrain_bonds": self.cgnn.constrain_bonds,
         }
         for key, value in checks.items():
             if key in previous and previous[key] != value:

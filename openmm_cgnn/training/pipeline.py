@@ -168,6 +168,7 @@ def check_resume_provenance(saved: dict, mapping, config: TrainConfig, overrides
     command line would give are compared with the saved ones, every option alike.
     """
     from openmm_cgnn.model import HybridGraphConfig
+    from openmm_cgnn.model.config import DEFAULT_ARCHITECTURE
 
     recorded = saved.get("mapping_sha256")
     if recorded and recorded != mapping.sha256():
@@ -175,6 +176,7 @@ def check_resume_provenance(saved: dict, mapping, config: TrainConfig, overrides
                             f"(sha256 {recorded[:12]} there, {mapping.sha256()[:12]} now)")
     overrides = dict(overrides or {})
     hparams = dict(saved["hparams"])
+    hparams.setdefault("architecture", DEFAULT_ARCHITECTURE)  # checkpoints older than the key
     factory = HybridGraphConfig.quick if config.quick else HybridGraphConfig.reference
     names = hparams.get("bead_type_names") or []
     expected = factory(len(names), bead_type_names=names, use_temperature=config.use_temperature,
