@@ -311,7 +311,8 @@ class StepWriter:
 def timing_args(settings: dict[str, Any], **extra: Any) -> SimpleNamespace:
     """The namespace bench_md's helpers read their timing settings from."""
     fields = {"block_seconds": 1.0, "blocks": 2, "warmup_steps": 5, "seed": 1, "skin": None, "prior": "auto",
-              "aa_cutoff_nm": None, "aa_minimize_iterations": 100, "replay_steps": 10, "calls": 5, "budget_s": 10.0}
+              "aa_cutoff_nm": None, "aa_minimize_iterations": 100, "replay_steps": 10, "calls": 5, "budget_s": 10.0,
+              "aa_run": None, "forcefield_dir": None}  # bench_md.resolve_forcefield_dir: the package's CL&P data
     fields.update({k: v for k, v in settings.items() if k in fields})
     fields.update(extra)
     return SimpleNamespace(**fields)
