@@ -29,11 +29,11 @@ def one_process(args: argparse.Namespace) -> dict:
     import openmm
 
     from bench_md import fresh_model_dir
-    from openmm_cgnn.mapping.spec import Mapping
-    from openmm_cgnn.openmm import CGNNForce, CGSystem, composition_for_pairs
+    from openmm_cgnn.mapping.spec import CGMapping
+    from openmm_cgnn.openmm import CGNNForce, CGConfiguration, composition_for_pairs
 
-    mapping = Mapping.load(args.model / "mapping.json")
-    cg = CGSystem.packed(mapping, composition_for_pairs(mapping, args.pairs), args.density, seed=1)
+    mapping = CGMapping.load(args.model / "mapping.json")
+    cg = CGConfiguration.packed(mapping, composition_for_pairs(mapping, args.pairs), args.density, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         source = args.model if args.size == "saved" else fresh_model_dir(args.model, args.size, Path(tmp) / "m")
         force = CGNNForce(source, cg, 400.0, engine="python")

@@ -83,10 +83,10 @@ def fresh_model_dir(model_dir: Path, size: str, out: Path) -> Path:
 
 def compress_to_density(topology: Any, positions: np.ndarray, edge: float, density: float) -> tuple[np.ndarray, float]:
     """Move whole molecules (by their centres) into the cube of ``density``; returns positions and edge."""
-    from openmm_cgnn.aa.builder import AVOGADRO
+    from openmm_cgnn.units import cube_edge_nm
 
     masses = np.array([a.element.mass._value for a in topology.atoms()])
-    new_edge = (masses.sum() * 1e-3 / AVOGADRO / density) ** (1 / 3) * 1e9
+    new_edge = cube_edge_nm(masses.sum(), density)
     positions = positions.copy()
     for residue in topology.residues():
         atoms = [a.index for a in residue.atoms()]
@@ -104,7 +104,8 @@ def aa_context(composition: dict[str, int], density: float, temperature: float, 
     import openmm
 
     from openmm_cgnn.aa import build_system, load_forcefield
-    from openmm_cgnn.aa.builder import box_edge_nm, build_box_auto
+    from openmm_cgnn.aa.builder import build_box_auto
+    from openmm_cgnn.units import cube_edge_nm
     from openmm_cgnn.aa.run import auto_cutoff_nm
 
     ff = load_forcefield(forcefield_dir)
@@ -113,7 +114,7 @@ def aa_context(composition: dict[str, int], density: float, temperature: float, 
         raise SystemExit(f"the mapping's residues {missing} are not in the all-atom force field ({list(ff.residues)})")
     topology, positions, start_density = build_box_auto(ff, composition, seed=seed)
     total_mass = sum(a.element.mass._value for a in topology.atoms())
-    start_edge = box_edge_nm(total_mass, start_density)
+    start_edge = cube_edge_nm(total_mass, start_density)
     cutoff = cutoff_nm if cutoff_nm is not None else auto_cutoff_nm(start_edge)  # what run_aa picks
     positions, edge = compress_to_density(topology, positions, start_edge, density)
     if cutoff > edge / 2:
@@ -141,20 +142,20 @@ def cg_thermal_start(model_dir: Path, mapping: Any, pairs: int, density: float, 
                      dt_fs: float | None, thermalize_steps: int, seed: int, work: Path, **run_options: Any) -> tuple[Any, dict]:
     """Packed start minimised and thermalised by ``CGRun`` (0 production steps); with ``dt_fs=None`` the
     runner's stability check picks the time step (``run_options``: more ``RunConfig`` fields, e.g.
-    ``stability_steps``). Returns the CGSystem at frame 0 and the run summary."""
-    from openmm_cgnn.openmm import CGNNForce, CGSystem, composition_for_pairs
+    ``stability_steps``). Returns the CGConfiguration at frame 0 and the run summary."""
+    from openmm_cgnn.openmm import CGNNForce, CGConfiguration, composition_for_pairs
     from openmm_cgnn.openmm.prior_forces import bond_lengths, load_prior
     from openmm_cgnn.openmm.simulation import CGRun, RunConfig
 
     prior_path = model_dir / "prior.json"
     bonds = bond_lengths(load_prior(prior_path, mapping.bead_type_names)) if prior_path.exists() else None
-    cg = CGSystem.packed(mapping, composition_for_pairs(mapping, pairs), density, seed=seed, bond_lengths=bonds)
+    cg = CGConfiguration.packed(mapping, composition_for_pairs(mapping, pairs), density, seed=seed, bond_lengths=bonds)
     out = work / f"cg_{pairs}"
     config = RunConfig(temperature_K=temperature, steps=0, dt_fs=dt_fs, platform=platform, seed=seed,
                        thermalize_steps=thermalize_steps, progress=False, **run_options)
     result = CGRun(CGNNForce(model_dir, cg, temperature), cg, out, config, overwrite=True,
                    log=lambda message: print(f"  [cg {pairs} pairs] {message}", flush=True)).run()
-    return CGSystem.from_run(mapping, out, frame=0), result.summary
+    return CGConfiguration.from_run(mapping, out, frame=0), result.summary
 
 
 def cg_context(source: Path, cg: Any, temperature: float, dt_fs: float, platform: Any, properties: dict, prior: str,
@@ -268,12 +269,12 @@ def near_cubic_factors(k: int) -> tuple[int, int, int]:
 
 def replicate(cg: Any, factors: tuple[int, int, int]) -> Any:
     """The CG system tiled ``factors`` times along the (orthorhombic) box vectors, molecules whole."""
-    from openmm_cgnn.openmm import CGSystem
+    from openmm_cgnn.openmm import CGConfiguration
 
     copies = [cg.positions + np.array([i, j, k]) @ cg.box
               for i in range(factors[0]) for j in range(factors[1]) for k in range(factors[2])]
     box = cg.box * np.array(factors)[:, None]
-    return CGSystem.from_molecules(cg.mapping, cg.molecule_residues * len(copies), np.concatenate(copies), box)
+    return CGConfiguration.from_molecules(cg.mapping, cg.molecule_residues * len(copies), np.concatenate(copies), box)
 
 
 def record_frames(context: Any, steps: int) -> list[np.ndarray]:
@@ -458,14 +459,14 @@ def main() -> int:
 
     threads = pin_threads(args.threads)
     load_before = machine_info()["load_average_1_5_15min"]
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.mapping.spec import CGMapping
     from openmm_cgnn.openmm.simulation import choose_platform
     from openmm_cgnn.platforms import platform_properties, versions
 
     model_dir = args.model
     if not (model_dir / "checkpoint.pt").is_file() or not (model_dir / "mapping.json").is_file():
         raise SystemExit(f"--model {model_dir}: not a model directory (needs checkpoint.pt and mapping.json)")
-    mapping = Mapping.load(model_dir / "mapping.json")
+    mapping = CGMapping.load(model_dir / "mapping.json")
     platform = choose_platform(args.platform)
     name = platform.getName()
     properties = platform_properties(platform, threads=args.threads)
@@ -543,7 +544,7 @@ def main() -> int:
             "cg_dt_fs": dt_fs, "cg_dt_source": dt_source, "cg_friction_per_ps": 1.0,
             "cg_integrator": "LangevinMiddleIntegrator", "prior_carrier_requested": args.prior,
             "carriers": args.carrier, "torchinductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
-            "cg_start": f"CGSystem.packed at the density, minimised and thermalised by CGRun ({args.thermalize_steps} steps)",
+            "cg_start": f"CGConfiguration.packed at the density, minimised and thermalised by CGRun ({args.thermalize_steps} steps)",
             "aa_start": "build_box_auto, molecules moved to the density, minimised "
                         f"({args.aa_minimize_iterations} iterations), velocities at T",
             "timing": f"{args.blocks} alternating blocks of ~{args.block_seconds:g} s each for AA and CG after "

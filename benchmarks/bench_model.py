@@ -20,7 +20,7 @@ import torch
 
 from common import RESULTS, pin_threads, synchronize, torch_result, write_json
 from openmm_cgnn.model import CGModel, HybridGraphConfig, fit_priors, script_for_system, suggest_max_pairs_per_bead
-from openmm_cgnn.model.synthetic import ionic_liquid
+from openmm_cgnn.testing.cg_models import ionic_liquid
 
 
 def time_calls(modules: dict, positions: torch.Tensor, box: torch.Tensor, repeats: int, budget_s: float) -> dict:

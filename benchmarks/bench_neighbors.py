@@ -20,7 +20,7 @@ import torch
 
 from common import RESULTS, pin_threads, timed, torch_result, write_json
 from openmm_cgnn.model.neighbors import CellNeighborSearch, DenseNeighborSearch, cell_grid_for_box
-from openmm_cgnn.model.synthetic import ionic_liquid
+from openmm_cgnn.testing.cg_models import ionic_liquid
 
 
 def main() -> int:

@@ -35,10 +35,10 @@ import torch
 
 from common import RESULTS, pin_threads, synchronize, torch_result, write_json
 from openmm_cgnn.mapping.spec import CGFrames
-from openmm_cgnn.model.synthetic import ionic_liquid
+from openmm_cgnn.testing.cg_models import ionic_liquid
 from openmm_cgnn.training.data import split_runs
 from openmm_cgnn.training.pipeline import build_model
-from openmm_cgnn.training.synthetic import SyntheticSystem
+from openmm_cgnn.testing.known_potential import SyntheticSystem
 from openmm_cgnn.training.trainer import TrainConfig, Trainer
 
 

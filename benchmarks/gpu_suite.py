@@ -126,7 +126,7 @@ def suite_mapping() -> Any:
     from openmm.app import PDBFile
 
     from openmm_cgnn.aa import load_forcefield
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.mapping.spec import CGMapping
 
     ff = load_forcefield()
     residues = {}
@@ -139,7 +139,7 @@ def suite_mapping() -> Any:
                           "beads": [{"name": f"B{k}", "atoms": list(g), "mass": float(sum(mass[a] for a in g))}
                                     for k, g in enumerate(groups)],
                           "bead_bonds": [[k, k + 1] for k in range(n_beads - 1)]}
-    return Mapping.from_dict({"format": "openmm_cgnn.mapping/1", "residues": residues})
+    return CGMapping.from_dict({"format": "openmm_cgnn.mapping/1", "residues": residues})
 
 
 def suite_prior(mapping: Any) -> dict[str, Any]:
@@ -187,13 +187,13 @@ def make_model(folder: Path) -> Path:
 
 def packed(model_dir: Path, pairs: int, seed: int = 1) -> Any:
     """``pairs`` ion pairs packed at the suite density, molecules grown at the prior's bond lengths."""
-    from openmm_cgnn.mapping.spec import Mapping
-    from openmm_cgnn.openmm import CGSystem, composition_for_pairs
+    from openmm_cgnn.mapping.spec import CGMapping
+    from openmm_cgnn.openmm import CGConfiguration, composition_for_pairs
     from openmm_cgnn.openmm.prior_forces import bond_lengths, load_prior
 
-    mapping = Mapping.load(model_dir / "mapping.json")
+    mapping = CGMapping.load(model_dir / "mapping.json")
     bonds = bond_lengths(load_prior(model_dir / "prior.json", mapping.bead_type_names))
-    return CGSystem.packed(mapping, composition_for_pairs(mapping, pairs), DENSITY_KG_M3, seed=seed, bond_lengths=bonds)
+    return CGConfiguration.packed(mapping, composition_for_pairs(mapping, pairs), DENSITY_KG_M3, seed=seed, bond_lengths=bonds)
 
 
 def packed_minimized(model_dir: Path, pairs: int, seed: int = 1) -> Any:
@@ -274,7 +274,7 @@ def prepare(out: Path, model: Path | None, new_model: bool, cases: dict[str, int
     meta = {"what": "CGNNForce energies and forces of gpu_reference/model on the Reference platform (host checks on): "
                     "model = prior inside the module, openmm = prior as native forces, network = the TorchForce alone",
             "temperature_K": TEMPERATURE_K, "density_kg_m3": DENSITY_KG_M3, "cases": written, "versions": versions(),
-            "positions": "CGSystem.packed (seed 1), minimised on the CPU platform (200 iterations, prior as native forces)",
+            "positions": "CGConfiguration.packed (seed 1), minimised on the CPU platform (200 iterations, prior as native forces)",
             "command": "python benchmarks/gpu_suite.py prepare"}
     (out / "reference.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {out / 'reference.npz'} and {out / 'reference.json'}", flush=True)
@@ -311,7 +311,8 @@ class StepWriter:
 def timing_args(settings: dict[str, Any], **extra: Any) -> SimpleNamespace:
     """The namespace bench_md's helpers read their timing settings from."""
     fields = {"block_seconds": 1.0, "blocks": 2, "warmup_steps": 5, "seed": 1, "skin": None, "prior": "auto",
-              "aa_cutoff_nm": None, "aa_minimize_iterations": 100, "replay_steps": 10, "calls": 5, "budget_s": 10.0}
+              "aa_cutoff_nm": None, "aa_minimize_iterations": 100, "replay_steps": 10, "calls": 5, "budget_s": 10.0,
+              "aa_run": None, "forcefield_dir": None}  # bench_md.resolve_forcefield_dir: the package's CL&P data
     fields.update({k: v for k, v in settings.items() if k in fields})
     fields.update(extra)
     return SimpleNamespace(**fields)
@@ -331,11 +332,11 @@ def thermal_start(model_dir: Path, pairs: int, platform: str, dt_fs: float | Non
     a plain start instead, so that the timings still come: the failure goes into the summary."""
     import bench_md
 
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.mapping.spec import CGMapping
 
     options = {k: settings[k] for k in ("stability_steps", "dt_candidates_fs") if k in settings}
     try:
-        return bench_md.cg_thermal_start(model_dir, Mapping.load(model_dir / "mapping.json"), pairs, DENSITY_KG_M3,
+        return bench_md.cg_thermal_start(model_dir, CGMapping.load(model_dir / "mapping.json"), pairs, DENSITY_KG_M3,
                                          TEMPERATURE_K, platform, dt_fs, settings["thermalize_steps"], 1, work, **options)
     except Exception as exc:  # noqa: BLE001 - reported, and the plain start below takes over
         error = _error(exc)
@@ -389,18 +390,18 @@ def _error(exc: BaseException) -> str:
 
 
 def step_agreement(cfg: dict[str, Any], platform: Any, writer: StepWriter, work: Path) -> None:
-    from openmm_cgnn.openmm import CGSystem
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.openmm import CGConfiguration
+    from openmm_cgnn.mapping.spec import CGMapping
     from openmm_cgnn.platforms import platform_properties
 
     model_dir = REFERENCE_DIR / "model"
-    mapping = Mapping.load(model_dir / "mapping.json")
+    mapping = CGMapping.load(model_dir / "mapping.json")
     data = np.load(REFERENCE_DIR / "reference.npz")
     meta = json.loads((REFERENCE_DIR / "reference.json").read_text())
     precisions = cfg["precisions"] if "Precision" in platform.getPropertyNames() else ["platform default"]
     rows = []
     for case, info in meta["cases"].items():
-        cg = CGSystem.from_molecules(mapping, info["molecule_residues"], data[f"{case}/positions"], data[f"{case}/box"])
+        cg = CGConfiguration.from_molecules(mapping, info["molecule_residues"], data[f"{case}/positions"], data[f"{case}/box"])
         scripted: dict[tuple[str, bool], Any] = {}  # scripting costs seconds: once per carrier and graphs setting
         for term, (carrier, groups) in AGREEMENT_TERMS.items():
             e_ref, f_ref = float(data[f"{case}/{term}/energy"]), data[f"{case}/{term}/forces"]

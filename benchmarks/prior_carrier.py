@@ -20,10 +20,10 @@ import torch  # noqa: F401  (torch before openmm)
 
 import openmm
 from common import RESULTS, best_of_blocks, machine_info, pin_threads, step_block, write_json
-from openmm_cgnn.mapping.spec import Mapping
+from openmm_cgnn.mapping.spec import CGMapping
 from openmm_cgnn.model import CGModel, HybridGraphConfig, PriorSet, save_checkpoint
 from openmm_cgnn.openmm.force import CGNNForce
-from openmm_cgnn.openmm.topology import CGSystem, composition_for_pairs
+from openmm_cgnn.openmm.topology import CGConfiguration, composition_for_pairs
 from openmm_cgnn.platforms import versions
 
 TYPES = ["CAT:B0", "CAT:B1", "CAT:B2", "CAT:B3", "ANI:B0"]
@@ -49,11 +49,11 @@ def model_dir(folder: Path, size: str) -> Path:
     make = HybridGraphConfig.quick if size == "quick" else HybridGraphConfig.reference
     config = make(len(TYPES), bead_type_names=list(TYPES), use_temperature=True)
     save_checkpoint(folder, CGModel(config, PriorSet.from_dict(PRIOR, TYPES)), epoch=0)
-    Mapping.from_dict(MAPPING).save(folder / "mapping.json")
+    CGMapping.from_dict(MAPPING).save(folder / "mapping.json")
     return folder
 
 
-def make_context(cg: CGSystem, source: Path, carrier: str, platform: str) -> tuple:
+def make_context(cg: CGConfiguration, source: Path, carrier: str, platform: str) -> tuple:
     force = CGNNForce(source, cg, 400.0, prior=carrier)
     system = cg.system()
     force.add_to(system)
@@ -78,7 +78,7 @@ def main() -> int:
     args = parser.parse_args()
     pin_threads(args.threads)
 
-    mapping = Mapping.from_dict(MAPPING)
+    mapping = CGMapping.from_dict(MAPPING)
     prior = PriorSet.from_dict(PRIOR, TYPES)
     bonds = {(r, min(b), max(b)): r0 for r, b, r0 in zip(prior.bonds.residues, prior.bonds.beads, prior.bonds.r0)}
     results = []
@@ -86,7 +86,7 @@ def main() -> int:
         sources = {size: model_dir(Path(tmp) / size, size) for size in args.sizes}
         for pairs, size in [(p, s) for p in args.pairs for s in args.sizes]:
             source = sources[size]
-            cg = CGSystem.packed(mapping, composition_for_pairs(mapping, pairs), 1200.0, seed=1, bond_lengths=bonds)
+            cg = CGConfiguration.packed(mapping, composition_for_pairs(mapping, pairs), 1200.0, seed=1, bond_lengths=bonds)
             # relax the packed start once, so both carriers are timed on the same sane configuration
             force = CGNNForce(source, cg, 400.0, prior="openmm")
             system = cg.system()

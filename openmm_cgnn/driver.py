@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .layout import CHECKPOINT_PT, MAPPING_JSON, METRICS_JSON, MODEL_PT, NPT_JSON, REPORT_MD, SUMMARY_JSON, SYSTEM_XML
 from .platforms import GPU_PLATFORMS
 from .liquids import LIQUIDS_DIR, Liquid, LiquidError
 
@@ -185,24 +186,24 @@ def plan(liquid: Liquid, size: str, out: Path, platform: str | None = None, gpus
                 *options(cfg["aa"]), "--platform", platform, *device_args, "--seed", "1", "--out", str(aa_dir),
                 "--resume"]
         if fit:
-            stages.append(Stage(f"aa NPT {t:g} K", "aa_npt", [*args, "--npt-only"], aa_dir / "npt.json", [], device))
+            stages.append(Stage(f"aa NPT {t:g} K", "aa_npt", [*args, "--npt-only"], aa_dir / NPT_JSON, [], device))
         stages.append(Stage(f"aa {t:g} K", "aa", [*args, "--density-fit", *map(str, aa_dirs)] if fit else args,
-                            aa_dir / "summary.json", ["aa_npt"] if fit else [], device))
+                            aa_dir / SUMMARY_JSON, ["aa_npt"] if fit else [], device))
     stages.append(Stage(
         "map", "map",
         ["map", "--data", *map(str, train_dirs), "--beads", liquid.beads_option(), "--out", str(map_dir), "--seed", "1",
          "--device", torch_device, *options(cfg["map"])],
-        map_dir / "mapping.json", ["aa"], torch_device if gpus else None))
+        map_dir / MAPPING_JSON, ["aa"], torch_device if gpus else None))
     stages.append(Stage(
         "train", "train",
-        ["train", "--data", *map(str, train_dirs), "--mapping", str(map_dir / "mapping.json"), "--out", str(model_dir),
+        ["train", "--data", *map(str, train_dirs), "--mapping", str(map_dir / MAPPING_JSON), "--out", str(model_dir),
          "--device", torch_device, "--seed", "1", "--temperature-input", *options(cfg["train"]),
-         *(["--resume"] if (model_dir / "checkpoint.pt").exists() else [])],
-        model_dir / "model.pt", ["aa", "map"], torch_device if gpus else None))
+         *(["--resume"] if (model_dir / CHECKPOINT_PT).exists() else [])],
+        model_dir / MODEL_PT, ["aa", "map"], torch_device if gpus else None))
     stages.append(Stage(
         "export", "export",
         ["export", "--model", str(model_dir), "--from-aa", str(train_dirs[-1]), "--out", str(export_dir)],
-        export_dir / "system.xml", ["aa", "train"]))
+        export_dir / SYSTEM_XML, ["aa", "train"]))
     def cg_run(k: int, t: float, aa_dir: Path, out_dir: Path, *special: str) -> tuple[list[str], str | None]:
         """A CG run's arguments: the trained one and its prior-only twin differ only in ``special``."""
         device_args, device = device_of(k)
@@ -212,18 +213,18 @@ def plan(liquid: Liquid, size: str, out: Path, platform: str | None = None, gpus
 
     for k, (t, aa_dir, cg_dir) in enumerate(zip(temperatures, aa_dirs, cg_dirs)):
         args, device = cg_run(k, t, aa_dir, cg_dir, *options(cfg.get("simulate", {})))
-        stages.append(Stage(f"simulate {t:g} K", "simulate", args, cg_dir / "summary.json", ["aa", "train"], device))
+        stages.append(Stage(f"simulate {t:g} K", "simulate", args, cg_dir / SUMMARY_JSON, ["aa", "train"], device))
     for k, (t, aa_dir, cg_dir, prior_dir) in enumerate(zip(temperatures, aa_dirs, cg_dirs, prior_dirs)):
         # the ablation: the network off, at the trained run's time step (--dt-from), length and seed
         args, device = cg_run(k, t, aa_dir, prior_dir, "--network", "off", "--dt-from", str(cg_dir))
-        stages.append(Stage(f"prior-only {t:g} K", "simulate_prior", args, prior_dir / "summary.json",
+        stages.append(Stage(f"prior-only {t:g} K", "simulate_prior", args, prior_dir / SUMMARY_JSON,
                             ["aa", "train", "simulate"], device))
     held_out_args = ["--held-out-temperature", *(f"{t:g}" for t in held_out)] if held_out else []
     stages.append(Stage(
         "evaluate", "evaluate",
         ["evaluate", "--aa", *map(str, aa_dirs), "--cg", *map(str, cg_dirs), "--cg-prior-only", *map(str, prior_dirs),
-         *held_out_args, "--mapping", str(map_dir / "mapping.json"), "--out", str(report_dir)],
-        report_dir / "report.md", ["aa", "map", "simulate", "simulate_prior"]))
+         *held_out_args, "--mapping", str(map_dir / MAPPING_JSON), "--out", str(report_dir)],
+        report_dir / REPORT_MD, ["aa", "map", "simulate", "simulate_prior"]))
     return stages
 
 
@@ -248,7 +249,7 @@ def stage_done(done_marker: Path) -> bool:
     """A stage is done when its marker exists and, for run directories, its summary says it finished."""
     if not done_marker.exists():
         return False
-    if done_marker.name == "summary.json":
+    if done_marker.name == SUMMARY_JSON:
         status = json.loads(done_marker.read_text()).get("status", "ok")
         return not str(status).startswith("failed")
     return True
@@ -327,12 +328,12 @@ def default_out(liquid: Liquid, size: str) -> Path:
 def print_results(out: Path, elapsed_s: float) -> None:
     """Where the outputs are, and the report's verdict lines."""
     print(f"\nDone in {elapsed_s / 60:.1f} min. Results in {out.resolve()}:")
-    for label, path in [("all-atom runs", out / "aa"), ("mapping", out / "mapping" / "mapping.json"),
+    for label, path in [("all-atom runs", out / "aa"), ("mapping", out / "mapping" / MAPPING_JSON),
                         ("model", out / "model"), ("OpenMM export", out / "export"), ("CG runs", out / "cg"),
                         ("prior-only CG", out / "cg_prior"),
-                        ("report", out / "report" / "report.md")]:
+                        ("report", out / "report" / REPORT_MD)]:
         print(f"  {label:14s} {path}")
-    metrics = out / "report" / "metrics.json"
+    metrics = out / "report" / METRICS_JSON
     if metrics.exists():
         verdict = json.loads(metrics.read_text()).get("verdict", {})
         for species, judged in verdict.get("Ea", {}).items():

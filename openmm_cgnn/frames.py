@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .layout import FRAMES_H5
+
 FORMAT = "openmm_cgnn.frames/1"
-FILENAME = "frames.h5"
 
 
 class FramesError(ValueError):
@@ -134,9 +135,9 @@ def resolve_frames_path(path_or_dir: str | Path) -> Path:
     """Accept a run directory or the ``frames.h5`` inside it."""
     path = Path(path_or_dir)
     if path.is_dir():
-        path = path / FILENAME
+        path = path / FRAMES_H5
     if not path.exists():
-        raise FramesError(f"{path}: no frames file (expected a run directory containing {FILENAME})")
+        raise FramesError(f"{path}: no frames file (expected a run directory containing {FRAMES_H5})")
     return path
 
 

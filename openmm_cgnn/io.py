@@ -22,11 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-MARKER = ".openmm_cgnn_run.json"
+from .layout import CHECKSUM_SUFFIX, MARKER
+
 MARKER_FORMAT = "openmm_cgnn.run_marker/1"
 # kind -> the stage that writes it (for messages)
 KINDS = {"aa": "aa", "cg": "simulate", "model": "train", "mapping": "map", "export": "export", "report": "evaluate"}
-CHECKSUM_SUFFIX = ".sha256"
 
 
 class OutputDirError(ValueError):

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from openmm_cgnn.analysis.arrhenius import GAS_CONSTANT_KJ_MOL_K
 from openmm_cgnn.analysis.evaluate import EvaluationError, evaluate
-from openmm_cgnn.analysis.synthetic import write_brownian_run, write_mapping
+from openmm_cgnn.testing.brownian import write_brownian_run, write_mapping
 from openmm_cgnn.cli import main
+from openmm_cgnn.units import MOLAR_GAS_CONSTANT_KJ_MOL_K
 
 TEMPERATURES = (400.0, 450.0, 500.0)
 COUNTS = {"CHN": 30, "ION": 30}
@@ -19,7 +19,7 @@ PREFACTOR = {"aa": 1.0, "cg": 1.0, "prior": 0.3}
 
 
 def _D(model, residue, T):
-    return PREFACTOR[model] * np.exp(-EA[model][residue] / (GAS_CONSTANT_KJ_MOL_K * T))
+    return PREFACTOR[model] * np.exp(-EA[model][residue] / (MOLAR_GAS_CONSTANT_KJ_MOL_K * T))
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 
-from openmm_cgnn.analysis.arrhenius import GAS_CONSTANT_KJ_MOL_K, NOT_ENOUGH_TEMPERATURES, fit_arrhenius
+from openmm_cgnn.analysis.arrhenius import NOT_ENOUGH_TEMPERATURES, fit_arrhenius
+from openmm_cgnn.units import MOLAR_GAS_CONSTANT_KJ_MOL_K
 
 
 def _law(T, Ea=20.0, D0=1e-7):
-    return D0 * np.exp(-Ea / (GAS_CONSTANT_KJ_MOL_K * T))
+    return D0 * np.exp(-Ea / (MOLAR_GAS_CONSTANT_KJ_MOL_K * T))
 
 
 def test_exact_data_give_exact_activation_energy():
@@ -36,7 +37,7 @@ def test_two_temperatures_with_errors_and_without():
     fit = fit_arrhenius(T, D, 0.05 * D)
     assert fit.status == "ok" and fit.Ea_kJ_mol == pytest.approx(20.0)
     # Propagated by hand: sigma(ln D) = 0.05 at both points.
-    expected = GAS_CONSTANT_KJ_MOL_K * np.sqrt(2) * 0.05 / (1 / 400 - 1 / 500)
+    expected = MOLAR_GAS_CONSTANT_KJ_MOL_K * np.sqrt(2) * 0.05 / (1 / 400 - 1 / 500)
     assert fit.Ea_err_kJ_mol == pytest.approx(expected, rel=1e-6)
     assert fit_arrhenius(T, D).status == NOT_ENOUGH_TEMPERATURES  # no error bars: scatter needs 3
 

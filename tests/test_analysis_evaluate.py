@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from openmm_cgnn.analysis.arrhenius import GAS_CONSTANT_KJ_MOL_K
 from openmm_cgnn.analysis.evaluate import EvaluationError, EvaluationSettings, target_verdict, evaluate
-from openmm_cgnn.analysis.synthetic import synthetic_mapping, write_brownian_run, write_mapping
+from openmm_cgnn.testing.brownian import synthetic_mapping, write_brownian_run, write_mapping
 from openmm_cgnn.cli import main
 from openmm_cgnn.frames import FrameWriter, FramesError, TopologyInfo
 from openmm_cgnn.io import MARKER, write_marker
+from openmm_cgnn.units import MOLAR_GAS_CONSTANT_KJ_MOL_K
 
 TEMPERATURES = (400.0, 500.0)
 COUNTS = {"CHN": 40, "ION": 40}
@@ -19,7 +19,7 @@ EA = {"aa": {"CHN": 20.0, "ION": 15.0}, "cg": {"CHN": 12.0, "ION": 10.0}}  # kJ/
 
 def _D(kind, residue, T):
     """nm^2/ps, Arrhenius with the activation energies above."""
-    return 1.0 * np.exp(-EA[kind][residue] / (GAS_CONSTANT_KJ_MOL_K * T))
+    return 1.0 * np.exp(-EA[kind][residue] / (MOLAR_GAS_CONSTANT_KJ_MOL_K * T))
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,9 @@ from openmm_cgnn.model import (
     save_checkpoint,
     script_for_system,
 )
-from openmm_cgnn.model.checkpoint import CHECKPOINT_FILE, model_from_checkpoint, read_checkpoint
-from openmm_cgnn.model.synthetic import BEAD_TYPE_NAMES, ionic_liquid, tensors
+from openmm_cgnn.layout import CHECKPOINT_PT
+from openmm_cgnn.model.checkpoint import model_from_checkpoint, read_checkpoint
+from openmm_cgnn.testing.cg_models import BEAD_TYPE_NAMES, ionic_liquid, tensors
 from openmm_cgnn.openmm.export import export_forcefield
 from openmm_cgnn.openmm.force import CGNNForce
 
@@ -266,8 +267,8 @@ def test_unknown_architecture_is_refused_with_the_file_named(tmp_path):
     save_checkpoint(tmp_path, model, epoch=0)
     payload = read_checkpoint(tmp_path)
     payload["hparams"]["architecture"] = "transformer"
-    with pytest.raises(ValueError, match=rf"{CHECKPOINT_FILE}: hparams: .*architecture.*hybridgraph"):
-        model_from_checkpoint(payload, source=str(tmp_path / CHECKPOINT_FILE))
+    with pytest.raises(ValueError, match=rf"{CHECKPOINT_PT}: hparams: .*architecture.*hybridgraph"):
+        model_from_checkpoint(payload, source=str(tmp_path / CHECKPOINT_PT))
     with pytest.raises(ValueError, match="architecture"):
         HybridGraphConfig.quick(4, architecture="transformer")
     assert HybridGraphConfig.quick(4).architecture == "hybridgraph"  # the default

@@ -10,13 +10,13 @@ import pytest
 from openmm_cgnn.frames import FrameWriter, FramesError, TopologyInfo, read_frames
 from openmm_cgnn.mapping.spec import (
     Bead,
-    Mapping,
+    CGMapping,
     MappingError,
     ResidueMapping,
     load_cg_frames,
     make_molecules_whole,
-    minimum_image,
 )
+from openmm_cgnn.periodic import minimum_image
 
 BOX = np.diag([2.0, 2.0, 2.0])
 
@@ -43,8 +43,8 @@ def triatomic_topology(n_molecules: int) -> TopologyInfo:
     return TopologyInfo(names, elements, np.array(masses), resname, np.array(resindex), np.array(bonds))
 
 
-def tri_mapping() -> Mapping:
-    return Mapping(
+def tri_mapping() -> CGMapping:
+    return CGMapping(
         residues={
             "TRI": ResidueMapping(atoms=["A", "B", "C"], beads=[Bead("P", ["A", "B"], 26.0), Bead("Q", ["C"], 16.0)], bead_bonds=[(0, 1)]),
             "ION": ResidueMapping(atoms=["X"], beads=[Bead("I", ["X"], 35.0)]),
@@ -166,7 +166,7 @@ def test_atom_order_in_the_file_does_not_matter(tmp_path):
 def test_mapping_json_round_trip_and_hash(tmp_path):
     mapping = tri_mapping()
     path = mapping.save(tmp_path / "mapping.json")
-    again = Mapping.load(path)
+    again = CGMapping.load(path)
     assert again.to_dict() == mapping.to_dict()
     assert again.sha256() == mapping.sha256()
     built = ResidueMapping.from_assignment(["A", "B", "C"], [0, 0, 1], [12.0, 14.0, 16.0], bonds=[(0, 1), (1, 2)], bead_names=["P", "Q"])
@@ -190,13 +190,13 @@ def test_bad_mapping_files_are_rejected_with_the_field(tmp_path, edit, message):
     path = tmp_path / "mapping.json"
     path.write_text(json.dumps(data))
     with pytest.raises(MappingError, match=message):
-        Mapping.load(path)
+        CGMapping.load(path)
 
 
 def test_mapping_data_mismatch_is_reported(tmp_path):
     top = triatomic_topology(1)
     write_run(tmp_path, top, np.zeros((1, 4, 3)), np.zeros((1, 4, 3)))
-    only_tri = Mapping(residues={"TRI": tri_mapping().residues["TRI"]})
+    only_tri = CGMapping(residues={"TRI": tri_mapping().residues["TRI"]})
     with pytest.raises(MappingError, match="residue 'ION'.*not in the mapping"):
         load_cg_frames(tmp_path, only_tri)
     renamed = tri_mapping()

@@ -1,6 +1,6 @@
 """``openmm-cgnn import``: GROMACS and LAMMPS files written from a real run come back as the same frames.
 
-The source is a short OpenMM run of the synthetic liquid (training/synthetic.py) stored as an
+The source is a short OpenMM run of the synthetic liquid (openmm_cgnn/testing/known_potential.py) stored as an
 all-atom run: dimers A-B and monomers X, 40 amu each (written out as argon). Its files are written
 with MDAnalysis's own writers (PDB, TRR, LAMMPS data); MDAnalysis has no LAMMPS dump writer, so the
 dump text is written here. Atoms are wrapped into the box one by one, as MD programs write them, so
@@ -19,7 +19,7 @@ import pytest
 from openmm_cgnn.aa.importer import UNIT_STYLES, Unwrapper
 from openmm_cgnn.cli import main
 from openmm_cgnn.frames import read_frames
-from openmm_cgnn.training.synthetic import SyntheticSystem
+from openmm_cgnn.testing.known_potential import SyntheticSystem
 
 LAMMPS_DT_FS = 5.0  # the synthetic run's 0.005 ps step
 

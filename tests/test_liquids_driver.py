@@ -288,10 +288,10 @@ def test_tiny_chain_for_a_second_liquid(tmp_path, monkeypatch):
 
 
 def test_cg_packing_takes_any_stoichiometry():
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.mapping.spec import CGMapping
     from openmm_cgnn.openmm.topology import build_cg_system
 
-    mapping = Mapping.load(ROOT / "tests" / "models" / "toy_mapping.json")
+    mapping = CGMapping.load(ROOT / "tests" / "models" / "toy_mapping.json")
     cg = build_cg_system(mapping, molecules={"ANI": 6, "CAT": 3}, density_kg_m3=800.0)
     assert cg.composition() == {"CAT": 3, "ANI": 6} and cg.n_beads == 3 * 3 + 6
     assert build_cg_system(mapping, pairs=2, density_kg_m3=800.0).composition() == {"CAT": 2, "ANI": 2}

@@ -11,7 +11,7 @@ from mapping_toys import ToyMolecule, dimer, trimer, write_toy_run
 
 from openmm_cgnn.cli import main
 from openmm_cgnn.cli.map import parse_beads
-from openmm_cgnn.mapping import Mapping
+from openmm_cgnn.mapping import CGMapping
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def map_cli(run_dir, out, *extra, beads="TRI=3,DIM=2"):
 def test_map_writes_mapping_plots_and_report(run_dir, tmp_path, capsys):
     out = tmp_path / "map"
     assert map_cli(run_dir, out, "--max-frames", "10", "--seed", "3") == 0
-    mapping = Mapping.load(out / "mapping.json")
+    mapping = CGMapping.load(out / "mapping.json")
     assert list(mapping.residues) == ["TRI", "DIM"]
     assert [len(r.beads) for r in mapping.residues.values()] == [3, 2]
     for name in ("TRI", "DIM"):
@@ -53,7 +53,7 @@ def test_several_runs_are_pooled(run_dir, tmp_path):
     report = json.loads((out / "mapping_report.json").read_text())
     assert report["residues"]["TRI"]["n_samples"] == 4 * 20 + 2 * 5
     assert report["residues"]["DIM"]["n_samples"] == 4 * 20 + 3 * 5
-    assert list(Mapping.load(out).residues) == ["TRI", "DIM"]  # order of the first run
+    assert list(CGMapping.load(out).residues) == ["TRI", "DIM"]  # order of the first run
 
 
 def test_one_bead_residue_needs_no_training(run_dir, tmp_path):
@@ -61,7 +61,7 @@ def test_one_bead_residue_needs_no_training(run_dir, tmp_path):
     assert map_cli(run_dir, out, beads="TRI=1,DIM=1") == 0
     report = json.loads((out / "mapping_report.json").read_text())
     assert report["residues"]["DIM"]["restarts"] == [] and report["residues"]["DIM"]["final"]["rec"] > 0
-    assert Mapping.load(out).residues["DIM"].beads[0].atoms == ["X1", "X2", "Y1", "Y2"]
+    assert CGMapping.load(out).residues["DIM"].beads[0].atoms == ["X1", "X2", "Y1", "Y2"]
     assert (out / "loss_DIM.png").exists()
 
 
@@ -154,6 +154,6 @@ def test_cuda_without_a_device(run_dir, tmp_path, capsys):
 def test_cuda_training_gives_a_valid_map(run_dir, tmp_path):
     out = tmp_path / "map"
     assert map_cli(run_dir, out, "--device", "cuda") == 0
-    mapping = Mapping.load(out)
+    mapping = CGMapping.load(out)
     assert {frozenset(b.atoms) for b in mapping.residues["DIM"].beads} == {frozenset({"X1", "X2"}), frozenset({"Y1", "Y2"})}
     assert np.isfinite(json.loads((out / "mapping_report.json").read_text())["residues"]["TRI"]["final"]["loss"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from openmm_cgnn.frames import FrameWriter, TopologyInfo, read_frames
-from openmm_cgnn.mapping import Bead, Mapping, MappingError, ResidueMapping, apply_mapping
+from openmm_cgnn.mapping import Bead, CGMapping, MappingError, ResidueMapping, apply_mapping
 from openmm_cgnn.mapping.forcemap import (
     collect_force_samples,
     fit_force_map,
@@ -18,17 +18,18 @@ from openmm_cgnn.mapping.forcemap import (
     position_map,
     summed_force_map,
 )
+from openmm_cgnn.units import kT_kj_mol
 
 ATOMS = ["C1", "H1", "C2", "N3", "H3", "O4"]
 ELEMENTS = ["C", "H", "C", "N", "H", "O"]
 MASSES = np.array([12.011, 1.008, 12.011, 14.007, 1.008, 15.999])
 BONDS = [(0, 1), (0, 2), (2, 3), (3, 4), (3, 5)]
-KT = 0.00831446261815324 * 300.0
+KT = kT_kj_mol(300.0)
 
 
-def gaussian_mapping() -> Mapping:
+def gaussian_mapping() -> CGMapping:
     beads = [Bead("P", ["C1", "H1", "C2"], float(MASSES[:3].sum())), Bead("Q", ["N3", "H3", "O4"], float(MASSES[3:].sum()))]
-    return Mapping(residues={"GAU": ResidueMapping(atoms=list(ATOMS), beads=beads, bead_bonds=[(0, 1)])})
+    return CGMapping(residues={"GAU": ResidueMapping(atoms=list(ATOMS), beads=beads, bead_bonds=[(0, 1)])})
 
 
 def stiffness() -> np.ndarray:
@@ -142,7 +143,7 @@ def test_mapping_json_stores_the_force_map_and_reads_version_1(tmp_path):
     data = json.loads((tmp_path / "mapping.json").read_text())
     assert data["format"] == "openmm_cgnn.mapping/2"
     assert len(data["residues"]["GAU"]["force_map"]["weights"]) == 2
-    loaded = Mapping.load(tmp_path / "mapping.json")
+    loaded = CGMapping.load(tmp_path / "mapping.json")
     assert np.array_equal(loaded.residues["GAU"].force_weights, fitted.residues["GAU"].force_weights)
     assert loaded.sha256() == mapping.sha256()  # the force map is not part of the CG system
     assert apply_mapping(loaded, frames).force_map == "optimal"  # stored map used by default
@@ -150,7 +151,7 @@ def test_mapping_json_stores_the_force_map_and_reads_version_1(tmp_path):
     old = mapping.to_dict()
     old["format"] = "openmm_cgnn.mapping/1"
     (tmp_path / "old.json").write_text(json.dumps(old))
-    old_mapping = Mapping.load(tmp_path / "old.json")
+    old_mapping = CGMapping.load(tmp_path / "old.json")
     assert not old_mapping.has_force_map
     summed = apply_mapping(old_mapping, frames)
     assert summed.force_map == "sum"
@@ -167,7 +168,7 @@ def test_bad_force_map_in_file_is_named(tmp_path):
     data["residues"]["GAU"]["force_map"] = {"weights": [[1.0, 0.0]]}
     (tmp_path / "mapping.json").write_text(json.dumps(data))
     with pytest.raises(MappingError, match=r"mapping.json: residue 'GAU': 'force_map.weights' must be a finite 2 x 6"):
-        Mapping.load(tmp_path / "mapping.json")
+        CGMapping.load(tmp_path / "mapping.json")
 
 
 def test_force_map_fitted_for_other_masses_is_refused(tmp_path):
@@ -189,7 +190,7 @@ def test_training_uses_the_optimal_map_by_default_and_sum_on_request(tmp_path, c
 
     run = write_toy_run(tmp_path / "run", [(trimer(), 8)], n_frames=12, seed=5, box_nm=2.0)
     beads = [Bead("A", ["A1", "A2", "A3", "HA"]), Bead("B", ["B1", "B2", "B3"]), Bead("C", ["C1", "C2", "C3", "HC"])]
-    old = Mapping(residues={"TRI": ResidueMapping(atoms=trimer().atoms, beads=beads, bead_bonds=[(0, 1), (1, 2)])}).to_dict()
+    old = CGMapping(residues={"TRI": ResidueMapping(atoms=trimer().atoms, beads=beads, bead_bonds=[(0, 1), (1, 2)])}).to_dict()
     old["format"] = "openmm_cgnn.mapping/1"
     (tmp_path / "mapping.json").write_text(json.dumps(old))
     common = ["train", "--data", str(run), "--mapping", str(tmp_path / "mapping.json"), "--quick", "--epochs", "1",
@@ -202,5 +203,5 @@ def test_training_uses_the_optimal_map_by_default_and_sum_on_request(tmp_path, c
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert metrics["data"]["force_map"] == name and metrics["train_config"]["force_map"] == name
         results[name] = metrics["baselines"]["constant_per_type"]["train"]["overall"]["force_rms"]
-    assert Mapping.load(tmp_path / "optimal").has_force_map and not Mapping.load(tmp_path / "sum").has_force_map
+    assert CGMapping.load(tmp_path / "optimal").has_force_map and not CGMapping.load(tmp_path / "sum").has_force_map
     assert results["optimal"] < results["sum"]  # the optimal labels are the quieter ones

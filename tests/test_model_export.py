@@ -18,7 +18,7 @@ from openmm_cgnn.model import (
     save_scripted,
     script_for_system,
 )
-from openmm_cgnn.model.synthetic import ionic_liquid, synthetic_model, tensors
+from openmm_cgnn.testing.cg_models import ionic_liquid, synthetic_model, tensors
 
 CONTRACT_METADATA_KEYS = {
     "units", "cutoff_intra_nm", "cutoff_inter_nm", "bead_type_names", "bead_type", "bead_names", "masses", "n_beads",
@@ -161,7 +161,7 @@ def test_config_validation():
 
 
 def test_synthetic_model_dir_for_later_stages(tmp_path):
-    from openmm_cgnn.model.synthetic import write_synthetic_model_dir
+    from openmm_cgnn.testing.cg_models import write_synthetic_model_dir
 
     model_dir, cg = write_synthetic_model_dir(tmp_path / "m", use_temperature=True)
     assert {p.name for p in model_dir.iterdir()} >= {"checkpoint.pt", "hparams.json", "prior.json", "model.pt"}

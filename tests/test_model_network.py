@@ -17,7 +17,7 @@ from openmm_cgnn.model import (
     fit_priors,
     script_for_system,
 )
-from openmm_cgnn.model.synthetic import BEAD_TYPE_NAMES, ionic_liquid, tensors
+from openmm_cgnn.testing.cg_models import BEAD_TYPE_NAMES, ionic_liquid, tensors
 
 # A `raise` inside TorchScript surfaces as torch.jit.Error (not a RuntimeError subclass).
 SCRIPT_ERRORS = (RuntimeError, torch.jit.Error)

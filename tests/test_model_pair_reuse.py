@@ -9,7 +9,7 @@ import torch
 
 from openmm_cgnn.model import export_for_frames, read_metadata, script_for_system
 from openmm_cgnn.model.neighbors import DenseNeighborSearch, VerletNeighborSearch
-from openmm_cgnn.model.synthetic import ionic_liquid, synthetic_model
+from openmm_cgnn.testing.cg_models import ionic_liquid, synthetic_model
 
 
 @pytest.fixture(scope="module")

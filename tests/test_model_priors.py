@@ -11,14 +11,14 @@ import torch
 from scipy.optimize import minimize
 
 from openmm_cgnn.model import ExcludedVolumePrior, HarmonicBondPrior, PriorSet, fit_priors
-from openmm_cgnn.model.priors import MOLAR_GAS_CONSTANT
-from openmm_cgnn.model.synthetic import SyntheticCG, ionic_liquid
+from openmm_cgnn.units import kT_kj_mol
+from openmm_cgnn.testing.cg_models import SyntheticCG, ionic_liquid
 
 
 def harmonic_dimers(r0: float, k: float, temperature: float, molecules: int = 27, frames: int = 400, seed: int = 0):
     """Two-bead molecules whose bond length follows P(r) ~ r^2 exp(-k (r - r0)^2 / 2kT)."""
     rng = np.random.default_rng(seed)
-    kT = MOLAR_GAS_CONSTANT * temperature
+    kT = kT_kj_mol(temperature)
     width = math.sqrt(kT / k)
     count = frames * molecules
     lengths = np.empty(0)
@@ -145,7 +145,7 @@ def test_fitted_sigma_follows_closest_approach():
     distance[:, torch.arange(len(anions)), torch.arange(len(anions))] = 10.0
     closest = float(distance[distance < 0.8].min())
     assert sigma[f"{names[3]}|{names[3]}"] == pytest.approx(closest, abs=1e-5)
-    assert prior.to_dict()["excluded_volume"]["epsilon_kj_mol"] == pytest.approx(MOLAR_GAS_CONSTANT * 300.0)
+    assert prior.to_dict()["excluded_volume"]["epsilon_kj_mol"] == pytest.approx(kT_kj_mol(300.0))
 
 
 def test_prior_json_round_trip_and_errors(tmp_path):

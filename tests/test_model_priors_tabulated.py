@@ -13,13 +13,13 @@ import torch
 from openmm_cgnn.model import CGModel, HybridGraphConfig, PriorSet, build_system_tensors, fit_priors
 from openmm_cgnn.model.priors import (
     ANGLE_GRID_POINTS,
-    MOLAR_GAS_CONSTANT,
     TabulatedAnglePrior,
     TabulatedBondPrior,
     natural_spline_second_derivatives,
 )
-from openmm_cgnn.model.synthetic import SyntheticCG
+from openmm_cgnn.testing.cg_models import SyntheticCG
 from openmm_cgnn.openmm.prior_forces import prior_forces
+from openmm_cgnn.units import kT_kj_mol
 
 TEMPERATURE = 400.0
 NAMES = ["TRI:A", "TRI:B", "TRI:C", "ION:X"]
@@ -71,7 +71,7 @@ def test_bimodal_angle_gives_two_wells_and_harmonic_one(tabulated):
     assert len(minima) == 2, minima
     assert minima[0] == pytest.approx(105.0, abs=4.0) and minima[1] == pytest.approx(135.0, abs=4.0)
     barrier = energy[(grid > minima[0]) & (grid < minima[1])].max() - energy[np.isin(grid, minima)].max()
-    assert barrier > 0.5 * MOLAR_GAS_CONSTANT * TEMPERATURE
+    assert barrier > 0.5 * kT_kj_mol(TEMPERATURE)
     # Walls: the energy keeps rising away from the sampled range, to both ends of [0, pi].
     assert np.all(np.diff(energy[grid < 80.0]) < 0) and np.all(np.diff(energy[grid > 160.0]) > 0)
     harmonic = fit_priors(bimodal_triatomics(), max_frames=10, bonded_form="harmonic")
@@ -173,9 +173,9 @@ def test_prior_json_round_trip_and_old_format(tabulated, tmp_path):
 
     from models.make_models import HERE
 
-    from openmm_cgnn.mapping import Mapping
+    from openmm_cgnn.mapping import CGMapping
 
-    names = Mapping.load(HERE / "toy_mapping.json").bead_type_names
+    names = CGMapping.load(HERE / "toy_mapping.json").bead_type_names
     old = PriorSet.from_json(HERE / "toy_prior.json", names)  # format openmm_cgnn.prior/1
     assert json.loads((HERE / "toy_prior.json").read_text())["format"] == "openmm_cgnn.prior/1"
     assert old.bonded_form == "harmonic" and old.to_dict()["format"] == "openmm_cgnn.prior/2"

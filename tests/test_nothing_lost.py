@@ -20,8 +20,8 @@ import torch  # noqa: F401  (before openmm)
 from models.make_models import make_model_dir, write_aa_run
 from openmm_cgnn.cli import main
 from openmm_cgnn.io import MARKER, read_marker, write_marker
-from openmm_cgnn.mapping.spec import Mapping
-from openmm_cgnn.training.synthetic import SyntheticSystem
+from openmm_cgnn.mapping.spec import CGMapping
+from openmm_cgnn.testing.known_potential import SyntheticSystem
 
 
 def tree(path: Path) -> dict[str, str]:
@@ -55,7 +55,7 @@ def model_dir(root):
     from openmm_cgnn.model import load_model, save_checkpoint
 
     folder = make_model_dir(root / "model")
-    mapping = Mapping.load(folder / "mapping.json")
+    mapping = CGMapping.load(folder / "mapping.json")
     save_checkpoint(folder, load_model(folder), epoch=0, extra={"mapping_sha256": mapping.sha256()})
     write_marker(folder, "model")
     return folder
@@ -298,7 +298,7 @@ def test_train_progress_is_plain_lines_in_a_log(synthetic_run, tmp_path, capsys)
 
 
 def test_evaluate_with_a_cg_run_without_pairs(tmp_path, capsys):
-    from openmm_cgnn.analysis.synthetic import write_brownian_run, write_mapping
+    from openmm_cgnn.testing.brownian import write_brownian_run, write_mapping
 
     mapping = write_mapping(tmp_path / "mapping.json")
     aa = write_brownian_run(tmp_path / "aa", "aa", 400, {"CHN": 0.01, "ION": 0.01}, {"CHN": 20, "ION": 20}, n_frames=10)
@@ -363,7 +363,7 @@ def test_map_progress_is_plain_lines_in_a_log(aa_run, tmp_path, capsys):
 
 def test_overwrite_replaces_a_directory_of_its_own_kind(cg_copy, model_dir, aa_run, tmp_path, capsys):
     """The other side of the rule: --overwrite does replace what the same stage wrote, and no .partial stays."""
-    from openmm_cgnn.analysis.synthetic import write_brownian_run, write_mapping
+    from openmm_cgnn.testing.brownian import write_brownian_run, write_mapping
 
     args = [a if a != "3" else "4" for a in simulate_args(model_dir, aa_run, cg_copy)]  # --seed 4
     assert main([str(a) for a in args + ["--overwrite"]]) == 0

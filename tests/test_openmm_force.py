@@ -20,11 +20,11 @@ from models.make_models import (
     scripted_model,
     toy_cg_system,
 )
-from openmm_cgnn.mapping.spec import Mapping
+from openmm_cgnn.mapping.spec import CGMapping
 from openmm_cgnn.openmm.engines import ENGINES, PythonForceEngine
 from openmm_cgnn.openmm.force import CGNNForce, ModelMismatchError
 from openmm_cgnn.openmm.prior_forces import prior_forces
-from openmm_cgnn.openmm.topology import CGSystem
+from openmm_cgnn.openmm.topology import CGConfiguration
 from openmm_cgnn.model import PriorSet, load_model
 
 PLATFORMS = ["Reference", "CPU"]
@@ -179,8 +179,8 @@ def test_rejects_wrong_bead_count(toy_dir):
 
 
 def test_rejects_wrong_bead_order(cg, toy_dir):
-    mapping = Mapping.from_dict(MAPPING)
-    anions_first = CGSystem.from_molecules(mapping, ["ANI"] * 8 + ["CAT"] * 8, cg.positions, cg.box)
+    mapping = CGMapping.from_dict(MAPPING)
+    anions_first = CGConfiguration.from_molecules(mapping, ["ANI"] * 8 + ["CAT"] * 8, cg.positions, cg.box)
     with pytest.raises(ModelMismatchError, match="bead 0 is 'X' in the topology but 'A' in the model"):
         CGNNForce(toy_dir / "model.pt", anions_first)
 
@@ -213,7 +213,7 @@ def test_rejects_model_pt_at_another_temperature_and_missing_prior(cg, model64, 
 def test_rejects_other_mapping(cg, model64):
     other = json.loads(json.dumps(MAPPING))
     other["residues"]["CAT"]["beads"][0]["mass"] = 31.0
-    moved = CGSystem.from_molecules(Mapping.from_dict(other), ["CAT"] * 8 + ["ANI"] * 8, cg.positions, cg.box)
+    moved = CGConfiguration.from_molecules(CGMapping.from_dict(other), ["CAT"] * 8 + ["ANI"] * 8, cg.positions, cg.box)
     with pytest.raises(ModelMismatchError, match="mapping.json differs"):
         CGNNForce(model64, moved, 350.0)
 

@@ -16,8 +16,8 @@ from openmm_cgnn.frames import FrameWriter, TopologyInfo, read_frames
 from openmm_cgnn.openmm.engines import ENGINES, PythonForceEngine
 from openmm_cgnn.openmm.force import CGNNForce
 from openmm_cgnn.openmm.simulation import CGRun, RunConfig, SimulationError, SimulationUnstable
+from openmm_cgnn.units import kT_kj_mol
 
-BOLTZMANN_KJ_MOL_K = 0.0083144626
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_nve_energy_drift_real_model(cg, tmp_path):
         state = context.getState(getEnergy=True)
         totals.append(state.getPotentialEnergy()._value + state.getKineticEnergy()._value)
     totals = np.array(totals)
-    scale = (3 * cg.n_beads - 3) * BOLTZMANN_KJ_MOL_K * 300.0
+    scale = kT_kj_mol(300.0) * (3 * cg.n_beads - 3)
     assert np.isfinite(totals).all()
     assert np.abs(totals - totals[0]).max() < 2e-3 * scale
     slope = np.polyfit(np.arange(len(totals)) * 0.1, totals, 1)[0]  # kJ/mol/ps

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_cgnn.mapping.spec import Mapping
+from openmm_cgnn.mapping.spec import CGMapping
 from openmm_cgnn.training import TrainConfig, load_training_data, time_block_split, train
-from openmm_cgnn.training.synthetic import SyntheticSystem
+from openmm_cgnn.testing.known_potential import SyntheticSystem
 
 # Validation force RMSE the quick model must reach on exact (noise-free) forces, as a fraction of
 # the force RMS. Measured about 0.06 after 12 epochs; the priors alone give about 0.37.
@@ -45,7 +45,7 @@ def test_time_block_split_is_contiguous():
 
 def test_split_per_run_keeps_time_blocks_and_temperatures(synthetic_runs):
     cold, hot = synthetic_runs
-    mapping = Mapping.load(cold / "mapping.json")
+    mapping = CGMapping.load(cold / "mapping.json")
     data = load_training_data([cold, hot], mapping)
     assert len(data.train.positions) == 160 + 48 and len(data.validation.positions) == 40 + 12
     # Validation is the last 20 % of each run, in time order; training frames all come earlier.
@@ -85,7 +85,7 @@ def test_training_recovers_known_forces(synthetic_runs, tmp_path):
 
     # The saved artefacts are the best model: eager reload and TorchScript agree with the metrics.
     model = load_model(out)
-    mapping = Mapping.load(out / "mapping.json")
+    mapping = CGMapping.load(out / "mapping.json")
     data = load_training_data([cold], mapping)
     frame = torch.as_tensor(data.validation.positions[:1])
     box = torch.as_tensor(data.validation.box[:1], dtype=torch.float32)
@@ -135,7 +135,7 @@ def test_temperature_input_with_two_temperatures(synthetic_runs, tmp_path):
     assert metrics["data"]["temperatures_K"] == [300.0, 360.0]
     model = load_model(tmp_path / "model")
     assert model.config.use_temperature
-    data = load_training_data([cold], Mapping.load(cold / "mapping.json"), max_frames=40)
+    data = load_training_data([cold], CGMapping.load(cold / "mapping.json"), max_frames=40)
     args = (torch.as_tensor(data.validation.positions[:1]), torch.as_tensor(data.validation.box[:1], dtype=torch.float32),
             torch.as_tensor(data.train.bead_type), torch.as_tensor(data.train.molecule_index))
     at_300 = model(*args, inverse_temperature=torch.tensor([1 / 300.0]))

@@ -10,7 +10,7 @@ import torch
 
 from openmm_cgnn.cli import main
 from openmm_cgnn.frames import FrameWriter, read_frames
-from openmm_cgnn.training.synthetic import SyntheticSystem
+from openmm_cgnn.testing.known_potential import SyntheticSystem
 
 
 @pytest.fixture(scope="module")

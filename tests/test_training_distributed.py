@@ -18,7 +18,7 @@ import torch
 
 from openmm_cgnn.cli import main
 from openmm_cgnn.training.distributed import DistributedSetupError, World
-from openmm_cgnn.training.synthetic import SyntheticSystem
+from openmm_cgnn.testing.known_potential import SyntheticSystem
 
 HERE = Path(__file__).resolve().parent
 # 30 frames, 5 for validation: 25 training frames in batches of 4, the last one of a single frame.

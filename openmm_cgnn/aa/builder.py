@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
+from ..units import cube_edge_nm
 from .forcefield import AAForceField, molecule_template
 
-AVOGADRO = 6.02214076e23
 # Closest approach allowed between atoms of different molecules when inserting. Well below LJ
 # contact distances (~0.25-0.35 nm): the minimiser removes the strain, and a small value lets
 # random insertion succeed near liquid density.
@@ -21,16 +21,6 @@ START_DENSITY_LADDER = (1000.0, 950.0, 900.0, 850.0, 800.0, 700.0, 600.0)
 
 class BoxBuildError(RuntimeError):
     """Molecules did not fit; names the density and what to change."""
-
-
-def box_edge_nm(masses_amu: float, density_kg_m3: float) -> float:
-    """Edge of the cubic box holding ``masses_amu`` at ``density_kg_m3``."""
-    volume_nm3 = masses_amu / AVOGADRO * 1e-3 / density_kg_m3 * 1e27
-    return volume_nm3 ** (1.0 / 3.0)
-
-
-def density_kg_m3(masses_amu: float, volume_nm3: float) -> float:
-    return masses_amu / AVOGADRO * 1e-3 / (volume_nm3 * 1e-27)
 
 
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -71,7 +61,7 @@ def build_box(ff: AAForceField, composition: dict[str, int], density: float, see
               for res, (top, _) in templates.items()}
     centred = {res: xyz - masses[res] @ xyz / masses[res].sum() for res, (_, xyz) in templates.items()}
     total_mass = sum(masses[res].sum() * n for res, n in composition.items())
-    edge = box_edge_nm(total_mass, density)
+    edge = cube_edge_nm(total_mass, density)
 
     topology = Topology()
     slots: list[tuple[str, slice]] = []

@@ -33,11 +33,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from ..io import write_text_atomic
+from ..layout import FORCEFIELD_XML
 from .clandp import ClandpError, ClandpWarning, ForceFieldFile, TypedMolecule, fourier_to_periodic, parse_forcefield, parse_zmat, type_molecule
 
 # The molecules of the package's default data (aa/data); other ions are named with --molecule.
 DEFAULT_MOLECULES = {"c4c1im.zmat": "BMIM", "BF4.zmat": "BF4"}
-FORCEFIELD_XML = "forcefield.xml"
 LJ14_SCALE = COULOMB14_SCALE = 0.5
 
 

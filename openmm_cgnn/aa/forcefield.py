@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..layout import FORCEFIELD_XML
+from ..units import in_kj_mol, in_nm
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
-FORCEFIELD_XML = "forcefield.xml"
 
 # Force groups, so energies can be reported per component.
 FORCE_GROUPS = {"HarmonicBondForce": 0, "HarmonicAngleForce": 1, "PeriodicTorsionForce": 2,
@@ -184,7 +186,7 @@ def _move_lj_to_geometric_force(system, nonbonded, ff: AAForceField, cutoff_nm: 
     sigma, epsilon = [], []
     for i in range(nonbonded.getNumParticles()):
         q, s, e = nonbonded.getParticleParameters(i)
-        s, e = s._value, e._value  # nm, kJ/mol
+        s, e = in_nm(s), in_kj_mol(e)
         sigma.append(s)
         epsilon.append(e)
         lj.addParticle([2.0 * math.sqrt(e) * s**6, 2.0 * math.sqrt(e) * s**3])
@@ -192,7 +194,7 @@ def _move_lj_to_geometric_force(system, nonbonded, ff: AAForceField, cutoff_nm: 
     for k in range(nonbonded.getNumExceptions()):
         i, j, qq, _, eps14 = nonbonded.getExceptionParameters(k)
         lj.addExclusion(i, j)
-        if eps14._value != 0.0 or qq._value != 0.0:  # a 1-4 pair; 1-2 and 1-3 pairs stay excluded
+        if in_kj_mol(eps14) != 0.0 or qq.value_in_unit(openmm.unit.elementary_charge**2) != 0.0:  # a 1-4 pair; 1-2 and 1-3 pairs stay excluded
             nonbonded.setExceptionParameters(k, i, j, qq, math.sqrt(sigma[i] * sigma[j]),
                                              ff.lj14_scale * math.sqrt(epsilon[i] * epsilon[j]))
     nonbonded.setUseDispersionCorrection(False)  # its epsilons are now zero; LJ's correction is below

@@ -26,9 +26,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .. import __version__
-from ..frames import FILENAME, FrameWriter, TopologyInfo
+from ..frames import FrameWriter, TopologyInfo
 from ..io import OutputDirError, check_output_dir, staging_dir, swap_in, write_marker
-from ..mapping.spec import make_molecules_whole, minimum_image
+from ..layout import FRAMES_H5, SUMMARY_JSON, TOPOLOGY_PDB
+from ..mapping.spec import make_molecules_whole
+from ..periodic import minimum_image
 
 SOURCES = ("gromacs", "lammps")
 GROMACS_SUFFIXES = (".trr",)
@@ -586,8 +588,8 @@ def import_trajectory(
         positions = unwrapper(np.stack(chunk.positions), np.stack(chunk.box))
         if writer is None:
             top.pdb = pdb_text(top, positions[0], chunk.box[0])
-            (staging / "topology.pdb").write_text(top.pdb)
-            writer = FrameWriter(staging / FILENAME, top, metadata, with_forces=True)
+            (staging / TOPOLOGY_PDB).write_text(top.pdb)
+            writer = FrameWriter(staging / FRAMES_H5, top, metadata, with_forces=True)
         for k in range(len(chunk.time)):
             writer.append(positions[k], chunk.box[k], chunk.time[k], forces=chunk.forces[k])
         chunk.positions.clear(), chunk.forces.clear(), chunk.box.clear(), chunk.time.clear()
@@ -615,9 +617,9 @@ def import_trajectory(
             "format": "openmm_cgnn.import/1", "n_frames": n_frames, "n_atoms": top.n_particles,
             "n_molecules": top.n_residues, "frames_without_forces_skipped": skipped,
             "atom_frames_reimaged": unwrapper.atoms_moved, "temperature_K": float(temperature_K),
-            "files": {"frames": FILENAME, "topology": "topology.pdb"}, **{k: metadata[k] for k in ("source", "unwrapped")},
+            "files": {"frames": FRAMES_H5, "topology": TOPOLOGY_PDB}, **{k: metadata[k] for k in ("source", "unwrapped")},
         }
-        (staging / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        (staging / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     except BaseException:
         if writer is not None:
             writer.close()

@@ -17,11 +17,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from ..layout import CHECKPOINT_CHK, NPT_JSON, RUN_JSON, SUMMARY_JSON
 from ..platforms import PlatformError, available_platforms, get_platform, platform_properties, versions  # noqa: F401  (aa API)
-from .builder import box_edge_nm
+from ..units import cube_edge_nm, in_amu
 from ..io import (CorruptFileError, check_output_dir, output_dir, read_marker, staging_path, verify_checksum,
                   write_text_atomic)
-from .stages import CHECKPOINT, NPT_JSON, AARunError, RunSettings, SingleRun, stdout_log
+from .stages import AARunError, RunSettings, SingleRun, stdout_log
 
 if TYPE_CHECKING:
     from ..liquids import Liquid
@@ -31,7 +32,6 @@ MIN_CUTOFF_NM = 0.4  # below this the truncated LJ and PME real-space sums are p
 # NPT may compress the start box by up to this density factor; the cutoff must stay below half
 # the compressed edge (OpenMM stops otherwise).
 MAX_COMPRESSION = 1.6
-RUN_JSON = "run.json"
 # Settings a resumed run must share with the original (production_ps may grow).
 RESUME_KEYS = {"composition": "the molecule counts (--liquid, --pairs, --units, --molecules, --residues)",
                "temperature_K": "--temperature",
@@ -148,7 +148,7 @@ def run_aa(out: str | Path, count: int | Mapping[str, int], temperatures: float 
             raise AARunError(f"{exc} (the failed run is in {staging_path(out)}; {out} is unchanged)") from None
         raise
     if multi:
-        return json.loads((out / "summary.json").read_text())
+        return json.loads((out / SUMMARY_JSON).read_text())
     summaries[0]["dir"] = str(out)
     return summaries[0]
 
@@ -202,8 +202,8 @@ def _start_box(ff: Any, composition: dict[str, int], count_text: str, count_opti
             topology, positions = build_box(ff, composition, start_density_kg_m3, seed=seed)
     except BoxBuildError as exc:
         raise AAInputError(f"--start-density: {exc}") from None
-    total_mass = sum(a.element.mass._value for a in topology.atoms())
-    start_edge = box_edge_nm(total_mass, start_density_kg_m3)
+    total_mass = sum(in_amu(a.element.mass) for a in topology.atoms())
+    start_edge = cube_edge_nm(total_mass, start_density_kg_m3)
     if cutoff_nm is None:
         cutoff_nm = auto_cutoff_nm(start_edge)
     _positive(cutoff_nm, "--cutoff-nm")
@@ -382,9 +382,9 @@ def _prepare_directory(out: Path, runs: dict[float, Path], settings: dict[float,
     exists = out.exists() and any(out.iterdir())
     if exists and resume:
         for run_dir in runs.values():  # a damaged checkpoint is found before anything is rewritten
-            if (run_dir / CHECKPOINT).exists():
+            if (run_dir / CHECKPOINT_CHK).exists():
                 try:
-                    verify_checksum(run_dir / CHECKPOINT, required=False)
+                    verify_checksum(run_dir / CHECKPOINT_CHK, required=False)
                 except CorruptFileError as exc:
                     raise AAInputError(f"{exc}; rerun with --overwrite") from None
         if read_marker(out) is None and not any((run_dir / RUN_JSON).exists() for run_dir in runs.values()):
@@ -415,4 +415,4 @@ def _write_parent_summary(out: Path, summaries: list[dict[str, Any]], temps: lis
               "charge_scale": first["charge_scale"], "complete": len(summaries) == len(temps),
               "runs": [{"temperature_K": s["temperature_K"], "dir": Path(s["dir"]).name,
                         "density_kg_m3": s["density_kg_m3"], "n_frames": s["n_frames"]} for s in summaries]}
-    write_text_atomic(out / "summary.json", json.dumps(parent, indent=2) + "\n")
+    write_text_atomic(out / SUMMARY_JSON, json.dumps(parent, indent=2) + "\n")

@@ -26,12 +26,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..io import CorruptFileError, atomic_checkpoint, atomic_path, verify_checksum, write_text_atomic
-from ..platforms import platform_properties
-from .builder import density_kg_m3
+from ..layout import CHECKPOINT_CHK, FRAMES_H5, NPT_DENSITY_CSV, NPT_JSON, SUMMARY_JSON, TOPOLOGY_PDB, TRAJECTORY_DCD
+from ..platforms import get_platform, platform_properties
+from ..units import density_kg_m3, in_amu, in_kj_mol, in_kj_mol_nm, in_nm, in_nm3, temperature_from_kinetic_K
 
-CHECKPOINT = "checkpoint.chk"
-NPT_DENSITY_CSV = "npt_density.csv"
-NPT_JSON = "npt.json"  # written when NPT ends: its density and error, what a rho(T) fit reads
 SAMPLE_EVERY_STEPS = 50  # NPT volume sampling; the barostat moves every 25 steps
 CHECKPOINT_EVERY_S = 60.0  # NPT checkpoints; production checkpoints at every frame
 REPORT_EVERY_S = 30.0  # progress lines at every 10 % of a stage, or at least this often
@@ -155,7 +153,7 @@ class SingleRun:
         self.ff = ff
         self.metadata = metadata
         self.log = log
-        masses = [a.element.mass._value for a in topology.atoms()]
+        masses = [in_amu(a.element.mass) for a in topology.atoms()]
         self.total_mass = float(np.sum(masses))
         self.molecules = [np.array([a.index for a in r.atoms()]) for r in topology.residues()]
         self.masses = np.array(masses)
@@ -179,7 +177,7 @@ class SingleRun:
 
         integrator = openmm.LangevinMiddleIntegrator(self.s.temperature_K, self.s.friction_per_ps, self.s.dt_ps)
         integrator.setRandomNumberSeed(self.s.openmm_seed(1))
-        platform = openmm.Platform.getPlatformByName(self.s.platform)
+        platform = get_platform(self.s.platform, check=False)
         properties = platform_properties(self.s.platform, self.device_index)
         return openmm.Context(self._system(barostat), integrator, platform, properties)
 
@@ -187,11 +185,11 @@ class SingleRun:
 
     def _save_checkpoint(self, context, progress: Progress) -> None:
         header = json.dumps(asdict(progress)).encode() + b"\n"
-        with atomic_checkpoint(self.dir / CHECKPOINT) as tmp:
+        with atomic_checkpoint(self.dir / CHECKPOINT_CHK) as tmp:
             tmp.write_bytes(header + context.createCheckpoint())
 
     def _load_checkpoint(self) -> tuple[Progress, bytes] | None:
-        path = self.dir / CHECKPOINT
+        path = self.dir / CHECKPOINT_CHK
         if not path.exists():
             return None
         try:
@@ -229,7 +227,7 @@ class SingleRun:
 
         cause = describe_os_error(exc) if isinstance(exc, OSError) else (str(exc).splitlines() or [""])[0]
         try:
-            write_json_atomic(self.dir / "summary.json", {
+            write_json_atomic(self.dir / SUMMARY_JSON, {
                 "kind": "aa", "status": f"failed: {type(exc).__name__}", "error": cause,
                 **self.s.unit_counts(), "composition": self.s.composition, "temperature_K": self.s.temperature_K})
         except OSError:
@@ -246,9 +244,9 @@ class SingleRun:
             try:
                 context.loadCheckpoint(chk)
             except Exception as exc:  # noqa: BLE001 - OpenMM raises several types for bad bytes
-                raise AARunError(f"{self.dir / CHECKPOINT}: corrupt checkpoint ({str(exc).splitlines()[0]}); "
+                raise AARunError(f"{self.dir / CHECKPOINT_CHK}: corrupt checkpoint ({str(exc).splitlines()[0]}); "
                                  "rerun with --overwrite") from None
-            self.log(f"{self._tag()} resumed from {self.dir / CHECKPOINT} at step {context.getStepCount()} "
+            self.log(f"{self._tag()} resumed from {self.dir / CHECKPOINT_CHK} at step {context.getStepCount()} "
                      f"({progress.stage}, {progress.frames_done} frames)")
         self._started = True
         if progress.stage == "npt":
@@ -268,9 +266,9 @@ class SingleRun:
 
         context = self._context(barostat=True)
         context.setPositions(self.initial_positions)
-        before = context.getState(getEnergy=True).getPotentialEnergy()._value
+        before = in_kj_mol(context.getState(getEnergy=True).getPotentialEnergy())
         openmm.LocalEnergyMinimizer.minimize(context, MINIMIZE_TOLERANCE, MINIMIZE_MAX_ITERATIONS)
-        after = context.getState(getEnergy=True).getPotentialEnergy()._value
+        after = in_kj_mol(context.getState(getEnergy=True).getPotentialEnergy())
         if not math.isfinite(after):
             raise AARunError(f"{self._tag()} energy is {after} after minimisation; lower the start density")
         self.log(f"{self._tag()} minimised: potential energy {before:.4g} -> {after:.4g} kJ/mol")
@@ -292,13 +290,13 @@ class SingleRun:
 
     def _report(self, context, stage: str, step: int, total: int, t0: float, steps0: int) -> None:
         state = context.getState(getEnergy=True)
-        volume = state.getPeriodicBoxVolume()._value
+        volume = in_nm3(state.getPeriodicBoxVolume())
         dof = 3 * self.masses.size - context.getSystem().getNumConstraints() - 3
-        temperature = 2 * state.getKineticEnergy()._value / (dof * 0.00831446261815324)
+        temperature = temperature_from_kinetic_K(in_kj_mol(state.getKineticEnergy()), dof)
         rate = (time.perf_counter() - t0) / max(step - steps0, 1) * 1000
         self.log(f"{self._tag()} {stage} {step * self.s.dt_ps:8.1f}/{total * self.s.dt_ps:.1f} ps  "
                  f"T {temperature:6.1f} K  rho {density_kg_m3(self.total_mass, volume):7.1f} kg/m3  "
-                 f"PE {state.getPotentialEnergy()._value:11.1f} kJ/mol  {rate:6.2f} ms/step")
+                 f"PE {in_kj_mol(state.getPotentialEnergy()):11.1f} kJ/mol  {rate:6.2f} ms/step")
 
     def _npt(self, context, progress: Progress) -> None:
         """NPT to ``npt_steps``, extended while the density drifts (up to ``max_npt_steps``); then npt.json."""
@@ -313,7 +311,7 @@ class SingleRun:
                 n = min(sample_every, total - step)
                 self._step(context, n)
                 step += n
-                progress.npt_volumes.append((step, context.getState().getPeriodicBoxVolume()._value))
+                progress.npt_volumes.append((step, in_nm3(context.getState().getPeriodicBoxVolume())))
                 if due(step):
                     self._report(context, "NPT", step, total, t0, steps0)
                 if time.perf_counter() - last_ckpt > CHECKPOINT_EVERY_S and step < total:
@@ -377,8 +375,8 @@ class SingleRun:
         volume = mean_volume * density_kg_m3(self.total_mass, mean_volume) / nvt_density["density_kg_m3"]
         edge = volume ** (1.0 / 3.0)
         state = context.getState(getPositions=True, getVelocities=True, enforcePeriodicBox=False)
-        positions = state.getPositions(asNumpy=True)._value
-        old_edge = state.getPeriodicBoxVectors()[0][0]._value
+        positions = in_nm(state.getPositions(asNumpy=True))
+        old_edge = in_nm(state.getPeriodicBoxVectors()[0][0])
         # NPT boxes stay cubic (isotropic barostat); whole molecules move with their centre.
         for atoms in self.molecules:
             centre = self.masses[atoms] @ positions[atoms] / self.masses[atoms].sum()
@@ -410,12 +408,12 @@ class SingleRun:
     # ------------------------------------------------------------------ production
 
     def _production(self, context, progress: Progress) -> None:
-        from openmm_cgnn.frames import FILENAME, FrameWriter, TopologyInfo
+        from openmm_cgnn.frames import FrameWriter, TopologyInfo
 
-        frames_path = self.dir / FILENAME
+        frames_path = self.dir / FRAMES_H5
         state = context.getState(getPositions=True, enforcePeriodicBox=False)
         self.topology.setPeriodicBoxVectors(state.getPeriodicBoxVectors())
-        if not frames_path.exists() or not (self.dir / "topology.pdb").exists():
+        if not frames_path.exists() or not (self.dir / TOPOLOGY_PDB).exists():
             self._write_topology_pdb(state)
         info = TopologyInfo.from_openmm(self.topology, context.getSystem(), state.getPositions())
         npt = density_convergence(self._npt_densities(progress))
@@ -456,11 +454,11 @@ class SingleRun:
         # forces are applied inside the integrator's step, so neither is part of these forces.
         state = context.getState(getPositions=True, getForces=True, getEnergy=True, enforcePeriodicBox=False)
         writer.append(
-            positions=state.getPositions(asNumpy=True)._value,
-            box=np.array(state.getPeriodicBoxVectors()._value),
+            positions=in_nm(state.getPositions(asNumpy=True)),
+            box=np.array(in_nm(state.getPeriodicBoxVectors())),
             time=frame_number * self.s.save_every_ps,
-            forces=state.getForces(asNumpy=True)._value,
-            potential_energy=state.getPotentialEnergy()._value,
+            forces=in_kj_mol_nm(state.getForces(asNumpy=True)),
+            potential_energy=in_kj_mol(state.getPotentialEnergy()),
         )
 
     def _write_topology_pdb(self, state) -> None:
@@ -470,7 +468,7 @@ class SingleRun:
 
         out = io.StringIO()
         PDBFile.writeFile(self.topology, state.getPositions(), out)
-        write_text_atomic(self.dir / "topology.pdb", out.getvalue())
+        write_text_atomic(self.dir / TOPOLOGY_PDB, out.getvalue())
 
     def _write_dcd(self) -> None:
         """trajectory.dcd from frames.h5 (the frames file is the record; the DCD is derived).
@@ -483,7 +481,7 @@ class SingleRun:
         from openmm_cgnn.frames import read_frames
 
         frames = read_frames(self.dir)
-        with atomic_path(self.dir / "trajectory.dcd") as tmp, open(tmp, "wb") as handle:
+        with atomic_path(self.dir / TRAJECTORY_DCD) as tmp, open(tmp, "wb") as handle:
             dcd = DCDFile(handle, self.topology, self.s.dt_ps, firstStep=self.s.steps_per_frame,
                           interval=self.s.steps_per_frame)
             for positions, box in zip(frames.positions, frames.box):
@@ -516,10 +514,10 @@ class SingleRun:
             "production_ps": progress.frames_done * self.s.save_every_ps,
             "save_every_ps": self.s.save_every_ps,
             "forcefield": self.s.forcefield,
-            "files": {"frames": "frames.h5", "topology": "topology.pdb", "trajectory": "trajectory.dcd",
-                      "npt_density": NPT_DENSITY_CSV, "checkpoint": CHECKPOINT},
+            "files": {"frames": FRAMES_H5, "topology": TOPOLOGY_PDB, "trajectory": TRAJECTORY_DCD,
+                      "npt_density": NPT_DENSITY_CSV, "checkpoint": CHECKPOINT_CHK},
         }
-        write_text_atomic(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(self.dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
         return summary
 
 

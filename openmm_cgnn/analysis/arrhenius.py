@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-GAS_CONSTANT_KJ_MOL_K = 8.314462618e-3
+from ..units import MOLAR_GAS_CONSTANT_KJ_MOL_K
 NOT_ENOUGH_TEMPERATURES = "not enough temperatures"
 
 
@@ -29,7 +29,7 @@ class ArrheniusFit:
         """D (m^2/s) of the fitted law at the given temperatures."""
         if self.status != "ok":
             raise ValueError(f"no Arrhenius law to evaluate: {self.reason}")
-        return self.D0_m2_s * np.exp(-self.Ea_kJ_mol / (GAS_CONSTANT_KJ_MOL_K * np.asarray(temperature_K)))
+        return self.D0_m2_s * np.exp(-self.Ea_kJ_mol / (MOLAR_GAS_CONSTANT_KJ_MOL_K * np.asarray(temperature_K)))
 
 
 def fit_arrhenius(
@@ -80,8 +80,8 @@ def fit_arrhenius(
     return ArrheniusFit(
         status="ok",
         reason=None,
-        Ea_kJ_mol=float(-coeffs[1] * GAS_CONSTANT_KJ_MOL_K),
-        Ea_err_kJ_mol=float(errors[1] * GAS_CONSTANT_KJ_MOL_K),
+        Ea_kJ_mol=float(-coeffs[1] * MOLAR_GAS_CONSTANT_KJ_MOL_K),
+        Ea_err_kJ_mol=float(errors[1] * MOLAR_GAS_CONSTANT_KJ_MOL_K),
         D0_m2_s=float(np.exp(coeffs[0])),
         ln_D0_err=float(errors[0]),
         temperatures_K=T.tolist(),

@@ -13,9 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .periodic import orthorhombic_lengths
-
-AMU_PER_NM3_TO_KG_PER_M3 = 1.66053906660  # 1 amu/nm^3 = 1.6605 kg/m^3
+from ..units import density_kg_m3
+from ..periodic import orthorhombic_lengths
 
 
 def hill_formula(elements: Sequence[str]) -> str:
@@ -120,7 +119,7 @@ def block_standard_error(values: Sequence[float], n_blocks: int) -> float | None
 def run_density(total_mass_amu: float, box: np.ndarray, n_blocks: int = 5) -> DensityResult:
     """Mean mass density of a run from its box volumes, with a block-average error."""
     lengths = orthorhombic_lengths(box)
-    density = total_mass_amu * AMU_PER_NM3_TO_KG_PER_M3 / np.prod(lengths, axis=1)
+    density = density_kg_m3(total_mass_amu, np.prod(lengths, axis=1))
     fixed = bool(np.ptp(density) <= 1e-9 * density.mean())
     err = 0.0 if fixed else block_standard_error(density, n_blocks)
     return DensityResult(float(density.mean()), err, fixed, int(density.size))

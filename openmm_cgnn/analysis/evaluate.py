@@ -24,10 +24,11 @@ import numpy as np
 from ..frames import evenly_spaced
 from ..io import check_output_dir, output_dir, write_json_atomic
 from . import plots
+from ..layout import METRICS_JSON, REPORT_MD
 from .arrhenius import fit_arrhenius
 from .density import composition, find_experimental_density, run_density
 from .msd import DiffusionResult, MSDCurve, fit_diffusion, frame_interval, msd_curve, remove_drift, unwrap
-from .periodic import orthorhombic_lengths
+from ..periodic import orthorhombic_lengths
 from .rdf import first_peak, max_rdf_range, radial_distribution, rdf_error, rdf_noise_floor
 from .structure import MoleculeCentres, bond_angles, bond_lengths, bonded_terms, compare_distributions, molecule_centres
 
@@ -678,7 +679,7 @@ def evaluate(
     # Every number is known: now write, beside an old report that is swapped out at the end.
     with output_dir(out_dir, "report", replace) as work:
         metrics = _write_outputs(work, metrics, msd_series, arrhenius_series, figures, reference, density_points, runs)
-    say(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'report.md'} and {len(metrics['plots'])} plots")
+    say(f"wrote {out_dir / METRICS_JSON}, {out_dir / REPORT_MD} and {len(metrics['plots'])} plots")
     return metrics
 
 
@@ -699,6 +700,6 @@ def _write_outputs(out_dir: Path, metrics: dict, msd_series: dict, arrhenius_ser
         written.append(plots.plot_density(out_dir / "density.png", reference, density_points))
     metrics["plots"] = [p.name for p in written]
     metrics = _jsonable(metrics)
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    write_report(out_dir / "report.md", metrics)
+    write_json_atomic(out_dir / METRICS_JSON, metrics)
+    write_report(out_dir / REPORT_MD, metrics)
     return metrics

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .periodic import orthorhombic_lengths
+from ..units import BOLTZMANN_J_K
+from ..periodic import minimum_image_orthorhombic, orthorhombic_lengths
 
-BOLTZMANN_J_K = 1.380649e-23
 YEH_HUMMER_XI = 2.837297  # cubic-lattice constant of the finite-size correction
 NM2_PER_PS_TO_M2_PER_S = 1e-6
 NOT_CONVERGED = "not converged"
@@ -33,7 +33,7 @@ def unwrap(positions: np.ndarray, box: np.ndarray) -> np.ndarray:
     if positions.ndim != 3 or positions.shape[0] != lengths.shape[0]:
         raise ValueError(f"unwrap: positions {positions.shape} do not match box frames {lengths.shape[0]}")
     steps = np.diff(positions, axis=0)
-    steps -= lengths[1:, None, :] * np.round(steps / lengths[1:, None, :])
+    steps = minimum_image_orthorhombic(steps, lengths[1:, None, :])
     out = np.empty_like(positions)
     out[0] = positions[0]
     np.cumsum(steps, axis=0, out=out[1:])

@@ -150,7 +150,7 @@ def plot_arrhenius(path: Path, data: dict[str, dict[str, ArrheniusSeries]],
     Thin grey lines mark every temperature that was run, so a temperature without a point reads
     as "D not converged there" rather than as never simulated.
     """
-    from .arrhenius import GAS_CONSTANT_KJ_MOL_K
+    from ..units import MOLAR_GAS_CONSTANT_KJ_MOL_K
 
     plt, fig, axes = _grid(len(data), panel_size=(4.6, 3.8))
     run_x = 1000.0 / np.asarray(sorted(set(run_temperatures_K)), dtype=float)
@@ -166,7 +166,7 @@ def plot_arrhenius(path: Path, data: dict[str, dict[str, ArrheniusSeries]],
             if s.Ea_kJ_mol is not None:
                 label = f"{name}: $E_a$ = {s.Ea_kJ_mol:.1f} ± {s.Ea_err_kJ_mol:.1f} kJ/mol"
                 grid = np.linspace(x.min(), x.max(), 50)
-                ax.plot(grid, s.D0_m2_s * np.exp(-s.Ea_kJ_mol * grid / (1000 * GAS_CONSTANT_KJ_MOL_K)),
+                ax.plot(grid, s.D0_m2_s * np.exp(-s.Ea_kJ_mol * grid / (1000 * MOLAR_GAS_CONSTANT_KJ_MOL_K)),
                         linewidth=1.2, **style)
             else:
                 label = f"{name}: no fit (too few temperatures)"

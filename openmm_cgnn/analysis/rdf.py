@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .periodic import orthorhombic_lengths
+from ..periodic import minimum_image_orthorhombic, orthorhombic_lengths
 
 # Upper bound on the (chunk, Na, Nb, 3) displacement array, in float64 elements.
 _CHUNK_ELEMENTS = 8_000_000
@@ -103,7 +103,7 @@ def radial_distribution(
         # Broadcasting all A-B pairs and masking afterwards beats gathering the kept pairs.
         delta = a32[start:stop, :, None, :] - b32[start:stop, None, :, :]
         box_edge = edge[start:stop, None, None, :]
-        delta -= box_edge * np.round(delta / box_edge)
+        delta = minimum_image_orthorhombic(delta, box_edge)
         distance = np.sqrt(np.einsum("...k,...k->...", delta, delta))
         distance = distance.reshape(stop - start, -1) if all_pairs else distance[:, keep]
         bins = (distance * np.float32(1.0 / bin_width)).astype(np.int32).ravel()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .periodic import minimum_image, orthorhombic_lengths
+from ..periodic import minimum_image_orthorhombic, orthorhombic_lengths
 
 if TYPE_CHECKING:
     from ..mapping.spec import CGFrames
@@ -95,7 +95,7 @@ def bonded_terms(cg: "CGFrames") -> tuple[dict[str, np.ndarray], dict[str, np.nd
 def bond_lengths(cg: "CGFrames", pairs: np.ndarray) -> np.ndarray:
     """All lengths (nm) of the given bead pairs over all frames, flattened."""
     lengths = orthorhombic_lengths(cg.box)[:, None, :]
-    delta = minimum_image(cg.positions[:, pairs[:, 1]].astype(np.float64) - cg.positions[:, pairs[:, 0]], lengths)
+    delta = minimum_image_orthorhombic(cg.positions[:, pairs[:, 1]].astype(np.float64) - cg.positions[:, pairs[:, 0]], lengths)
     return np.linalg.norm(delta, axis=-1).ravel()
 
 
@@ -103,8 +103,8 @@ def bond_angles(cg: "CGFrames", triplets: np.ndarray) -> np.ndarray:
     """All angles (degrees) i-j-k of the given bead triplets over all frames, flattened."""
     lengths = orthorhombic_lengths(cg.box)[:, None, :]
     centre = cg.positions[:, triplets[:, 1]].astype(np.float64)
-    u = minimum_image(cg.positions[:, triplets[:, 0]] - centre, lengths)
-    v = minimum_image(cg.positions[:, triplets[:, 2]] - centre, lengths)
+    u = minimum_image_orthorhombic(cg.positions[:, triplets[:, 0]] - centre, lengths)
+    v = minimum_image_orthorhombic(cg.positions[:, triplets[:, 2]] - centre, lengths)
     cosine = np.einsum("fpk,fpk->fp", u, v) / (np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1))
     return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))).ravel()
 

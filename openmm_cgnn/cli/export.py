@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from . import CLIError
-from .simulate import _user_errors, add_system_arguments, cg_system_from_args
+from ..layout import CHECKPOINT_PT, MAPPING_JSON, README_MD
+from .simulate import add_system_arguments, cg_system_from_args, user_errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,16 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..frames import read_frames
     from ..io import check_output_dir
-    from ..mapping.spec import Mapping
+    from ..mapping.spec import CGMapping
     from ..model.checkpoint import check_model_mapping
     from ..openmm.export import export_forcefield
 
-    if not (args.model.is_dir() and (args.model / "checkpoint.pt").exists()):
+    if not (args.model.is_dir() and (args.model / CHECKPOINT_PT).exists()):
         raise CLIError(f"{args.model}: not a model directory (no checkpoint.pt)")
     check_output_dir(args.out, "export", overwrite=args.overwrite)  # before any compute
     try:
-        mapping = Mapping.load(args.model / "mapping.json")
-        check_model_mapping(args.model, mapping.sha256(), args.model / "mapping.json")
+        mapping = CGMapping.load(args.model / MAPPING_JSON)
+        check_model_mapping(args.model, mapping.sha256(), args.model / MAPPING_JSON)
         cg = cg_system_from_args(args, mapping, args.model)
         temperature = args.temperature
         if temperature is None and args.from_aa is not None:
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         out = export_forcefield(args.model, cg, args.out, temperature=temperature, prior=args.prior, overwrite=args.overwrite,
                                 minimize=args.from_aa is None, platform=args.platform,
                                 constrain_bonds=args.constrain_bonds)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         raise CLIError(str(exc)) from None
-    print(f"exported the force field for {cg.n_beads} beads to {out} (see {out / 'README.md'})")
+    print(f"exported the force field for {cg.n_beads} beads to {out} (see {out / README_MD})")
     return 0

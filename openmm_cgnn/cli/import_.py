@@ -72,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
     residue_map = parse_residue_map(args.residue_map)
     mapping = None
     if args.mapping is not None:
-        from ..mapping.spec import Mapping, MappingError
+        from ..mapping.spec import CGMapping, MappingError
 
         try:
-            mapping = Mapping.load(args.mapping)
+            mapping = CGMapping.load(args.mapping)
         except (MappingError, OSError, ValueError) as exc:
             raise CLIError(f"--mapping: {exc}") from None
     try:

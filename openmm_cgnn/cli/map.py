@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..io import check_output_dir, output_dir, write_json_atomic
 from . import CLIError, torch_device
+from ..layout import MAPPING_JSON, MAPPING_REPORT_JSON
 
 _BEAD_ITEM = re.compile(r"^\s*([A-Za-z0-9_+\-]+)\s*=\s*(\d+)\s*$")
 
@@ -114,13 +115,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from exc
 
     with output_dir(out, "mapping", replace) as work:
-        mapping.save(work / "mapping.json")
+        mapping.save(work / MAPPING_JSON)
         for name, residue_report in report["residues"].items():
             plot_losses(name, residue_report, work / f"loss_{name}.png", rho=args.rho)
             plot_assignment(name, residue_report, work / f"assignment_{name}.png")
         report["max_frames"] = args.max_frames
         report["force_map"] = force_report
-        write_json_atomic(work / "mapping_report.json", report)
+        write_json_atomic(work / MAPPING_REPORT_JSON, report)
     for name, rm in mapping.residues.items():
         final = report["residues"][name]["final"]
         print(f"{name}: loss {final['loss']:.4f} (rec {final['rec']:.4f}, inst {final['inst']:.4f})")
@@ -131,5 +132,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"  mean squared mapped force: summed map {fm['mean_squared_force_sum']:.4g}, optimal map "
               f"{fm['mean_squared_force_optimal']:.4g} (kJ/mol/nm)^2 per bead, ratio "
               f"{'n/a' if ratio is None else format(ratio, '.3f')} over {fm['n_samples']} molecules x frames")
-    print(f"wrote {out / 'mapping.json'} and mapping_report.json, loss_*.png, assignment_*.png in {report['seconds']:.1f} s")
+    print(f"wrote {out / MAPPING_JSON} and {MAPPING_REPORT_JSON}, loss_*.png, assignment_*.png in {report['seconds']:.1f} s")
     return 0

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from . import CLIError
+from ..layout import CHECKPOINT_PT, MAPPING_JSON, MODEL_PT, PRIOR_JSON, SUMMARY_JSON
 
 # Errors that mean "the inputs are wrong" and print as one line.
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
     from ..frames import FramesError
     from ..mapping.spec import MappingError
     from ..openmm.export import ExportError
@@ -53,12 +54,12 @@ def add_system_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_forcefield(path: Path) -> tuple[Path, Path]:
     """(model source for CGNNForce, mapping.json): a model directory, an export directory or a model.pt."""
-    if path.is_dir() and (path / "checkpoint.pt").exists():
-        return path, path / "mapping.json"
-    if path.is_dir() and (path / "model.pt").exists():
-        return path / "model.pt", path / "mapping.json"
+    if path.is_dir() and (path / CHECKPOINT_PT).exists():
+        return path, path / MAPPING_JSON
+    if path.is_dir() and (path / MODEL_PT).exists():
+        return path / MODEL_PT, path / MAPPING_JSON
     if path.is_file() and path.suffix == ".pt":
-        return path, path.with_name("mapping.json")
+        return path, path.with_name(MAPPING_JSON)
     raise CLIError(f"{path}: not a model directory (checkpoint.pt), an export directory (model.pt) or a model.pt file")
 
 
@@ -91,7 +92,7 @@ def _prior_bond_lengths(source: Path, mapping: Any) -> dict | None:
     from ..openmm.prior_forces import bond_lengths, load_prior
 
     folder = source if source.is_dir() else source.parent
-    path = folder / "prior.json"
+    path = folder / PRIOR_JSON
     return bond_lengths(load_prior(path, mapping.bead_type_names)) if path.exists() else None
 
 
@@ -99,7 +100,7 @@ def dt_of_run(run_dir: Path) -> float:
     """The time step a finished CG run used (``--dt-from``)."""
     import json
 
-    path = run_dir / "summary.json"
+    path = run_dir / SUMMARY_JSON
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     except SimulationUnstable as exc:
         print(f"openmm-cgnn simulate: {exc}", file=sys.stderr)
         return 3
-    except _user_errors() as exc:
+    except user_errors() as exc:
         raise CLIError(str(exc)) from None
     s = result.summary
     print(f"CG run finished: {s['steps_done']} steps of {s['dt_fs']:g} fs, {s['n_frames']} frames in {result.out_dir}")

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..layout import FORCEFIELD_XML
+
 FORMAT = "openmm_cgnn.liquid/1"
 LIQUIDS_DIR = Path(__file__).resolve().parent
 SIZES = ("quick", "cpu", "full")
@@ -148,7 +150,7 @@ def _parse(path: Path, data: Any) -> Liquid:
     if not isinstance(ff, dict) or not isinstance(ff.get("dir"), str):
         raise fail("forcefield.dir", "must be a directory (relative to the liquid file) holding forcefield.xml")
     forcefield_dir = (path.parent / ff["dir"]).resolve()
-    if not (forcefield_dir / "forcefield.xml").exists():
+    if not (forcefield_dir / FORCEFIELD_XML).exists():
         raise fail("forcefield.dir", f"{forcefield_dir} has no forcefield.xml (see python -m openmm_cgnn.liquids)")
 
     raw = data["molecules"]
@@ -221,7 +223,7 @@ def residue_formulae(forcefield_dir: Path, residues: Sequence[str], where: str =
     """Hill formula of each residue template in ``forcefield_dir/forcefield.xml`` (no OpenMM needed)."""
     from ..analysis.density import hill_formula
 
-    xml_path = Path(forcefield_dir) / "forcefield.xml"
+    xml_path = Path(forcefield_dir) / FORCEFIELD_XML
     try:
         root = ET.parse(xml_path).getroot()
     except (OSError, ET.ParseError) as exc:

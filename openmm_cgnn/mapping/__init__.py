@@ -3,6 +3,7 @@
 from .spec import (  # noqa: F401
     Bead,
     CGFrames,
+    CGMapping,
     Mapping,
     MappingError,
     ResidueMapping,
@@ -10,6 +11,5 @@ from .spec import (  # noqa: F401
     cg_frames_from_cg_run,
     load_cg_frames,
     make_molecules_whole,
-    minimum_image,
 )
-from .learn import learn_mapping  # noqa: F401,E402  (the CGAE: learns a Mapping from AA frames)
+from .learn import learn_mapping  # noqa: F401,E402  (the CGAE: learns a CGMapping from AA frames)

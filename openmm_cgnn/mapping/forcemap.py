@@ -29,7 +29,7 @@ import numpy as np
 
 from ..frames import Frames
 from .discretize import atom_groups, is_hydrogen
-from .spec import Mapping, MappingError, ResidueMapping
+from .spec import CGMapping, MappingError, ResidueMapping
 
 FORCE_MAPS = ("optimal", "sum")
 # Relative ridge on the Gram matrix: keeps the KKT system solvable when force samples are linearly
@@ -101,7 +101,7 @@ def mean_squared_force(weights: np.ndarray, samples: ForceSamples) -> float:
     return float(np.trace(weights @ samples.gram @ weights.T) / (samples.n_samples * len(weights)))
 
 
-def collect_force_samples(mapping: Mapping, frames_list: Sequence[Frames], chunk: int = 64) -> "OrderedDict[str, ForceSamples]":
+def collect_force_samples(mapping: CGMapping, frames_list: Sequence[Frames], chunk: int = 64) -> "OrderedDict[str, ForceSamples]":
     """Force Gram matrices per residue type of ``mapping`` over every molecule of every frame of every run."""
     from .learn import residue_templates
 
@@ -136,7 +136,7 @@ def collect_force_samples(mapping: Mapping, frames_list: Sequence[Frames], chunk
     return found
 
 
-def fit_force_map(mapping: Mapping, frames_list: Sequence[Frames]) -> tuple[Mapping, dict]:
+def fit_force_map(mapping: CGMapping, frames_list: Sequence[Frames]) -> tuple[CGMapping, dict]:
     """The mapping with each residue's optimal force map stored, and a report per residue.
 
     The report gives the mean squared mapped force of the summed and the optimal map over the
@@ -153,4 +153,4 @@ def fit_force_map(mapping: Mapping, frames_list: Sequence[Frames]) -> tuple[Mapp
         residues[name] = ResidueMapping(residue.atoms, residue.beads, residue.bead_bonds, force_weights=weights,
                                         force_map_info=info)
         report[name] = {**info, "ratio_optimal_to_sum": optimal / summed if summed > 0 else None}
-    return Mapping(residues=residues, training=mapping.training), report
+    return CGMapping(residues=residues, training=mapping.training), report

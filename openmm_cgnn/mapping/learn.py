@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping as MappingType, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from ..frames import Frames
 from ..progress import progress_bar
 from .cgae import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_RHO, CGAEConfig, evaluate_assignment, train_cgae
 from .discretize import DiscretizationError, atom_groups, beads_by_first_atom, discretize, is_hydrogen
-from .spec import Mapping, MappingError, ResidueMapping, make_molecules_whole
+from .spec import CGMapping, MappingError, ResidueMapping, make_molecules_whole
 
 DEFAULT_RESTARTS = 3
 DEFAULT_MAX_SAMPLES = 2048
@@ -99,7 +99,7 @@ def residue_templates(frames: Frames) -> "OrderedDict[str, tuple[ResidueTemplate
     return OrderedDict((name, (t, np.stack(m))) for name, (t, m) in found.items())
 
 
-def check_bead_counts(templates: MappingType[str, ResidueTemplate], beads_per_residue: MappingType[str, int]) -> None:
+def check_bead_counts(templates: Mapping[str, ResidueTemplate], beads_per_residue: Mapping[str, int]) -> None:
     present = ", ".join(f"{n} ({t.n_atoms} atoms)" for n, t in templates.items())
     unknown = [name for name in beads_per_residue if name not in templates]
     if unknown:
@@ -261,7 +261,7 @@ def learn_residue(
 
 def learn_mapping(
     frames_list: Sequence[Frames],
-    beads_per_residue: MappingType[str, int],
+    beads_per_residue: Mapping[str, int],
     epochs: int = DEFAULT_EPOCHS,
     seed: int = 0,
     restarts: int = DEFAULT_RESTARTS,
@@ -273,7 +273,7 @@ def learn_mapping(
     tie_hydrogens: bool = True,
     log: Callable[[str], None] | None = None,
     progress: bool = False,
-) -> tuple[Mapping, dict[str, Any]]:
+) -> tuple[CGMapping, dict[str, Any]]:
     """Learn a mapping for every residue type in ``frames_list`` (AA frames with forces).
 
     ``beads_per_residue`` must name every residue type present (no silent defaults). Returns the
@@ -314,4 +314,4 @@ def learn_mapping(
         "residues": {n: {"chosen_seed": r["chosen_seed"], "final": r["final"], "repairs": r["repairs"]}
                      for n, r in residue_reports.items()},
     }
-    return Mapping(residues=residues, training=training), report
+    return CGMapping(residues=residues, training=training), report

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..frames import Frames, FramesError, read_frames
+from ..layout import MAPPING_JSON
+from ..periodic import minimum_image
 
 FORMAT = "openmm_cgnn.mapping/2"
 # Version 1 had no force maps; it reads as a mapping whose residues all use the summed map.
@@ -114,7 +116,9 @@ class ResidueMapping:
 
 
 @dataclass
-class Mapping:
+class CGMapping:
+    """The contents of ``mapping.json``: for each residue, its beads and bead bonds (docs/contracts.md section 2)."""
+
     residues: "OrderedDict[str, ResidueMapping]"
     training: dict[str, Any] = field(default_factory=dict)
     source: str = field(default="mapping", compare=False)  # the file it was read from, for messages
@@ -173,7 +177,7 @@ class Mapping:
         return write_json_atomic(path, self.to_dict())
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "mapping") -> "Mapping":
+    def from_dict(cls, data: dict[str, Any], source: str = "mapping") -> "CGMapping":
         if not isinstance(data, dict):
             raise MappingError(f"{source}: expected a JSON object with 'format' and 'residues', got {type(data).__name__}")
         if data.get("format") not in READABLE_FORMATS:
@@ -205,10 +209,10 @@ class Mapping:
         return cls(residues=residues, training=dict(data.get("training", {})), source=source)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Mapping":
+    def load(cls, path: str | Path) -> "CGMapping":
         path = Path(path)
         if path.is_dir():
-            path = path / "mapping.json"
+            path = path / MAPPING_JSON
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError as exc:
@@ -216,6 +220,10 @@ class Mapping:
         except json.JSONDecodeError as exc:
             raise MappingError(f"{path}: not valid JSON ({exc})") from exc
         return cls.from_dict(data, source=str(path))
+
+
+# The short name of older code; new code says CGMapping, which does not shadow typing.Mapping.
+Mapping = CGMapping
 
 
 @dataclass
@@ -284,22 +292,6 @@ class CGFrames:
         )
 
 
-def minimum_image(delta: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """Shortest periodic image of displacement vectors.
-
-    ``delta`` is (F, ..., 3) and ``box`` (F, 3, 3) with rows a, b, c in OpenMM's reduced form
-    (a along x, b in the xy plane), so subtracting c, then b, then a is exact for orthorhombic boxes
-    and OpenMM's own convention for triclinic ones.
-    """
-    d = np.array(delta, dtype=np.float64, copy=True)
-    b = np.asarray(box, dtype=np.float64).reshape((box.shape[0],) + (1,) * (d.ndim - 2) + (3, 3))
-    for axis in (2, 1, 0):
-        vec = b[..., axis, :]
-        shift = np.round(d[..., axis] / vec[..., axis])
-        d -= shift[..., None] * vec
-    return d
-
-
 def make_molecules_whole(positions: np.ndarray, box: np.ndarray, residue_index: np.ndarray, bonds: np.ndarray) -> np.ndarray:
     """Rebuild each molecule from its first atom outward along bonds, each bond by minimum image.
 
@@ -339,14 +331,14 @@ def make_molecules_whole(positions: np.ndarray, box: np.ndarray, residue_index: 
     return whole
 
 
-def _check_bead_mass(mapping: Mapping, residue: str, bead: Bead, run_mass: float, path: Any) -> None:
+def _check_bead_mass(mapping: CGMapping, residue: str, bead: Bead, run_mass: float, path: Any) -> None:
     """A mapping that records bead masses must agree with the run's (else it belongs to other molecules)."""
     if bead.mass > 0 and abs(bead.mass - run_mass) > 1e-3 + 1e-5 * run_mass:
         raise MappingError(f"{mapping.source}: bead '{residue}:{bead.name}' has 'mass' {bead.mass:g} amu, but it (its atoms) "
                            f"weigh {run_mass:g} amu in {path}; the mapping does not belong to these runs")
 
 
-def _resolve_force_map(mapping: Mapping, force_map: str | None, source: Any) -> bool:
+def _resolve_force_map(mapping: CGMapping, force_map: str | None, source: Any) -> bool:
     """True when the stored per-residue force maps are used, False for the summed map."""
     if force_map is None:
         return mapping.has_force_map
@@ -361,7 +353,7 @@ def _resolve_force_map(mapping: Mapping, force_map: str | None, source: Any) -> 
     raise MappingError(f"force map must be 'optimal' or 'sum', got {force_map!r}")
 
 
-def _bead_matrices(mapping: Mapping, frames: Frames, stored_force_map: bool = False):
+def _bead_matrices(mapping: CGMapping, frames: Frames, stored_force_map: bool = False):
     """Sparse (M, N) matrices for centre of mass, bead membership and the force map, plus per-bead bookkeeping."""
     from scipy import sparse
 
@@ -426,7 +418,7 @@ def _bead_matrices(mapping: Mapping, frames: Frames, stored_force_map: bool = Fa
             np.array(bonds, dtype=np.int64).reshape(-1, 2))
 
 
-def apply_mapping(mapping: Mapping, frames: Frames, force_map: str | None = None) -> CGFrames:
+def apply_mapping(mapping: CGMapping, frames: Frames, force_map: str | None = None) -> CGFrames:
     """Map all-atom frames to beads: centre-of-mass positions, mapped forces, summed masses.
 
     ``force_map``: ``"optimal"`` (the mapping's stored force map; an error if it has none),
@@ -440,21 +432,31 @@ def apply_mapping(mapping: Mapping, frames: Frames, force_map: str | None = None
     positions = _sparse_apply(com, whole)
     forces = None
     if frames.forces is not None:
-        forces = _sparse_apply(force_matrix, frames.forces.astype(np.float64)).astype(np.float32)
+        forces = _sparse_apply(force_matrix, frames.forces.astype(np.float64))
+    return _cg_frames(mapping, frames, positions, forces, bead_type, bead_name, residue_name,
+                      molecule_index=np.array(molecule_index, dtype=np.int64),
+                      masses=np.asarray(member @ top.mass).ravel(), bonds=bonds,
+                      force_map="optimal" if stored else "sum")
+
+
+def _cg_frames(mapping: CGMapping, frames: Frames, positions: np.ndarray, forces: np.ndarray | None,
+               bead_type: list[int], bead_name: list[str], residue_name: list[str], *, molecule_index: np.ndarray,
+               masses: np.ndarray, bonds: np.ndarray, force_map: str) -> CGFrames:
+    """CGFrames of these beads on ``frames``' time axis (box, time, temperature); float32 positions and forces."""
     return CGFrames(
         positions=positions.astype(np.float32),
-        forces=forces,
+        forces=None if forces is None else forces.astype(np.float32),
         box=frames.box.astype(np.float64),
         time=frames.time,
         temperature_K=np.full(frames.n_frames, frames.temperature_K),
         bead_type=np.array(bead_type, dtype=np.int64),
         bead_type_names=mapping.bead_type_names,
         bead_name=bead_name,
-        molecule_index=np.array(molecule_index, dtype=np.int64),
+        molecule_index=molecule_index,
         residue_name=residue_name,
-        masses=np.asarray(member @ top.mass).ravel(),
+        masses=masses,
         bonds=bonds,
-        force_map="optimal" if stored else "sum",
+        force_map=force_map,
     )
 
 
@@ -464,7 +466,7 @@ def _sparse_apply(matrix: Any, values: np.ndarray) -> np.ndarray:
     return np.asarray(matrix @ flat).reshape(-1, f, d).transpose(1, 0, 2)
 
 
-def cg_frames_from_cg_run(mapping: Mapping, frames: Frames) -> CGFrames:
+def cg_frames_from_cg_run(mapping: CGMapping, frames: Frames) -> CGFrames:
     """Read a CG run (particles are beads) into CGFrames, checking it against the mapping."""
     top = frames.topology
     bead_type, bead_name, residue_name, bonds = [], [], [], []
@@ -484,24 +486,12 @@ def cg_frames_from_cg_run(mapping: Mapping, frames: Frames) -> CGFrames:
         bead_type += [mapping.bead_type_index(name, k) for k in range(len(names))]
         bead_name += names
         residue_name += [name] * len(names)
-    return CGFrames(
-        positions=frames.positions.astype(np.float32),
-        forces=None if frames.forces is None else frames.forces.astype(np.float32),
-        box=frames.box.astype(np.float64),
-        time=frames.time,
-        temperature_K=np.full(frames.n_frames, frames.temperature_K),
-        bead_type=np.array(bead_type, dtype=np.int64),
-        bead_type_names=mapping.bead_type_names,
-        bead_name=bead_name,
-        molecule_index=top.residue_index.copy(),
-        residue_name=residue_name,
-        masses=top.mass.copy(),
-        bonds=np.array(bonds, dtype=np.int64).reshape(-1, 2),
-        force_map="cg",
-    )
+    return _cg_frames(mapping, frames, frames.positions, frames.forces, bead_type, bead_name, residue_name,
+                      molecule_index=top.residue_index.copy(), masses=top.mass.copy(),
+                      bonds=np.array(bonds, dtype=np.int64).reshape(-1, 2), force_map="cg")
 
 
-def load_cg_frames(path_or_dir: str | Path, mapping: Mapping, force_map: str | None = None, **read_kw: Any) -> CGFrames:
+def load_cg_frames(path_or_dir: str | Path, mapping: CGMapping, force_map: str | None = None, **read_kw: Any) -> CGFrames:
     """CG frames of any run: AA runs are mapped (``force_map`` as in :func:`apply_mapping`), CG runs
     (metadata ``kind == "cg"``) read as beads."""
     frames = read_frames(path_or_dir, **read_kw)

@@ -13,14 +13,11 @@ from typing import Any
 
 import torch
 
+from ..layout import CHECKPOINT_PT, HPARAMS_JSON, MODEL_PT, PRIOR_JSON
 from .config import HybridGraphConfig
 from .hybridgraph import CGModel
 from ..io import atomic_checkpoint, file_sha256, verify_checksum, write_text_atomic
 from .priors import PriorSet
-
-CHECKPOINT_FILE = "checkpoint.pt"
-HPARAMS_FILE = "hparams.json"
-PRIOR_FILE = "prior.json"
 
 
 def save_checkpoint(model_dir: str | os.PathLike, model: CGModel, optimizer_state: dict | None = None,
@@ -45,20 +42,20 @@ def save_checkpoint(model_dir: str | os.PathLike, model: CGModel, optimizer_stat
     if clash:
         raise ValueError(f"save_checkpoint: extra keys {clash} would replace the checkpoint's own fields")
     payload.update(extra or {})
-    with atomic_checkpoint(model_dir / CHECKPOINT_FILE) as temporary:
+    with atomic_checkpoint(model_dir / CHECKPOINT_PT) as temporary:
         torch.save(payload, temporary)
-    write_text_atomic(model_dir / HPARAMS_FILE, json.dumps(hparams, indent=2) + "\n")
+    write_text_atomic(model_dir / HPARAMS_JSON, json.dumps(hparams, indent=2) + "\n")
     if model.prior is not None:
-        model.prior.to_json(model_dir / PRIOR_FILE)
-    return model_dir / CHECKPOINT_FILE
+        model.prior.to_json(model_dir / PRIOR_JSON)
+    return model_dir / CHECKPOINT_PT
 
 
 def read_checkpoint(model_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The raw checkpoint dictionary (for resuming: optimizer state, epoch, extras)."""
     path = Path(model_dir)
-    path = path / CHECKPOINT_FILE if path.is_dir() else path
+    path = path / CHECKPOINT_PT if path.is_dir() else path
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint (expected {CHECKPOINT_FILE} in the model directory)")
+        raise FileNotFoundError(f"{path}: no checkpoint (expected {CHECKPOINT_PT} in the model directory)")
     verify_checksum(path, required=False)  # models of older versions have no checksum file
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
@@ -70,7 +67,7 @@ def read_checkpoint(model_dir: str | os.PathLike, map_location: str | torch.devi
     return payload
 
 
-def model_from_checkpoint(payload: dict[str, Any], source: str = CHECKPOINT_FILE) -> CGModel:
+def model_from_checkpoint(payload: dict[str, Any], source: str = CHECKPOINT_PT) -> CGModel:
     try:
         config = HybridGraphConfig.from_dict(payload["hparams"])
     except (TypeError, ValueError) as exc:
@@ -90,7 +87,7 @@ def load_model(model_dir: str | os.PathLike, map_location: str | torch.device = 
     """Rebuild the eager :class:`CGModel` (network + prior) saved by :func:`save_checkpoint`."""
     path = Path(model_dir)
     payload = read_checkpoint(path, map_location)
-    model = model_from_checkpoint(payload, source=str(path / CHECKPOINT_FILE if path.is_dir() else path))
+    model = model_from_checkpoint(payload, source=str(path / CHECKPOINT_PT if path.is_dir() else path))
     return model.eval()
 
 
@@ -103,11 +100,11 @@ def model_mapping_sha256(source: str | os.PathLike) -> str | None:
 
     source = Path(source)
     folder = source if source.is_dir() else source.parent
-    if source.is_dir() and (folder / CHECKPOINT_FILE).is_file():
+    if source.is_dir() and (folder / CHECKPOINT_PT).is_file():
         recorded = read_checkpoint(folder).get("mapping_sha256")
         if recorded:
             return str(recorded)
-    model_pt = source if source.is_file() else folder / "model.pt"
+    model_pt = source if source.is_file() else folder / MODEL_PT
     if model_pt.is_file():
         try:
             return read_metadata(model_pt).get("mapping_sha256") or None
@@ -130,5 +127,5 @@ def model_fingerprint(source: str | os.PathLike) -> str:
     """SHA-256 of the file that defines a model: ``checkpoint.pt`` of a model directory, else the ``model.pt``."""
     source = Path(source)
     if source.is_dir():
-        source = source / CHECKPOINT_FILE if (source / CHECKPOINT_FILE).is_file() else source / "model.pt"
+        source = source / CHECKPOINT_PT if (source / CHECKPOINT_PT).is_file() else source / MODEL_PT
     return file_sha256(source)

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 
 from ..frames import evenly_spaced
 from ..io import write_text_atomic
-from .geometry import pair_vectors, safe_norm
+from ..layout import PRIOR_JSON
+from ..units import kT_kj_mol
+from .geometry import FLAG_BOX_TOO_SMALL, FLAG_PAIR_OVERFLOW, pair_vectors, safe_norm
 from .system import SystemTensors, molecule_tables, residue_layout
 
 PRIOR_FORMAT = "openmm_cgnn.prior/2"
@@ -35,7 +37,6 @@ READABLE_PRIOR_FORMATS = ("openmm_cgnn.prior/1", PRIOR_FORMAT)
 BONDED_FORMS = ("tabulated", "harmonic")
 BOND_GRID_POINTS = 96
 ANGLE_GRID_POINTS = 181  # 1 degree spacing over [0, pi]
-MOLAR_GAS_CONSTANT = 0.00831446261815324  # kJ/mol/K
 
 
 def type_pair_key(name_a: str, name_b: str) -> str:
@@ -408,7 +409,7 @@ class PriorSet(nn.Module):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], bead_type_names: Sequence[str] | None = None,
-                  source: str = "prior.json") -> "PriorSet":
+                  source: str = PRIOR_JSON) -> "PriorSet":
         if not isinstance(data, dict) or data.get("format") not in READABLE_PRIOR_FORMATS:
             raise ValueError(f"{source}: 'format' must be one of {list(READABLE_PRIOR_FORMATS)}")
         form = data.get("bonded_form", "harmonic")
@@ -538,7 +539,7 @@ def boltzmann_table(values: np.ndarray, kT: float, jacobian, grid: np.ndarray, w
 
 def _tabulate_terms(samples: dict, temperatures: np.ndarray, jacobian, kind: str) -> dict:
     """A table per term from its pooled samples at the frame-averaged kT (see :func:`fit_priors`)."""
-    kT = MOLAR_GAS_CONSTANT * float(np.mean(temperatures))
+    kT = kT_kj_mol(float(np.mean(temperatures)))
     tables = {}
     for key, values in samples.items():
         flat = np.asarray(values, dtype=np.float64).ravel()
@@ -578,7 +579,7 @@ def _fit_harmonic_terms(samples: dict, temperatures: np.ndarray, jacobian) -> di
         for temperature in np.unique(groups):
             rows = groups == temperature
             x0, k = _harmonic_by_boltzmann_inversion(values[rows].ravel(), jacobian,
-                                                    MOLAR_GAS_CONSTANT * float(temperature))
+                                                    kT_kj_mol(float(temperature)))
             centre += x0 * rows.mean()
             stiffness += k * rows.mean()
         fitted[key] = (centre, stiffness)
@@ -663,7 +664,7 @@ def fit_priors(
         angle_fit = _fit_harmonic_terms(angle_samples, temperatures, lambda t: np.sin(t))
 
     sigma = _fit_sigma(positions_t, box_t, bead_type, molecule_index, len(names), cutoff_nm, sigma_percentile, max_frames)
-    kT = MOLAR_GAS_CONSTANT * float(np.mean(temperatures))
+    kT = kT_kj_mol(float(np.mean(temperatures)))
     excluded_volume = ExcludedVolumePrior(names, sigma, exponent=exponent, cutoff_nm=cutoff_nm,
                                           epsilon_kj_mol=kT if epsilon_kj_mol is None else epsilon_kj_mol)
     bond_args = ([k[0] for k in bond_fit], [[k[1], k[2]] for k in bond_fit],
@@ -694,9 +695,9 @@ def _fit_sigma(positions: Tensor, box: Tensor, bead_type: np.ndarray, molecule_i
         pos = positions[frame:frame + 1]
         frame_box = box[frame:frame + 1]
         index_i, index_j, valid, _, flags = search(pos, frame_box, molecules)
-        if int(flags[0]) & 2:
+        if int(flags[0]) & FLAG_BOX_TOO_SMALL:
             raise ValueError(f"fit_priors: frame {frame}: box smaller than twice the cutoff {cutoff} nm")
-        if int(flags[0]) & 1:
+        if int(flags[0]) & FLAG_PAIR_OVERFLOW:
             raise ValueError(f"fit_priors: frame {frame}: over 512 neighbours per bead within {cutoff} nm; "
                              "is the data really a liquid in nm?")
         index_i, index_j = index_i[valid], index_j[valid]

@@ -4,7 +4,7 @@ Modules import ``openmm`` lazily (inside functions), after ``torch`` (imported b
 """
 
 from .force import CGNNForce, ModelMismatchError  # noqa: F401
-from .topology import CGSystem, build_cg_system, composition_for_counts, composition_for_pairs  # noqa: F401
+from .topology import CGConfiguration, CGSystem, build_cg_system, composition_for_counts, composition_for_pairs  # noqa: F401
 
-__all__ = ["CGNNForce", "CGSystem", "ModelMismatchError", "build_cg_system", "composition_for_counts",
+__all__ = ["CGNNForce", "CGConfiguration", "CGSystem", "ModelMismatchError", "build_cg_system", "composition_for_counts",
            "composition_for_pairs"]

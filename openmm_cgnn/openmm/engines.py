@@ -30,6 +30,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
+from ..units import in_nm
+
 ENGINES = ("torch", "python")
 # benchmarks/results/md_cpu.json (quick network, 1 thread, both engines side by side): PythonForce +
 # torch.compile took 2.5/4.1/17.9 ms per CG step against TorchForce's 4.5/6.8/19.1 at 80/160/500
@@ -149,8 +151,8 @@ class CompiledEnergy:
         return self.compiled(positions, box)
 
     def __call__(self, state: Any) -> tuple[float, np.ndarray]:
-        positions = torch.from_numpy(np.array(state.getPositions(asNumpy=True)._value, dtype=np.float64))
-        box = torch.from_numpy(np.array(state.getPeriodicBoxVectors(asNumpy=True)._value, dtype=np.float64))
+        positions = torch.from_numpy(np.array(in_nm(state.getPositions(asNumpy=True)), dtype=np.float64))
+        box = torch.from_numpy(np.array(in_nm(state.getPeriodicBoxVectors(asNumpy=True)), dtype=np.float64))
         positions.requires_grad_(True)
         energy = self.energy(positions, box)
         (grad,) = torch.autograd.grad(energy, positions)

@@ -21,10 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from ..io import MARKER, OutputDirError, check_output_dir, staging_dir, swap_in, write_marker
+from ..io import OutputDirError, check_output_dir, staging_dir, swap_in, write_marker
+from ..layout import CG_PDB, MAPPING_JSON, MARKER, METADATA_JSON, MODEL_PT, PRIOR_JSON, README_MD, SYSTEM_XML
 from ..platforms import PlatformError, get_platform, platform_properties, versions
+from ..units import in_kj_mol, in_nm
 from .force import CGNNForce
-from .topology import CGSystem
+from .topology import CGConfiguration
 
 EXPORT_FORMAT = "openmm_cgnn.export/1"
 ROUND_TRIP_RTOL = 1e-9
@@ -36,7 +38,7 @@ class ExportError(RuntimeError):
 
 def export_forcefield(
     model_dir: str | Path,
-    cg: CGSystem,
+    cg: CGConfiguration,
     out_dir: str | Path,
     temperature: float | None = None,
     prior: str = "auto",
@@ -79,13 +81,13 @@ def export_forcefield(
     staging = staging_dir(out)
     try:
         write_marker(staging, "export")
-        force.save_model(staging / "model.pt")
-        (staging / "system.xml").write_text(openmm.XmlSerializer.serialize(system))
-        cg.write_pdb(staging / "cg.pdb")
-        cg.mapping.save(staging / "mapping.json")
+        force.save_model(staging / MODEL_PT)
+        (staging / SYSTEM_XML).write_text(openmm.XmlSerializer.serialize(system))
+        cg.write_pdb(staging / CG_PDB)
+        cg.mapping.save(staging / MAPPING_JSON)
         prior_set = _model_prior(force, model_dir)
         if prior_set is not None:
-            prior_set.to_json(staging / "prior.json")
+            prior_set.to_json(staging / PRIOR_JSON)
         topology_files = write_parmed_topology(cg, staging)
         check = round_trip_check(system, staging, check_platform)
         metadata = {
@@ -103,7 +105,7 @@ def export_forcefield(
                  "force_group": system.getForce(i).getForceGroup()}
                 for i in range(system.getNumForces())
             ],
-            "files": sorted(p.name for p in staging.iterdir() if p.name != MARKER) + ["metadata.json", "README.md"],
+            "files": sorted(p.name for p in staging.iterdir() if p.name != MARKER) + [METADATA_JSON, README_MD],
             "topology_files": topology_files,
             "round_trip_check": check,
             "system_xml_module": {"graph_safe": True, "useCUDAGraphs": force.cuda_graphs,
@@ -111,8 +113,8 @@ def export_forcefield(
             "versions": versions(),
             "model": force.metadata,
         }
-        (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-        (staging / "README.md").write_text(readme_text(metadata))
+        (staging / METADATA_JSON).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        (staging / README_MD).write_text(readme_text(metadata))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -130,7 +132,7 @@ def _model_prior(force: CGNNForce, model_dir: str | Path) -> Any:
     """The PriorSet to ship as prior.json (also when it runs inside the model, for reference)."""
     if force.prior is not None:
         return force.prior
-    path = Path(model_dir) / "prior.json"
+    path = Path(model_dir) / PRIOR_JSON
     if Path(model_dir).is_dir() and path.exists():
         from .prior_forces import load_prior
 
@@ -138,17 +140,17 @@ def _model_prior(force: CGNNForce, model_dir: str | Path) -> Any:
     return None
 
 
-def _minimized(system: Any, cg: CGSystem, log: Any, platform: Any) -> CGSystem:
+def _minimized(system: Any, cg: CGConfiguration, log: Any, platform: Any) -> CGConfiguration:
     import openmm
 
     context = openmm.Context(system, openmm.VerletIntegrator(0.001), platform, platform_properties(platform))
     context.setPositions(cg.positions)
     openmm.LocalEnergyMinimizer.minimize(context, 10.0, 2000)
     state = context.getState(getPositions=True, getEnergy=True)
-    positions = np.asarray(state.getPositions(asNumpy=True)._value)
+    positions = np.asarray(in_nm(state.getPositions(asNumpy=True)))
     if not np.isfinite(positions).all():
         raise ExportError("energy minimisation of the packed structure gave NaN positions")
-    log(f"minimised the packed structure: {state.getPotentialEnergy()._value:.1f} kJ/mol")
+    log(f"minimised the packed structure: {in_kj_mol(state.getPotentialEnergy()):.1f} kJ/mol")
     return cg.with_positions(positions)
 
 
@@ -158,14 +160,14 @@ def round_trip_check(system: Any, folder: Path, platform: Any = None) -> dict[st
     import openmm
     import openmm.app as app
 
-    pdb = app.PDBFile(str(folder / "cg.pdb"))
-    loaded = openmm.XmlSerializer.deserialize((folder / "system.xml").read_text())
+    pdb = app.PDBFile(str(folder / CG_PDB))
+    loaded = openmm.XmlSerializer.deserialize((folder / SYSTEM_XML).read_text())
     energies = []
     for candidate in (system, loaded):
-        platform = platform or openmm.Platform.getPlatformByName("Reference")
+        platform = platform or get_platform("Reference", check=False)
         context = openmm.Context(candidate, openmm.VerletIntegrator(0.001), platform, platform_properties(platform))
         context.setPositions(pdb.positions)
-        energies.append(context.getState(getEnergy=True).getPotentialEnergy()._value)
+        energies.append(in_kj_mol(context.getState(getEnergy=True).getPotentialEnergy()))
         del context
     original, reloaded = energies
     if not abs(original - reloaded) <= ROUND_TRIP_RTOL * max(abs(original), 1.0):
@@ -173,7 +175,7 @@ def round_trip_check(system: Any, folder: Path, platform: Any = None) -> dict[st
     return {"platform": platform.getName(), "potential_energy_kj_mol": original, "reloaded_potential_energy_kj_mol": reloaded}
 
 
-def write_parmed_topology(cg: CGSystem, folder: Path) -> list[str]:
+def write_parmed_topology(cg: CGConfiguration, folder: Path) -> list[str]:
     """PSF, GRO and a GROMACS TOP with the beads (types RES_BEAD, masses, bonds); no potential in them."""
     import parmed
 

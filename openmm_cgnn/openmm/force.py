@@ -28,13 +28,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..mapping.spec import Mapping
+from ..layout import MAPPING_JSON, PRIOR_JSON
+from ..units import in_amu, in_kj_mol, in_kj_mol_nm, nm_array
+from ..mapping.spec import CGMapping
 from ..model.geometry import FLAG_BOX_TOO_SMALL, FLAG_NONFINITE
 from ..platforms import versions  # noqa: F401  (re-exported: the versions report lives in platforms)
 from .constraints import CONSTRAIN_BONDS, BondConstraint, add_constraints, choose_bond_constraints, constraint_pairs
 from .engines import ENGINES, ForceEngine, default_engine, make_engine
 from .prior_forces import load_prior, prior_forces
-from .topology import CGSystem
+from .topology import CGConfiguration
 
 PRIOR_CARRIERS = ("auto", "openmm", "model", "none")
 # benchmarks/results/prior_carrier_cpu.json (CPU, real CGModel, 320 and 1500 beads): the prior inside the
@@ -66,7 +68,7 @@ class CGNNForce:
 
     ``source`` is a model directory (``load_model``, then ``script_for_system`` for this system and
     temperature) or a scripted ``model.pt`` with metadata (checked against this system; a prior not
-    inside it comes from the ``prior.json`` beside it). ``topology`` is a :class:`CGSystem` or an
+    inside it comes from the ``prior.json`` beside it). ``topology`` is a :class:`CGConfiguration` or an
     ``openmm.app.Topology`` whose atoms are the beads, named as in the mapping.
 
     ``prior``: "auto" (model directory: ``DEFAULT_PRIOR_CARRIER``; model.pt: as it was scripted),
@@ -92,7 +94,7 @@ class CGNNForce:
     def __init__(
         self,
         source: str | Path,
-        topology: CGSystem | Any,
+        topology: CGConfiguration | Any,
         temperature: float | None = None,
         *,
         prior: str = "auto",
@@ -127,12 +129,12 @@ class CGNNForce:
         self.max_pairs_per_bead = max_pairs_per_bead
         self.prior_force_group = prior_force_group
         self.model_force_group = model_force_group
-        self.cg = topology if isinstance(topology, CGSystem) else None
-        self.topology = topology.topology() if isinstance(topology, CGSystem) else topology
+        self.cg = topology if isinstance(topology, CGConfiguration) else None
+        self.topology = topology.topology() if isinstance(topology, CGConfiguration) else topology
         # model directories can build the module again: (host_checks, max_pairs_per_bead, scripted) -> module
         self._rescript: Callable[..., Any] | None = None
         self._engine_module: Any = None  # the module the engine runs when it is not self.module
-        self.box = np.asarray(topology.box) if isinstance(topology, CGSystem) else _topology_box(self.topology)
+        self.box = np.asarray(topology.box) if isinstance(topology, CGConfiguration) else _topology_box(self.topology)
         if self.source.is_dir():
             self._from_model_dir(prior)
         elif self.source.is_file():
@@ -152,18 +154,18 @@ class CGNNForce:
     # -- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, topology: CGSystem | Any, temperature: float | None = None, **kw: Any) -> "CGNNForce":
+    def from_model_dir(cls, model_dir: str | Path, topology: CGConfiguration | Any, temperature: float | None = None, **kw: Any) -> "CGNNForce":
         if not Path(model_dir).is_dir():
             raise ModelMismatchError(f"{model_dir}: not a model directory")
         return cls(model_dir, topology, temperature, **kw)
 
     @classmethod
-    def from_model_file(cls, model_pt: str | Path, topology: CGSystem | Any, temperature: float | None = None, **kw: Any) -> "CGNNForce":
+    def from_model_file(cls, model_pt: str | Path, topology: CGConfiguration | Any, temperature: float | None = None, **kw: Any) -> "CGNNForce":
         if not Path(model_pt).is_file():
             raise ModelMismatchError(f"{model_pt}: model file not found")
         return cls(model_pt, topology, temperature, **kw)
 
-    def _cg_for_mapping(self, mapping: Mapping) -> CGSystem:
+    def _cg_for_mapping(self, mapping: CGMapping) -> CGConfiguration:
         """The CG system: the one given, or the topology's beads checked against the mapping."""
         if self.cg is not None:
             if self.cg.mapping.sha256() != mapping.sha256():
@@ -172,7 +174,7 @@ class CGNNForce:
         names, residues, molecules = bead_layout(self.topology)
         first = np.unique(molecules, return_index=True)[1]
         try:
-            cg = CGSystem.from_molecules(mapping, [residues[i] for i in first], np.zeros((len(names), 3)), np.eye(3))
+            cg = CGConfiguration.from_molecules(mapping, [residues[i] for i in first], np.zeros((len(names), 3)), np.eye(3))
         except ValueError as exc:
             raise ModelMismatchError(f"{self.source}: the topology does not fit the model's mapping: {exc}") from None
         if cg.bead_names != names:
@@ -187,7 +189,7 @@ class CGNNForce:
         from ..model.export import build_system_module
 
         model_dir = self.source
-        mapping = Mapping.load(model_dir / "mapping.json")
+        mapping = CGMapping.load(model_dir / MAPPING_JSON)
         cg = self._cg_for_mapping(mapping)
         try:
             model = load_model(model_dir)
@@ -255,7 +257,7 @@ class CGNNForce:
                     "export it again for this temperature (openmm-cgnn export --temperature) or use the model directory"
                 )
         inside = bool(meta["includes_prior"])
-        prior_path = path.with_name("prior.json")
+        prior_path = path.with_name(PRIOR_JSON)
         if inside:
             if prior in ("openmm", "none"):
                 raise ModelMismatchError(f"{path}: the prior is inside this model.pt; prior={prior!r} cannot take it out")
@@ -347,7 +349,7 @@ class CGNNForce:
         n = int(meta["n_beads"])
         if system.getNumParticles() != n:
             raise ModelMismatchError(f"{self.source}: the model is for {n} beads, the System has {system.getNumParticles()} particles")
-        masses = np.array([system.getParticleMass(i)._value for i in range(n)])
+        masses = np.array([in_amu(system.getParticleMass(i)) for i in range(n)])
         diff = np.abs(masses - np.asarray(meta["masses"], dtype=float))
         if diff.max(initial=0.0) > MASS_TOLERANCE_AMU:
             k = int(diff.argmax())
@@ -355,7 +357,7 @@ class CGNNForce:
                 f"{self.source}: particle {k} has mass {masses[k]:.4f} amu in the System, {meta['masses'][k]:.4f} amu in the model"
             )
         if meta.get("periodic", True):
-            box = np.array([[x._value if hasattr(x, "_value") else x for x in vec] for vec in system.getDefaultPeriodicBoxVectors()])
+            box = nm_array(system.getDefaultPeriodicBoxVectors())
             width = min_box_width(box)
             cutoff = max(float(meta.get("cutoff_inter_nm") or 0.0), float(meta.get("cutoff_intra_nm") or 0.0))
             if width < 2 * cutoff:
@@ -464,7 +466,7 @@ class CGNNForce:
         :class:`~openmm_cgnn.model.export.Diagnosis`, or None for a model.pt without the method."""
         from ..model import diagnose
 
-        return diagnose(self.module, _nm(positions), _nm(box))
+        return diagnose(self.module, nm_array(positions), nm_array(box))
 
     def explain(self, diagnosis: Any) -> str:
         """One line naming the cause of a NaN and the way out."""
@@ -561,8 +563,8 @@ class CGNNForce:
             context = openmm.Context(system, integrator, platform, properties or {})
             context.setPositions(positions)
             state = context.getState(getEnergy=True, getForces=True)
-            energy = state.getPotentialEnergy()._value
-            forces = np.asarray(state.getForces(asNumpy=True)._value)
+            energy = in_kj_mol(state.getPotentialEnergy())
+            forces = np.asarray(in_kj_mol_nm(state.getForces(asNumpy=True)))
             integrator.step(20)  # warm-up: graphs are captured in the first steps
             context.getState(getEnergy=True)
             start = time.perf_counter()
@@ -595,22 +597,11 @@ class CGNNForce:
         return report
 
 
-def _nm(value: Any) -> np.ndarray:
-    """An OpenMM Quantity (or a plain array in nm) as a float64 array in nm."""
-    if hasattr(value, "value_in_unit"):
-        import openmm.unit as unit
-
-        value = value.value_in_unit(unit.nanometer)
-    if isinstance(value, np.ndarray):
-        return value.astype(np.float64)
-    return np.array([[float(x) for x in row] for row in value], dtype=np.float64)
-
-
 def _topology_box(topology: Any) -> np.ndarray | None:
     vectors = topology.getPeriodicBoxVectors()
     if vectors is None:
         return None
-    return np.array([[x._value if hasattr(x, "_value") else x for x in vec] for vec in vectors])
+    return nm_array(vectors)
 
 
 def min_box_width(box: np.ndarray) -> float:

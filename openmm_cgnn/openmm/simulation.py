@@ -34,12 +34,14 @@ import numpy as np
 
 from ..io import (OutputDirError, atomic_checkpoint, check_output_dir, describe_os_error, is_empty_dir, read_marker,
                   staging_dir, swap_in, verify_checksum, write_json_atomic, write_marker, write_text_atomic)
+from ..layout import CHECKPOINT_CHK, CHECKPOINT_JSON, FRAMES_H5, STATE_CSV, SUMMARY_JSON, TOPOLOGY_PDB, TRAJECTORY_DCD
 from ..model.checkpoint import model_fingerprint
 from ..platforms import PlatformError, get_platform, pin_torch_threads, platform_properties, versions
+from ..units import in_kj_mol, in_nm
 from .force import CGNNForce
-from .topology import CGSystem
+from .topology import CGConfiguration
 
-RUN_FILES = ("frames.h5", "trajectory.dcd", "topology.pdb", "state.csv", "summary.json", "checkpoint.chk", "checkpoint.json")
+RUN_FILES = (FRAMES_H5, TRAJECTORY_DCD, TOPOLOGY_PDB, STATE_CSV, SUMMARY_JSON, CHECKPOINT_CHK, CHECKPOINT_JSON)
 DT_CANDIDATES_FS = (20.0, 15.0, 10.0, 8.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0)
 # Velocity-Verlet energy fluctuations grow as dt^2; std(E_total)/std(E_kinetic) below this is the
 # usual "energy is conserved well enough" rule for choosing MD time steps.
@@ -143,8 +145,8 @@ def choose_platform(name: str | None) -> Any:
 
 
 def _finite_state(state: Any) -> bool:
-    energy = state.getPotentialEnergy()._value
-    positions = state.getPositions(asNumpy=True)._value
+    energy = in_kj_mol(state.getPotentialEnergy())
+    positions = in_nm(state.getPositions(asNumpy=True))
     return bool(math.isfinite(energy) and np.isfinite(positions).all())
 
 
@@ -163,10 +165,10 @@ def find_cause(cgnn: CGNNForce, start: Callable[[], tuple[Any, Any]], steps: int
     last = None
     for step in range(steps + 1):
         state = context.getState(getPositions=True, enforcePeriodicBox=False)
-        positions = state.getPositions(asNumpy=True)._value
+        positions = in_nm(state.getPositions(asNumpy=True))
         if step > 0 and not np.isfinite(positions).all():
             break
-        diagnosis = cgnn.diagnose(positions, state.getPeriodicBoxVectors(asNumpy=True)._value)
+        diagnosis = cgnn.diagnose(positions, in_nm(state.getPeriodicBoxVectors(asNumpy=True)))
         if diagnosis is None or diagnosis.flags:
             return diagnosis, step
         last = diagnosis
@@ -232,8 +234,8 @@ def stability_check(
                 if not _finite_state(state):
                     reason = "NaN/inf"
                     break
-                ke = state.getKineticEnergy()._value
-                total.append(state.getPotentialEnergy()._value + ke)
+                ke = in_kj_mol(state.getKineticEnergy())
+                total.append(in_kj_mol(state.getPotentialEnergy()) + ke)
                 kinetic.append(ke)
         except (openmm.OpenMMException, ValueError) as exc:
             reason = f"OpenMM error: {str(exc).splitlines()[0]}"
@@ -326,7 +328,7 @@ class CGRun:
     def __init__(
         self,
         cgnn: CGNNForce,
-        cg: CGSystem,
+        cg: CGConfiguration,
         out_dir: str | Path,
         config: RunConfig,
         resume: bool = False,
@@ -357,12 +359,12 @@ class CGRun:
         """Check --out before anything is computed; nothing is deleted here (see ``io.output_dir``)."""
         self.final_out = self.out
         existing = [name for name in RUN_FILES if (self.out / name).exists()]
-        if self.resume and "checkpoint.chk" in existing:
+        if self.resume and CHECKPOINT_CHK in existing:
             check_output_dir(self.out, "cg", resume=True)
-            missing = [n for n in ("checkpoint.json", "frames.h5", "trajectory.dcd") if n not in existing]
+            missing = [n for n in (CHECKPOINT_JSON, FRAMES_H5, TRAJECTORY_DCD) if n not in existing]
             if missing:
                 raise SimulationError(f"{self.out}: cannot resume, missing {missing}")
-            verify_checksum(self.out / "checkpoint.chk", required=False)  # older runs have no checksum file
+            verify_checksum(self.out / CHECKPOINT_CHK, required=False)  # older runs have no checksum file
             self.replace = False
             return
         if self.resume and existing:
@@ -466,10 +468,10 @@ class CGRun:
         write_json_atomic(self.out / name, summary, default=str)
 
     def _checkpoint(self, simulation: Any, progress: dict[str, Any]) -> None:
-        with atomic_checkpoint(self.out / "checkpoint.chk") as tmp:
+        with atomic_checkpoint(self.out / CHECKPOINT_CHK) as tmp:
             simulation.saveCheckpoint(str(tmp))
         progress.update(steps_done=int(simulation.currentStep))
-        self._write_json("checkpoint.json", progress)
+        self._write_json(CHECKPOINT_JSON, progress)
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -502,15 +504,15 @@ class CGRun:
         return result
 
     def _record_failure(self, exc: BaseException) -> None:
-        summary_path = self.out / "summary.json"
+        summary_path = self.out / SUMMARY_JSON
         try:
             if summary_path.exists() and json.loads(summary_path.read_text()).get("status", "").startswith("failed"):
                 return  # the run recorded its own failure
-            previous = self.out / "checkpoint.json"
+            previous = self.out / CHECKPOINT_JSON
             summary = json.loads(previous.read_text()) if previous.exists() else {"kind": "cg"}
             cause = describe_os_error(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0] if str(exc) else ""
             summary.update(status=f"failed: {type(exc).__name__}", error=cause)
-            self._write_json("summary.json", summary)
+            self._write_json(SUMMARY_JSON, summary)
         except (OSError, ValueError):
             pass  # a full disk may refuse even this; the exception itself still says what failed
 
@@ -543,12 +545,12 @@ class CGRun:
         # On CUDA: the graph-safe module with CUDA graphs; on CPU the compiled engine for long runs.
         self.cgnn.add_to(self.system, platform, steps=cfg.steps)
         if self.resume:
-            previous = json.loads((self.out / "checkpoint.json").read_text())
+            previous = json.loads((self.out / CHECKPOINT_JSON).read_text())
             self._check_resume_settings(previous, platform)
             self._started = True
             if read_marker(self.out) is None:  # a run of an older version: it is a CG run
                 write_marker(self.out, "cg")
-            (self.out / "summary.json").unlink(missing_ok=True)  # it marks a run that has ended
+            (self.out / SUMMARY_JSON).unlink(missing_ok=True)  # it marks a run that has ended
             grown, current = previous.get("max_pairs_per_bead"), self._max_pairs_per_bead()
             if grown is not None and current is not None and float(grown) > current:
                 self.cgnn.resize_pair_list(self.system, float(grown))  # the list this run had regrown to
@@ -559,7 +561,7 @@ class CGRun:
             # the run had started: say how it ended, and why
             summary = self._summary_base(self._metadata(cfg.dt_fs, platform), None)
             summary.update(status="failed: set-up", error=str(exc), cause=exc.cause)
-            self._write_json("summary.json", summary)
+            self._write_json(SUMMARY_JSON, summary)
             raise
         return _Prepared(properties, dt_fs, None, positions, velocities, stability)
 
@@ -580,10 +582,10 @@ class CGRun:
             r for r in self.regrows if r not in (previous.get("pair_list_regrown") or [])]
         summary["max_pairs_per_bead"] = self._max_pairs_per_bead()
         try:
-            simulation.loadCheckpoint(str(self.out / "checkpoint.chk"))
+            simulation.loadCheckpoint(str(self.out / CHECKPOINT_CHK))
         except openmm.OpenMMException as exc:
             raise SimulationError(
-                f"{self.out / 'checkpoint.chk'}: cannot be loaded on platform {simulation.context.getPlatform().getName()} "
+                f"{self.out / CHECKPOINT_CHK}: cannot be loaded on platform {simulation.context.getPlatform().getName()} "
                 f"({str(exc).splitlines()[0]}); resume on the platform that wrote it ({previous.get('platform')})"
             ) from exc
         return summary
@@ -603,27 +605,27 @@ class CGRun:
         start_positions = self.cg.with_positions(
             prepared.positions if previous is None else self.cg.positions).positions_quantity()
         if previous is None:
-            with open(self.out / "topology.pdb", "w") as handle:
+            with open(self.out / TOPOLOGY_PDB, "w") as handle:
                 app.PDBFile.writeFile(self.topology, start_positions, handle)
         start_step = int(simulation.currentStep)
         n_expected = start_step // save_every + 1  # frames at steps 0, k, 2k, ... up to the checkpoint
         topology_info = TopologyInfo.from_openmm(self.topology, self.system, start_positions)
-        writer = FrameWriter(self.out / "frames.h5", topology_info, metadata, with_forces=False, resume=previous is not None)
-        dcd_path = self.out / "trajectory.dcd"
+        writer = FrameWriter(self.out / FRAMES_H5, topology_info, metadata, with_forces=False, resume=previous is not None)
+        dcd_path = self.out / TRAJECTORY_DCD
         if previous is not None:
             if writer.n_frames < n_expected:
                 writer.close()
-                raise SimulationError(f"{self.out / 'frames.h5'}: has {writer.n_frames} frames, the checkpoint implies {n_expected}")
+                raise SimulationError(f"{self.out / FRAMES_H5}: has {writer.n_frames} frames, the checkpoint implies {n_expected}")
             writer.truncate(n_expected)
             _truncate_dcd(dcd_path, self.cg.n_beads, n_expected)
-            _truncate_state_csv(self.out / "state.csv", start_step)
+            _truncate_state_csv(self.out / STATE_CSV, start_step)
         dcd_handle = open(dcd_path, "r+b" if previous is not None else "wb")
         dcd = app.DCDFile(dcd_handle, self.topology, prepared.dt_fs * unit.femtosecond, 0, save_every,
                           append=previous is not None)
         report_every = cfg.report_every_steps or save_every
         simulation.reporters.append(
             app.StateDataReporter(
-                str(self.out / "state.csv"), report_every, step=True, time=True, potentialEnergy=True, kineticEnergy=True,
+                str(self.out / STATE_CSV), report_every, step=True, time=True, potentialEnergy=True, kineticEnergy=True,
                 totalEnergy=True, temperature=True, speed=True, append=previous is not None,
             )
         )
@@ -669,7 +671,7 @@ class CGRun:
                 self._checkpoint(simulation, summary)  # the steps after the last frame are not lost on resume
         except SimulationUnstable as exc:
             failure = self._production_failure(simulation, exc, save_every)
-            if (isinstance(failure, PairListOverflow) and (self.out / "checkpoint.chk").exists()
+            if (isinstance(failure, PairListOverflow) and (self.out / CHECKPOINT_CHK).exists()
                     and self.cgnn.can_regrow and len(self.regrows) < MAX_REGROWS):
                 return failure
             message = (
@@ -677,7 +679,7 @@ class CGRun:
                 f"{(files.n_frames - 1) * save_every}) in {self.out}; {failure.explanation}"
             )
             summary.update(status="failed: unstable", error=message, n_frames=files.n_frames, cause=failure.cause)
-            self._write_json("summary.json", summary)
+            self._write_json(SUMMARY_JSON, summary)
             raise SimulationUnstable(message, failure.cause) from exc
         return None
 
@@ -702,7 +704,7 @@ class CGRun:
         )
         if simulation.currentStep % save_every:
             summary["note"] = f"the last {simulation.currentStep % save_every} steps end between saves and are not in frames.h5"
-        self._write_json("summary.json", summary)
+        self._write_json(SUMMARY_JSON, summary)
         return RunResult(self.out, summary)
 
     def _check_resume_settings(self, previous: dict[str, Any], platform: Any) -> None:
@@ -716,7 +718,7 @@ class CGRun:
         }
         for key, value in checks.items():
             if key in previous and previous[key] != value:
-                raise SimulationError(f"{self.out / 'checkpoint.json'}: the run used {key}={previous[key]}, now {value}; cannot resume")
+                raise SimulationError(f"{self.out / CHECKPOINT_JSON}: the run used {key}={previous[key]}, now {value}; cannot resume")
         # The same model and mapping: a run continued with another force field is not one run.
         identity = {"mapping_sha256": self.cg.mapping.sha256(), "model_sha256": model_fingerprint(self.cgnn.source)}
         if "model_sha256" not in previous:  # runs of older versions recorded only the model's path
@@ -724,10 +726,10 @@ class CGRun:
         for key, value in identity.items():
             if key in previous and previous[key] != value:
                 what = "mapping" if key == "mapping_sha256" else "model (--forcefield)"
-                raise SimulationError(f"{self.out / 'checkpoint.json'}: the run was made with another {what} "
+                raise SimulationError(f"{self.out / CHECKPOINT_JSON}: the run was made with another {what} "
                                       f"({str(previous[key])[:40]} there, {str(value)[:40]} now); cannot resume it with this one")
         if cfg.dt_fs is not None and abs(float(previous["dt_fs"]) - cfg.dt_fs) > 1e-9:
-            raise SimulationError(f"{self.out / 'checkpoint.json'}: the run used dt_fs={previous['dt_fs']}, now {cfg.dt_fs}; cannot resume")
+            raise SimulationError(f"{self.out / CHECKPOINT_JSON}: the run used dt_fs={previous['dt_fs']}, now {cfg.dt_fs}; cannot resume")
 
     # -- set-up and failures ---------------------------------------------------------------------
 
@@ -801,7 +803,7 @@ class CGRun:
 
     def _production_failure(self, simulation: Any, exc: SimulationUnstable, save_every: int) -> SimulationUnstable:
         """Why the production run gave NaN: replayed from its checkpoint (same random numbers)."""
-        checkpoint = self.out / "checkpoint.chk"
+        checkpoint = self.out / CHECKPOINT_CHK
         step = int(simulation.currentStep)
 
         def start() -> tuple[Any, Any]:
@@ -809,7 +811,7 @@ class CGRun:
                 simulation.loadCheckpoint(str(checkpoint))
             return simulation.context, simulation.integrator
 
-        begin = int(json.loads((self.out / "checkpoint.json").read_text())["steps_done"]) if checkpoint.exists() else step
+        begin = int(json.loads((self.out / CHECKPOINT_JSON).read_text())["steps_done"]) if checkpoint.exists() else step
         diagnosis, offset = find_cause(self.cgnn, start, max(step - begin, save_every) if checkpoint.exists() else 0)
         if diagnosis is not None and diagnosis.flags:
             return _failure(self.cgnn, "production run", diagnosis, begin + offset)
@@ -821,7 +823,7 @@ class CGRun:
 
         context = openmm.Context(self.system, openmm.VerletIntegrator(0.001), platform, properties)
         context.setPositions(self.cg.positions)
-        before = context.getState(getEnergy=True).getPotentialEnergy()._value
+        before = in_kj_mol(context.getState(getEnergy=True).getPotentialEnergy())
         if not math.isfinite(before):
             diagnosis = self.cgnn.diagnose(self.cg.positions, self.cg.box)
             raise _failure(self.cgnn, "the starting structure", diagnosis)
@@ -831,13 +833,13 @@ class CGRun:
             raise SimulationUnstable(f"energy minimisation failed: {str(exc).splitlines()[0]}") from exc
         state = context.getState(getEnergy=True, getPositions=True)
         if not _finite_state(state):
-            positions = state.getPositions(asNumpy=True)._value
+            positions = in_nm(state.getPositions(asNumpy=True))
             diagnosis = self.cgnn.diagnose(positions, self.cg.box) if np.isfinite(positions).all() else None
             if diagnosis is not None and diagnosis.flags:
                 raise _failure(self.cgnn, "energy minimisation", diagnosis)
             raise SimulationUnstable("energy minimisation of the starting structure gave NaN/inf; "
                                      "the force field or the starting structure is broken")
-        self.log(f"minimised: {before:.1f} -> {state.getPotentialEnergy()._value:.1f} kJ/mol")
+        self.log(f"minimised: {before:.1f} -> {in_kj_mol(state.getPotentialEnergy()):.1f} kJ/mol")
         return state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
 
     def _thermalize(self, positions: np.ndarray, platform: Any, properties: dict[str, str]) -> tuple[np.ndarray, Any]:

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping as TypingMapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..io import atomic_path
-from ..mapping.spec import CGFrames, Mapping, MappingError
+from ..mapping.spec import CGFrames, CGMapping, MappingError
+from ..periodic import minimum_image_orthorhombic
+from ..units import cube_edge_nm, density_kg_m3
 
-AVOGADRO = 6.02214076e23
 DEFAULT_BOND_NM = 0.35  # bead spacing when no prior bond length is known (typical CG bond)
 
 
 @dataclass
-class CGSystem:
-    """A CG configuration with the per-bead arrays that the model, the priors and the reporters need."""
+class CGConfiguration:
+    """A CG configuration with the per-bead arrays that the model, the priors and the reporters need.
 
-    mapping: Mapping
+    Not an ``openmm.System``: :meth:`system` and :meth:`topology` build the OpenMM objects from it.
+    """
+
+    mapping: CGMapping
     positions: np.ndarray  # (M, 3) nm, molecules whole
     box: np.ndarray  # (3, 3) nm, rows are box vectors
     bead_type: np.ndarray  # (M,) int64 index into mapping.bead_type_names
@@ -60,8 +64,7 @@ class CGSystem:
         return counts
 
     def density_kg_m3(self) -> float:
-        volume_m3 = abs(np.linalg.det(self.box)) * 1e-27
-        return float(self.masses.sum() * 1e-3 / AVOGADRO / volume_m3)
+        return float(density_kg_m3(self.masses.sum(), abs(np.linalg.det(self.box))))
 
     # -- OpenMM objects -------------------------------------------------------------------------
 
@@ -106,11 +109,11 @@ class CGSystem:
             app.PDBFile.writeFile(self.topology(), self.positions_quantity(), handle, keepIds=False)
         return Path(path)
 
-    def with_positions(self, positions: np.ndarray, box: np.ndarray | None = None) -> "CGSystem":
+    def with_positions(self, positions: np.ndarray, box: np.ndarray | None = None) -> "CGConfiguration":
         positions = np.asarray(positions, dtype=np.float64)
         if positions.shape != self.positions.shape:
             raise ValueError(f"positions have shape {positions.shape}, this CG system needs {self.positions.shape}")
-        return CGSystem(
+        return CGConfiguration(
             mapping=self.mapping,
             positions=positions,
             box=self.box if box is None else np.asarray(box, dtype=np.float64),
@@ -126,7 +129,7 @@ class CGSystem:
     # -- constructors ---------------------------------------------------------------------------
 
     @classmethod
-    def from_molecules(cls, mapping: Mapping, molecule_residues: Sequence[str], positions: np.ndarray, box: np.ndarray) -> "CGSystem":
+    def from_molecules(cls, mapping: CGMapping, molecule_residues: Sequence[str], positions: np.ndarray, box: np.ndarray) -> "CGConfiguration":
         """Beads of the named molecules in order; ``positions`` (M, 3) nm in CG topology order."""
         bead_type, bead_names, bead_in_residue, molecule_index, residue_names, masses, bonds = [], [], [], [], [], [], []
         for mol, name in enumerate(molecule_residues):
@@ -161,7 +164,7 @@ class CGSystem:
         )
 
     @classmethod
-    def from_cg_frames(cls, mapping: Mapping, frames: CGFrames, frame: int = -1) -> "CGSystem":
+    def from_cg_frames(cls, mapping: CGMapping, frames: CGFrames, frame: int = -1) -> "CGConfiguration":
         """One frame of mapped (or CG-run) frames; bead masses are the mapping's."""
         first = np.unique(frames.molecule_index, return_index=True)[1]
         residues = [frames.residue_name[i] for i in first]
@@ -171,7 +174,7 @@ class CGSystem:
         return system
 
     @classmethod
-    def from_run(cls, mapping: Mapping, run_dir: str | Path, frame: int = -1) -> "CGSystem":
+    def from_run(cls, mapping: CGMapping, run_dir: str | Path, frame: int = -1) -> "CGConfiguration":
         """A frame of an AA run (mapped with ``apply_mapping``) or of a CG run (read as beads)."""
         from ..mapping.spec import load_cg_frames
 
@@ -183,13 +186,13 @@ class CGSystem:
     @classmethod
     def packed(
         cls,
-        mapping: Mapping,
-        counts: TypingMapping[str, int],
+        mapping: CGMapping,
+        counts: Mapping[str, int],
         density_kg_m3: float,
         seed: int = 0,
-        bond_lengths: TypingMapping[tuple[str, int, int], float] | None = None,
+        bond_lengths: Mapping[tuple[str, int, int], float] | None = None,
         min_distance_nm: float = 0.3,
-    ) -> "CGSystem":
+    ) -> "CGConfiguration":
         """Molecules inserted at random into a cubic box of the target density.
 
         Molecule shapes are grown along the mapping's bead bonds with ``bond_lengths``
@@ -210,7 +213,7 @@ class CGSystem:
             raise ValueError("nothing to pack: all molecule counts are zero")
         rng = np.random.default_rng(seed)
         total_mass = sum(sum(b.mass for b in mapping.residues[r].beads) for r in residues)
-        edge = (total_mass * 1e-3 / AVOGADRO / density_kg_m3) ** (1 / 3) * 1e9
+        edge = cube_edge_nm(total_mass, density_kg_m3)
         box = np.eye(3) * edge
         templates = {name: _grow_molecule(mapping, name, bond_lengths or {}, rng) for name in set(residues)}
         order = rng.permutation(len(residues))  # insert species interleaved so none is squeezed out last
@@ -224,7 +227,11 @@ class CGSystem:
         return cls.from_molecules(mapping, residues, positions, box)
 
 
-def composition_for_pairs(mapping: Mapping, n_pairs: int) -> dict[str, int]:
+# The name of older code; "system" alone means an openmm.System (docs/contracts.md, "Names").
+CGSystem = CGConfiguration
+
+
+def composition_for_pairs(mapping: CGMapping, n_pairs: int) -> dict[str, int]:
     """``n_pairs`` formula units of a 1:1 liquid: one molecule of every residue type in the mapping per unit.
 
     Other stoichiometries give their counts (``composition_for_counts``; the liquid file's
@@ -235,7 +242,7 @@ def composition_for_pairs(mapping: Mapping, n_pairs: int) -> dict[str, int]:
     return {name: int(n_pairs) for name in mapping.residues}
 
 
-def composition_for_counts(mapping: Mapping, counts: TypingMapping[str, int]) -> dict[str, int]:
+def composition_for_counts(mapping: CGMapping, counts: Mapping[str, int]) -> dict[str, int]:
     """Explicit molecule counts ``{residue: n}``, checked against the mapping, in mapping order."""
     from ..liquids import checked_counts
 
@@ -251,7 +258,7 @@ def _check_box(box: np.ndarray) -> np.ndarray:
     return box
 
 
-def _grow_molecule(mapping: Mapping, residue: str, bond_lengths: TypingMapping[tuple[str, int, int], float], rng: np.random.Generator) -> np.ndarray:
+def _grow_molecule(mapping: CGMapping, residue: str, bond_lengths: Mapping[tuple[str, int, int], float], rng: np.random.Generator) -> np.ndarray:
     """Bead coordinates (centred) of one molecule: a self-avoiding walk along its bead bonds."""
     rm = mapping.residues[residue]
     n = len(rm.beads)
@@ -305,7 +312,7 @@ def _insert(template: np.ndarray, occupied: np.ndarray, edge: float, min_distanc
         if occupied.size == 0:
             return trial
         delta = trial[:, None, :] - occupied[None, :, :]
-        delta -= edge * np.round(delta / edge)
+        delta = minimum_image_orthorhombic(delta, edge)
         gap = float(np.sqrt((delta**2).sum(-1)).min())
         if gap >= min_distance:
             return trial
@@ -315,24 +322,24 @@ def _insert(template: np.ndarray, occupied: np.ndarray, edge: float, min_distanc
 
 
 def build_cg_system(
-    mapping: Mapping,
+    mapping: CGMapping,
     *,
     from_run: str | Path | None = None,
     frame: int = -1,
     pairs: int | None = None,
     density_kg_m3: float | None = None,
     seed: int = 0,
-    bond_lengths: TypingMapping[tuple[str, int, int], float] | None = None,
-    molecules: TypingMapping[str, int] | None = None,
-) -> CGSystem:
-    """The starting CG system: a frame of a run (AA runs are mapped), or molecules packed at a density:
+    bond_lengths: Mapping[tuple[str, int, int], float] | None = None,
+    molecules: Mapping[str, int] | None = None,
+) -> CGConfiguration:
+    """The starting CG configuration: a frame of a run (AA runs are mapped), or molecules packed at a density:
     ``pairs`` formula units of a 1:1 liquid or explicit ``molecules`` counts."""
     if sum(x is not None for x in (from_run, pairs, molecules)) != 1:
         raise ValueError("give exactly one of a run directory (from_run), a number of pairs or molecule counts")
     if from_run is not None:
-        return CGSystem.from_run(mapping, from_run, frame)
+        return CGConfiguration.from_run(mapping, from_run, frame)
     if density_kg_m3 is None:
         raise ValueError("a packed start needs the target density in kg/m3 (e.g. the density of the all-atom run)")
     counts = composition_for_counts(mapping, molecules) if molecules is not None else \
         composition_for_pairs(mapping, int(pairs))
-    return CGSystem.packed(mapping, counts, density_kg_m3, seed, bond_lengths)
+    return CGConfiguration.packed(mapping, counts, density_kg_m3, seed, bond_lengths)

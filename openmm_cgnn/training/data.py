@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:  # the mapping module imports heavy readers; only needed for types here
-    from openmm_cgnn.mapping.spec import CGFrames, Mapping
+    from openmm_cgnn.mapping.spec import CGFrames, CGMapping
 
 
 DEFAULT_VALIDATION_FRACTION = 0.2
@@ -78,7 +78,7 @@ def check_finite(cg: "CGFrames", source: str) -> None:
         raise TrainingDataError(f"{source}: box vectors are degenerate (non-positive volume)")
 
 
-def load_run(path: str | Path, mapping: "Mapping", max_frames: int | None = None, force_map: str | None = None) -> "CGFrames":
+def load_run(path: str | Path, mapping: "CGMapping", max_frames: int | None = None, force_map: str | None = None) -> "CGFrames":
     """One run directory (AA or CG) as ``CGFrames`` with forces, checked for mapping mismatch and NaN.
 
     ``max_frames`` keeps that many evenly spaced frames rather than the first ones, so the time-block
@@ -187,7 +187,7 @@ def split_runs(
     )
 
 
-def with_force_map(data: Sequence[str | Path], mapping: "Mapping", max_frames: int | None = None) -> tuple["Mapping", dict]:
+def with_force_map(data: Sequence[str | Path], mapping: "CGMapping", max_frames: int | None = None) -> tuple["CGMapping", dict]:
     """``mapping`` with the optimal force map fitted on the AA runs in ``data`` when it has none
     (a version-1 mapping.json), and the fit's report (empty when nothing was fitted)."""
     from openmm_cgnn.frames import read_frames
@@ -214,7 +214,7 @@ def with_force_map(data: Sequence[str | Path], mapping: "Mapping", max_frames: i
 
 def load_training_data(
     data: Sequence[str | Path],
-    mapping: "Mapping",
+    mapping: "CGMapping",
     max_frames: int | None = None,
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
     n_blocks: int = 1,

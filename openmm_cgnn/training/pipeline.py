@@ -26,10 +26,11 @@ import torch
 from ..frames import evenly_spaced
 from .. import io
 from ..io import write_json_atomic
+from ..layout import CHECKPOINT_PT, LOSS_CURVE_PNG, MAPPING_JSON, METRICS_JSON, MODEL_PT
 from .data import TrainingData, TrainingDataError, load_training_data, with_force_map
 from .distributed import World, process_group
 from .metrics import constant_model_errors, mean_force_per_type, plot_loss_curve
-from .trainer import CHECKPOINT, OUTPUT_FILES, TrainConfig, Trainer, TrainingError, resolve_device
+from .trainer import OUTPUT_FILES, TrainConfig, Trainer, TrainingError, resolve_device
 
 METRICS_FORMAT = "openmm_cgnn.metrics/1"
 # Frames used for data-derived model settings (pair capacity, output scale): enough to see the
@@ -44,8 +45,8 @@ def check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> bool:
     """
     if resume and overwrite:
         raise TrainingError("choose either resume or overwrite, not both")
-    if resume and not (out_dir / CHECKPOINT).is_file():
-        raise TrainingError(f"{out_dir}: nothing to resume (no {CHECKPOINT})")
+    if resume and not (out_dir / CHECKPOINT_PT).is_file():
+        raise TrainingError(f"{out_dir}: nothing to resume (no {CHECKPOINT_PT})")
     return io.check_output_dir(out_dir, "model", overwrite=overwrite, resume=resume)
 
 
@@ -269,12 +270,12 @@ def train(
 def _train(data_paths: Sequence[str | Path], mapping_path: str | Path, out_dir: Path, config: TrainConfig,
            model_overrides: dict[str, Any] | None, resume: bool, replace: bool, show_progress: bool,
            stop_after_epochs: int | None, world: World, device: torch.device) -> dict:
-    from openmm_cgnn.mapping.spec import Mapping, MappingError
+    from openmm_cgnn.mapping.spec import CGMapping, MappingError
     from openmm_cgnn.model import read_checkpoint
     from openmm_cgnn.model.checkpoint import model_from_checkpoint
 
     try:
-        mapping = Mapping.load(mapping_path)
+        mapping = CGMapping.load(mapping_path)
     except MappingError as exc:
         raise TrainingDataError(str(exc)) from exc
     if config.force_map == "optimal":
@@ -293,12 +294,12 @@ def _train(data_paths: Sequence[str | Path], mapping_path: str | Path, out_dir: 
     if resume:
         try:
             saved = read_checkpoint(out_dir)
-            model = model_from_checkpoint(saved, source=str(out_dir / CHECKPOINT))
+            model = model_from_checkpoint(saved, source=str(out_dir / CHECKPOINT_PT))
         except (OSError, ValueError) as exc:
             raise TrainingError(f"cannot resume: {exc}") from exc
         if "train_state" not in saved:
-            raise TrainingError(f"{out_dir / CHECKPOINT}: holds no training state (finished model from elsewhere?)")
-        check_resume_provenance(saved, mapping, config, model_overrides, out_dir / CHECKPOINT)
+            raise TrainingError(f"{out_dir / CHECKPOINT_PT}: holds no training state (finished model from elsewhere?)")
+        check_resume_provenance(saved, mapping, config, model_overrides, out_dir / CHECKPOINT_PT)
         trainer = Trainer(model, data, config, device, world)
         trainer.load_resume_state(saved["train_state"], saved["optimizer"], saved["state_dict"])
     else:
@@ -313,7 +314,7 @@ def _train(data_paths: Sequence[str | Path], mapping_path: str | Path, out_dir: 
         with target as work:
             if world.is_main:
                 prepare_output_dir(work, resume)
-                mapping.save(work / "mapping.json")
+                mapping.save(work / MAPPING_JSON)
 
             def after_epoch(t: Trainer) -> None:
                 nonlocal epochs_this_call
@@ -368,13 +369,13 @@ def finish(trainer: Trainer, data: TrainingData, mapping, out_dir: Path, seconds
     }
     if not trainer.world.is_main:
         return metrics
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    plot_loss_curve(state.history, out_dir / "loss_curve.png", {
+    write_json_atomic(out_dir / METRICS_JSON, metrics)
+    plot_loss_curve(state.history, out_dir / LOSS_CURVE_PNG, {
         "constant per type (validation)": metrics["baselines"]["constant_per_type"]["validation"]["overall"]["mse"],
         "prior only (validation)": metrics["baselines"]["prior_only"]["validation"]["overall"]["mse"],
     })
     cpu_model = copy.deepcopy(model).to("cpu").eval()
-    export_for_frames(cpu_model, data.train, out_dir / "model.pt", mapping_sha256=mapping.sha256())
+    export_for_frames(cpu_model, data.train, out_dir / MODEL_PT, mapping_sha256=mapping.sha256())
     return metrics
 
 

@@ -30,13 +30,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..layout import CHECKPOINT_PT, HPARAMS_JSON, LOSS_CURVE_PNG, MAPPING_JSON, METRICS_JSON, MODEL_PT, PRIOR_JSON
 from .data import FrameTensors, TrainingData
 from .distributed import World
 from .metrics import ForceErrorAccumulator
 
-CHECKPOINT = "checkpoint.pt"
 # Files this stage writes into MODELDIR (--overwrite replaces the whole directory: see openmm_cgnn.io).
-OUTPUT_FILES = (CHECKPOINT, "hparams.json", "prior.json", "metrics.json", "mapping.json", "model.pt", "loss_curve.png")
+OUTPUT_FILES = (CHECKPOINT_PT, HPARAMS_JSON, PRIOR_JSON, METRICS_JSON, MAPPING_JSON, MODEL_PT, LOSS_CURVE_PNG)
 
 
 class TrainingError(RuntimeError):

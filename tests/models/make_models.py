@@ -83,6 +83,17 @@ def minimum_image(delta: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+def register_intermolecular_pairs(module: torch.nn.Module, bead_type, molecule_index, name: str, table) -> None:
+    """Buffers pair_i, pair_j (every pair of beads in different molecules) and ``name``: each pair's
+    entry of the bead-type ``table``."""
+    types = torch.as_tensor(bead_type)
+    i, j = torch.triu_indices(len(types), len(types), 1)
+    keep = torch.as_tensor(molecule_index)[i] != torch.as_tensor(molecule_index)[j]
+    module.register_buffer("pair_i", i[keep])
+    module.register_buffer("pair_j", j[keep])
+    module.register_buffer(name, torch.as_tensor(table)[types[i[keep]], types[j[keep]]])
+
+
 class ToyPrior(torch.nn.Module):
     """The contract's prior formulas in torch, for fixed per-bead arrays."""
 
@@ -94,18 +105,13 @@ class ToyPrior(torch.nn.Module):
         for a in range(n_types):
             for b in range(n_types):
                 sigma[a, b] = ev["sigma_nm"]["|".join(sorted((TYPES[a], TYPES[b])))]
-        types = torch.as_tensor(bead_type)
-        i, j = torch.triu_indices(len(types), len(types), 1)
-        keep = torch.as_tensor(molecule_index)[i] != torch.as_tensor(molecule_index)[j]
-        self.register_buffer("pair_i", i[keep])
-        self.register_buffer("pair_j", j[keep])
-        self.register_buffer("pair_sigma", torch.as_tensor(sigma)[types[i[keep]], types[j[keep]]])
+        register_intermolecular_pairs(self, bead_type, molecule_index, "pair_sigma", sigma)
         self.exponent = float(ev["exponent"])
         self.cutoff = float(ev["cutoff_nm"])
         self.epsilon = float(ev["epsilon_kj_mol"])
         bonds, r0, kb = [], [], []
         angles, t0, ka = [], [], []
-        starts = [k for k in range(len(types)) if k == 0 or molecule_index[k] != molecule_index[k - 1]]
+        starts = [k for k in range(len(bead_type)) if k == 0 or molecule_index[k] != molecule_index[k - 1]]
         for s in starts:
             for b in prior["bonds"]:
                 if residue_of_bead[s] == b["residue"]:
@@ -149,12 +155,7 @@ class PairModel(torch.nn.Module):
 
     def __init__(self, bead_type, molecule_index, bead_in_residue, residue_of_bead, include_prior: bool):
         super().__init__()
-        types = torch.as_tensor(bead_type)
-        i, j = torch.triu_indices(len(types), len(types), 1)
-        keep = torch.as_tensor(molecule_index)[i] != torch.as_tensor(molecule_index)[j]
-        self.register_buffer("pair_i", i[keep])
-        self.register_buffer("pair_j", j[keep])
-        self.register_buffer("pair_a", torch.as_tensor(PAIR_A)[types[i[keep]], types[j[keep]]])
+        register_intermolecular_pairs(self, bead_type, molecule_index, "pair_a", PAIR_A)
         self.width = PAIR_WIDTH_NM
         self.cutoff = PAIR_CUTOFF_NM
         self.include_prior = include_prior
@@ -174,10 +175,10 @@ class PairModel(torch.nn.Module):
 
 def toy_cg_system(n_pairs: int = N_PAIRS, seed: int = 1):
     """The toy CG system: ``n_pairs`` CAT + ANI molecules packed in a cubic box, relaxed in the prior."""
-    from openmm_cgnn.mapping.spec import Mapping
-    from openmm_cgnn.openmm.topology import CGSystem
+    from openmm_cgnn.mapping.spec import CGMapping
+    from openmm_cgnn.openmm.topology import CGConfiguration
 
-    mapping = Mapping.from_dict(MAPPING)
+    mapping = CGMapping.from_dict(MAPPING)
     rng = np.random.default_rng(seed)
     molecules = ["CAT"] * n_pairs + ["ANI"] * n_pairs
     edge = BOX_NM * (n_pairs / N_PAIRS) ** (1 / 3)
@@ -187,7 +188,7 @@ def toy_cg_system(n_pairs: int = N_PAIRS, seed: int = 1):
     grid = np.array([(x, y, z) for x in range(sites) for y in range(sites) for z in range(sites)], dtype=float)
     grid = grid[rng.permutation(len(grid))[: len(molecules)]] * edge / sites
     coords = [shape[name] + site + rng.normal(scale=0.02, size=3) for name, site in zip(molecules, grid)]
-    return CGSystem.from_molecules(mapping, molecules, np.vstack(coords), np.eye(3) * edge)
+    return CGConfiguration.from_molecules(mapping, molecules, np.vstack(coords), np.eye(3) * edge)
 
 
 def metadata_for(cg, include_prior: bool) -> dict:
@@ -238,7 +239,7 @@ if __name__ == "__main__":
 
 def make_model_dir(folder: Path, use_temperature: bool = False, seed: int = 0, **config_overrides) -> Path:
     """A model directory (docs/contracts.md section 3) holding an untrained tiny CGModel with the toy prior."""
-    from openmm_cgnn.mapping.spec import Mapping
+    from openmm_cgnn.mapping.spec import CGMapping
     from openmm_cgnn.model import CGModel, HybridGraphConfig, PriorSet, save_checkpoint
 
     torch.manual_seed(seed)
@@ -249,7 +250,7 @@ def make_model_dir(folder: Path, use_temperature: bool = False, seed: int = 0, *
     model = CGModel(config, PriorSet.from_dict(PRIOR, TYPES))
     folder = Path(folder)
     save_checkpoint(folder, model, epoch=0)
-    Mapping.from_dict(MAPPING).save(folder / "mapping.json")
+    CGMapping.from_dict(MAPPING).save(folder / "mapping.json")
     return folder
 
 

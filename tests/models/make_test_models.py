@@ -4,7 +4,7 @@
 
 OUTDIR/liquid/ and OUTDIR/liquid_1overT/ each get checkpoint.pt, hparams.json, prior.json and
 model.pt (TorchForce contract, prior included) for the synthetic 8-ion-pair CG liquid of
-``openmm_cgnn.model.synthetic.ionic_liquid``; OUTDIR/*/frames.npz holds its positions and box.
+``openmm_cgnn.testing.cg_models.ionic_liquid``; OUTDIR/*/frames.npz holds its positions and box.
 In tests, call ``write_synthetic_model_dir`` directly (a second or two) instead of storing files.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openmm_cgnn.model.synthetic import write_synthetic_model_dir
+from openmm_cgnn.testing.cg_models import write_synthetic_model_dir
 
 
 def main(argv: list[str]) -> int:

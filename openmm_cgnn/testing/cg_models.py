@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..layout import MODEL_PT
+
 BEAD_TYPE_NAMES = ["CAT:B0", "CAT:B1", "CAT:B2", "AN:B0"]
 
 
@@ -85,9 +87,9 @@ def synthetic_model(cg: SyntheticCG, seed: int = 0, weight_scale: float = 2.0, m
     The random weights are scaled by ``weight_scale`` so the network's forces are visible next to
     the prior's.
     """
-    from .config import HybridGraphConfig
-    from .hybridgraph import CGModel
-    from .priors import fit_priors
+    from ..model.config import HybridGraphConfig
+    from ..model.hybridgraph import CGModel
+    from ..model.priors import fit_priors
 
     torch.manual_seed(seed)
     config = HybridGraphConfig.quick(len(cg.bead_type_names), bead_type_names=list(cg.bead_type_names),
@@ -109,13 +111,13 @@ def write_synthetic_model_dir(model_dir, n_pairs: int = 8, box_nm: float = 1.9, 
     """
     from pathlib import Path
 
-    from .checkpoint import save_checkpoint
-    from .export import export_for_frames
+    from ..model.checkpoint import save_checkpoint
+    from ..model.export import export_for_frames
 
     cg = ionic_liquid(n_pairs=n_pairs, box_nm=box_nm, frames=frames, seed=seed)
     model = synthetic_model(cg, seed=seed, weight_scale=weight_scale, use_temperature=use_temperature)
     model_dir = Path(model_dir)
     save_checkpoint(model_dir, model, epoch=0)
-    export_for_frames(model, cg, model_dir / "model.pt", mapping_sha256=None,
+    export_for_frames(model, cg, model_dir / MODEL_PT, mapping_sha256=None,
                       temperature_K=float(cg.temperature_K[0]) if use_temperature else None)
     return model_dir, cg

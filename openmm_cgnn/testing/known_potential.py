@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..layout import FRAMES_H5, MAPPING_JSON
+from ..platforms import get_platform
+
 
 @dataclass
 class SyntheticSystem:
@@ -119,7 +122,7 @@ class SyntheticSystem:
         topology, system, positions = self.build()
         integrator = openmm.LangevinMiddleIntegrator(temperature, 5.0, 0.005)
         integrator.setRandomNumberSeed(seed)
-        context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
+        context = openmm.Context(system, integrator, get_platform("Reference", check=False))
         context.setPositions(positions)
         openmm.LocalEnergyMinimizer.minimize(context, 1.0, 200)
         context.setVelocitiesToTemperature(temperature, seed)
@@ -127,10 +130,10 @@ class SyntheticSystem:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "mapping.json").write_text(json.dumps(self.mapping_dict(), indent=2))
+        (out / MAPPING_JSON).write_text(json.dumps(self.mapping_dict(), indent=2))
         info = TopologyInfo.from_openmm(topology, system)
         metadata = {"kind": kind, "temperature_K": temperature, "forcefield": "synthetic shifted-force LJ", "seed": seed}
-        with FrameWriter(out / "frames.h5", info, metadata, with_forces=True) as writer:
+        with FrameWriter(out / FRAMES_H5, info, metadata, with_forces=True) as writer:
             for k in range(n_frames):
                 integrator.step(steps_per_frame)
                 state = context.getState(getPositions=True, getForces=True, getEnergy=True)

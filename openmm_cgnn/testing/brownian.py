@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..layout import FRAMES_H5
+
 # Residue templates: atom names, elements, masses (amu), positions in the molecule frame (nm),
 # atom bonds, and beads as lists of atom names.
 TEMPLATES = {
@@ -144,7 +146,7 @@ def write_brownian_run(
                 "seed": seed, **(metadata or {})}
     directory = Path(directory)
     box = np.eye(3) * box_nm
-    with FrameWriter(directory / "frames.h5", topology, metadata, with_forces=False) as writer:
+    with FrameWriter(directory / FRAMES_H5, topology, metadata, with_forces=False) as writer:
         for f in range(n_frames):
             positions = centres[f, molecule_of] + local + rng.normal(scale=vibration_nm, size=local.shape)
             if wrap:
