@@ -18,7 +18,7 @@ import torch
 
 from openmm_cgnn.model import load_model
 from openmm_cgnn.model.export import build_system_module
-from openmm_cgnn.model.geometry import minimum_image, smooth_envelope
+from openmm_cgnn.model.geometry import minimum_image
 from openmm_cgnn.model.priors import ExcludedVolumePrior, _Tables, spline_energy
 
 REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_reference"
@@ -74,13 +74,6 @@ def test_minimum_image_equals_the_sequential_wrap_and_passes_gradients_through()
     delta.requires_grad_(True)
     (gradient,) = torch.autograd.grad((minimum_image(delta, box) * torch.arange(3.0)).sum(), delta)
     assert torch.equal(gradient, torch.arange(3.0).expand(2, 50, 3))
-
-
-def test_envelope_is_the_expanded_polynomial():
-    distance = torch.linspace(0.0, 1.2, 241, dtype=torch.float64)
-    x = torch.clamp(distance / 0.8, 0.0, 1.0)
-    expanded = 1.0 - 28.0 * x ** 6 + 48.0 * x ** 7 - 21.0 * x ** 8
-    torch.testing.assert_close(smooth_envelope(distance, 0.8), expanded, rtol=0.0, atol=1e-14)
 
 
 def test_excluded_volume_coefficients_give_the_shifted_force_formula():
