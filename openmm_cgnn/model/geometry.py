@@ -101,8 +101,7 @@ def pair_vectors(positions: Tensor, box: Tensor, index_i: Tensor, index_j: Tenso
 
 def safe_norm(vectors: Tensor, valid: Tensor, fill: float) -> Tensor:
     """|v| where ``valid``, ``fill`` elsewhere, with finite gradients for padded (zero) vectors."""
-    # Not linalg.vector_norm: its CPU kernel rounds a pair differently depending on the list's
-    # length, and the trimmed and full-capacity lists of the two module variants must agree bit for bit.
+    # the fill as a scalar: no full_like tensor per call
     return torch.sqrt(torch.where(valid, (vectors * vectors).sum(-1), fill * fill))
 
 
