@@ -2,8 +2,8 @@
 
 ``benchmarks/gpu_reference/reference.npz`` holds energies and forces of ``gpu_reference/model`` at
 fixed positions (80 and 1500 beads), computed through OpenMM's Reference platform before the op
-reductions; both module variants must reproduce them to float32 rounding (the op reductions of
-commits 22bfa1b/5c94854, since reverted, passed with forces within 8.5e-6 RMS).
+reductions; both module variants must reproduce them to float32 rounding. The pieces rewritten
+for fewer ops are checked against their direct forms.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def test_modules_reproduce_the_reference_values(case, host_checks):
         reference_forces = data[f"{case}/{term}/forces"]
         rms = float(np.sqrt(np.mean(reference_forces ** 2)))
         assert float(energy.detach()) == pytest.approx(float(data[f"{case}/{term}/energy"]), rel=2e-6)
-        # Measured: energies within 1e-7, forces within 1.5e-6 RMS (relative; 8.5e-6 with the op
-        # reductions): float32 rounding, largest in the stiff bonds, where k (r - r0) magnifies it.
+        # Measured: energies within 1e-7, forces within 8.5e-6 RMS (relative; 1.5e-6 before the
+        # changes): float32 rounding, largest in the stiff bonds, where k (r - r0) magnifies it.
         assert float(np.sqrt(np.mean((-gradient.numpy() - reference_forces) ** 2))) <= 2e-5 * rms
 
 
