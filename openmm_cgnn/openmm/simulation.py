@@ -257,6 +257,34 @@ def stability_check(
     )
 
 
+class SaveStepState:
+    """A reporter that keeps the State ``Simulation`` fetches at each save step (positions, energy).
+
+    OpenMM computes the energy again for every ``getState(getEnergy=True)`` (a full network
+    evaluation), and ``Simulation`` merges the requests of all reporters due at a step into one
+    call. Registered beside the state.csv and progress reporters, this one makes the frame saved
+    at that step share their State instead of asking for its own: one evaluation per save, not two.
+    """
+
+    def __init__(self, interval: int) -> None:
+        self.interval = int(interval)
+        self.state: Any = None
+        self.step = -1
+
+    def describeNextReport(self, simulation: Any) -> dict[str, Any]:
+        return {"steps": self.interval - simulation.currentStep % self.interval, "periodic": False,
+                "include": ["positions", "energy"]}
+
+    def report(self, simulation: Any, state: Any) -> None:
+        self.state, self.step = state, int(simulation.currentStep)
+
+    def take(self, step: int) -> Any:
+        """The State fetched at ``step``, or None (then the caller asks the Context itself)."""
+        state = self.state if self.step == step else None
+        self.state = None
+        return state
+
+
 def _truncate_dcd(path: Path, n_atoms: int, n_frames: int, has_box: bool = True) -> None:
     """Cut a DCD written by OpenMM's DCDFile back to its first ``n_frames`` models."""
     frame_bytes = (56 if has_box else 0) + 3 * (8 + 4 * n_atoms)
@@ -560,15 +588,21 @@ class CGRun:
                 )
             )
 
+        shared = SaveStepState(save_every)  # the frame shares the reporters' State at a save step
+        simulation.reporters.append(shared)
+
         def save_frame() -> None:
-            state = simulation.context.getState(getPositions=True, getEnergy=True, enforcePeriodicBox=False)
+            state = shared.take(simulation.currentStep)
+            if state is None:  # the first frame, or a step no reporter was due at
+                state = simulation.context.getState(getPositions=True, getEnergy=True, enforcePeriodicBox=False)
             if not _finite_state(state):
                 raise SimulationUnstable(f"NaN/inf positions or energy at step {simulation.currentStep}")
             pos = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
             box = np.array(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer))
             writer.append(pos, box, state.getTime().value_in_unit(unit.picosecond),
                           potential_energy=state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
-            dcd.writeModel(state.getPositions(), periodicBoxVectors=state.getPeriodicBoxVectors())
+            # plain nm array: the same float32 values as a list of Vec3, without a unit conversion per bead
+            dcd.writeModel(pos, periodicBoxVectors=state.getPeriodicBoxVectors())
             dcd_handle.flush()
             summary["n_frames"] = writer.n_frames
             self._checkpoint(simulation, summary)
