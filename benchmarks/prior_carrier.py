@@ -6,7 +6,8 @@ Builds an ionic-liquid-like CG system (a 4-bead chain cation and a 1-bead anion 
 1200 kg/m3), an untrained CGModel of each size with a prior (excluded volume, bonds, angles), and
 times MD steps (VerletIntegrator, after warm-up) with the prior as native OpenMM forces and inside
 the TorchScript module. Untrained weights cost the same time as trained ones. Writes
-benchmarks/results/prior_carrier_<platform>.json; openmm_cgnn.openmm.force.DEFAULT_PRIOR_CARRIER follows it.
+benchmarks/results/prior_carrier_<platform>.json (DEFAULT_PRIOR_CARRIER follows the CPU times of
+bench_simulate.py on a trained model, see force.py).
 """
 
 from __future__ import annotations

@@ -212,16 +212,18 @@ class FrameWriter:
         f = self._file
         if self.with_forces and forces is None:
             raise FramesError(f"{self.path}: this file stores forces; append() got none")
-        k = self.n_frames
         names = ["positions", "box", "time", "potential_energy"] + (["forces"] if self.with_forces else [])
+        # one lookup per dataset and frame: h5py's name lookups cost more than writing a small frame
+        data = {name: f[name] for name in names}
+        k = int(data["positions"].shape[0])
         for name in names:
-            f[name].resize(k + 1, axis=0)
-        f["positions"][k] = np.asarray(positions, dtype=np.float32)
-        f["box"][k] = np.asarray(box, dtype=np.float32)
-        f["time"][k] = time
-        f["potential_energy"][k] = potential_energy
+            data[name].resize(k + 1, axis=0)
+        data["positions"][k] = np.asarray(positions, dtype=np.float32)
+        data["box"][k] = np.asarray(box, dtype=np.float32)
+        data["time"][k] = time
+        data["potential_energy"][k] = potential_energy
         if self.with_forces:
-            f["forces"][k] = np.asarray(forces, dtype=np.float32)
+            data["forces"][k] = np.asarray(forces, dtype=np.float32)
         f.flush()
 
     def truncate(self, n_frames: int) -> None:

@@ -169,7 +169,8 @@ def test_cli_simulate_user_errors(model_dir, tmp_path, capsys):
     # 4 pairs at this density make a box under twice the cutoff: refused with the reason
     assert cli_main(base + ["--forcefield", str(model_dir), "--pairs", "4", "--density", "800"]) == 2
     assert "twice the model cutoff" in capsys.readouterr().err
-    assert cli_main(base + ["--forcefield", str(model_dir), "--pairs", "4", "--density", "300", "--mts-inner-steps", "2"]) == 2
+    assert cli_main(base + ["--forcefield", str(model_dir), "--pairs", "4", "--density", "300", "--prior", "model",
+                            "--mts-inner-steps", "2"]) == 2
     assert "prior='openmm'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -221,7 +222,8 @@ def test_overflow_without_regrow_fails_with_the_cause(cg, tmp_path):
     """A model.pt cannot be scripted again: set-up fails with one line naming the count, the
     capacity and the way out, and summary.json records the failure and its cause."""
     crowded = cg.with_positions(cg.positions * 0.3)
-    source = CGNNForce(make_model_dir(tmp_path / "small", max_pairs_per_bead=4.0), cg)
+    # prior inside: the model.pt below carries it
+    source = CGNNForce(make_model_dir(tmp_path / "small", max_pairs_per_bead=4.0), cg, prior="model")
     force = CGNNForce(source.save_model(tmp_path / "model.pt"), crowded)
     run = CGRun(force, crowded, tmp_path / "run", config(dt_fs=None, dt_candidates_fs=(10.0, 4.0)), log=lambda m: None)
     with pytest.raises(SimulationUnstable, match=r"pair-list overflow: \d+ intermolecular pairs .*capacity 64 .*"
@@ -236,7 +238,8 @@ def test_overflow_without_regrow_fails_with_the_cause(cg, tmp_path):
 def test_production_overflow_of_a_model_pt_stops_with_the_cause(cg, tmp_path):
     """Without a model directory to script again, the overflow in the run ends it: one line with the
     step, the count, the capacity and the way out; summary.json keeps the cause; frames are kept."""
-    source = CGNNForce(make_model_dir(tmp_path / "tight", max_pairs_per_bead=4.5), cg)
+    # prior inside: the model.pt below carries it
+    source = CGNNForce(make_model_dir(tmp_path / "tight", max_pairs_per_bead=4.5), cg, prior="model")
     force = CGNNForce(source.save_model(tmp_path / "model.pt"), cg)
     run = CGRun(force, cg, tmp_path / "run", config(dt_fs=4.0, minimize=False, thermalize_steps=0, steps=40),
                 log=lambda m: None)
@@ -251,7 +254,8 @@ def test_production_overflow_of_a_model_pt_stops_with_the_cause(cg, tmp_path):
 def test_time_step_search_regrows_on_overflow_instead_of_calling_the_step_unstable(cg, tmp_path):
     """The start fits the capacity (71 pairs in 72), the NVE tests overflow it: the search regrows
     the list and tests the same step again; no candidate is marked unstable for a NaN."""
-    force = CGNNForce(make_model_dir(tmp_path / "tight", max_pairs_per_bead=4.5), cg)
+    # prior inside: it overflows with the network (as native forces the 8 fs test may blow up before)
+    force = CGNNForce(make_model_dir(tmp_path / "tight", max_pairs_per_bead=4.5), cg, prior="model")
     run = CGRun(force, cg, tmp_path / "run", config(dt_fs=None, minimize=False, thermalize_steps=0, steps=20,
                                                    dt_candidates_fs=(8.0, 4.0)), log=lambda m: None)
     summary = run.run().summary
@@ -325,13 +329,16 @@ def test_mts_is_stable_and_samples_like_single_stepping(cg, tmp_path):
         potential = table[[n for n in table.dtype.names if n.lower().startswith("potential")][0]]
         frames = read_frames(result.out_dir)
         bonds = np.linalg.norm(frames.positions[:, 1:] - frames.positions[:, :-1], axis=-1)  # includes every bond
-        stats[name] = (_block_means(potential[len(potential) // 5:]), bonds[frames.n_frames // 5:].mean(axis=0))
+        stats[name] = (_block_means(potential[len(potential) // 5:]),
+                       np.array([_block_means(b) for b in bonds[frames.n_frames // 5:].T]))
     (e1, s1), b1 = stats["single"]
     (e2, s2), b2 = stats["mts"]
     assert abs(e1 - e2) < 4 * np.hypot(s1, s2) + 1e-6
-    # bonded beads (intramolecular neighbours in topology order) keep the same mean length
+    # bonded beads (intramolecular neighbours in topology order) keep the same mean length, within
+    # noise (the trajectories are chaotic: one more energy read between MTS steps changes them)
     bonded = np.array([i for i in range(cg.n_beads - 1) if cg.molecule_index[i] == cg.molecule_index[i + 1]])
-    np.testing.assert_allclose(b2[bonded], b1[bonded], rtol=0.05)
+    difference, noise = np.abs(b2[bonded, 0] - b1[bonded, 0]), np.hypot(b1[bonded, 1], b2[bonded, 1])
+    assert (difference < 4 * noise + 1e-6).all() and (difference < 0.1 * b1[bonded, 0]).all()
 
 
 def test_default_engine_follows_the_platform_and_the_run_length():

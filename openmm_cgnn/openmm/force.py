@@ -39,11 +39,14 @@ from .prior_forces import load_prior, prior_forces
 from .topology import CGConfiguration
 
 PRIOR_CARRIERS = ("auto", "openmm", "model", "none")
-# benchmarks/results/prior_carrier_cpu.json (CPU, real CGModel, 320 and 1500 beads): the prior inside the
-# TorchScript module was 6-11% faster than native forces beside it for the quick network and level
-# within noise for the reference network (it shares the model's neighbour list, one force to
-# evaluate instead of four).
-DEFAULT_PRIOR_CARRIER = "model"
+# Native forces: on CPU (1 thread, CPU time per step) the quick example's trained model takes 3.2-3.3
+# ms per bare step with its tabulated bonded prior as OpenMM forces and 4.1-5.7 ms with the prior
+# inside the TorchScript module (network alone 3.2 ms, the native prior alone 0.23 ms); a harmonic
+# prior inside costs 4.4 against 3.4 ms; a real run (benchmarks/results/simulate_cpu.json) 5.26
+# against 6.01 ms. The prior's small ops cost more in TorchScript than in OpenMM's kernels.
+# (prior_carrier_cpu.json had the two level: wall-clock blocks on a loaded machine.) Native forces
+# are also what multiple time stepping needs (their own force group). CUDA: not measured.
+DEFAULT_PRIOR_CARRIER = "openmm"
 MASS_TOLERANCE_AMU = 1e-3
 TEMPERATURE_TOLERANCE_K = 1e-6
 REQUIRED_METADATA = ("n_beads", "bead_names", "bead_type", "bead_type_names", "masses", "includes_prior")

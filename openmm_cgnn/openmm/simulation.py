@@ -260,6 +260,34 @@ def stability_check(
     )
 
 
+class SaveStepState:
+    """A reporter that keeps the State ``Simulation`` fetches at each save step (positions, energy).
+
+    OpenMM computes the energy again for every ``getState(getEnergy=True)`` (a full network
+    evaluation), and ``Simulation`` merges the requests of all reporters due at a step into one
+    call. Registered beside the state.csv and progress reporters, this one makes the frame saved
+    at that step share their State instead of asking for its own: one evaluation per save, not two.
+    """
+
+    def __init__(self, interval: int) -> None:
+        self.interval = int(interval)
+        self.state: Any = None
+        self.step = -1
+
+    def describeNextReport(self, simulation: Any) -> dict[str, Any]:
+        return {"steps": self.interval - simulation.currentStep % self.interval, "periodic": False,
+                "include": ["positions", "energy"]}
+
+    def report(self, simulation: Any, state: Any) -> None:
+        self.state, self.step = state, int(simulation.currentStep)
+
+    def take(self, step: int) -> Any:
+        """The State fetched at ``step``, or None (then the caller asks the Context itself)."""
+        state = self.state if self.step == step else None
+        self.state = None
+        return state
+
+
 def _truncate_dcd(path: Path, n_atoms: int, n_frames: int, has_box: bool = True) -> None:
     """Cut a DCD written by OpenMM's DCDFile back to its first ``n_frames`` models."""
     frame_bytes = (56 if has_box else 0) + 3 * (8 + 4 * n_atoms)
@@ -299,21 +327,24 @@ class _Prepared:
 class _RunFiles:
     """frames.h5 and trajectory.dcd, appended to together at every save."""
 
-    def __init__(self, writer: Any, dcd_handle: Any, dcd: Any) -> None:
-        self.writer, self.dcd_handle, self.dcd = writer, dcd_handle, dcd
+    def __init__(self, writer: Any, dcd_handle: Any, dcd: Any, shared: SaveStepState | None = None) -> None:
+        self.writer, self.dcd_handle, self.dcd, self.shared = writer, dcd_handle, dcd, shared
         self.n_frames = writer.n_frames
 
     def append(self, simulation: Any) -> None:
         import openmm.unit as unit
 
-        state = simulation.context.getState(getPositions=True, getEnergy=True, enforcePeriodicBox=False)
+        state = None if self.shared is None else self.shared.take(simulation.currentStep)
+        if state is None:  # the first frame, or a step no reporter was due at
+            state = simulation.context.getState(getPositions=True, getEnergy=True, enforcePeriodicBox=False)
         if not _finite_state(state):
             raise SimulationUnstable(f"NaN/inf positions or energy at step {simulation.currentStep}")
         pos = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
         box = np.array(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer))
         self.writer.append(pos, box, state.getTime().value_in_unit(unit.picosecond),
                            potential_energy=state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
-        self.dcd.writeModel(state.getPositions(), periodicBoxVectors=state.getPeriodicBoxVectors())
+        # plain nm array: the same float32 values as a list of Vec3, without a unit conversion per bead
+        self.dcd.writeModel(pos, periodicBoxVectors=state.getPeriodicBoxVectors())
         self.dcd_handle.flush()
         self.n_frames = self.writer.n_frames
 
@@ -636,7 +667,9 @@ class CGRun:
                     remainingTime=True, speed=True, totalSteps=max(cfg.steps, 1), separator="  ",
                 )
             )
-        files = _RunFiles(writer, dcd_handle, dcd)
+        shared = SaveStepState(cfg.save_every_steps)  # the frame shares the reporters' State at a save step
+        simulation.reporters.append(shared)
+        files = _RunFiles(writer, dcd_handle, dcd, shared)
         try:
             yield files
         finally:
