@@ -213,9 +213,12 @@ def test_openmm_carriers_equal_eager(cg, model_dir, engine):
     np.testing.assert_allclose(forces, f_ref, rtol=1e-7, atol=1e-8 * np.abs(f_ref).max())
 
 
-def test_export_round_trip(cg, model_dir, tmp_path):
-    """system.xml (graph-safe TorchForce) and model.pt reproduce the eager model after a reload."""
-    out = export_forcefield(model_dir, cg, tmp_path / "ff", temperature=TEMPERATURE_K, log=lambda message: None)
+@pytest.mark.parametrize("prior", ["openmm", "model"])
+def test_export_round_trip(cg, model_dir, tmp_path, prior):
+    """system.xml (graph-safe TorchForce) reproduces the eager model after a reload, with the prior as
+    native forces (the default) or inside the module; model.pt alone does when it carries the prior."""
+    out = export_forcefield(model_dir, cg, tmp_path / "ff", temperature=TEMPERATURE_K, prior=prior,
+                            log=lambda message: None)
     system = openmm.XmlSerializer.deserialize((out / "system.xml").read_text())
     pdb = app.PDBFile(str(out / "cg.pdb"))
     energy, forces = _context_energy_forces(system, pdb.positions)
@@ -227,11 +230,11 @@ def test_export_round_trip(cg, model_dir, tmp_path):
     # cg.pdb holds positions to 1e-4 nm; compared at those positions, so only the carrier's rounding remains
     assert energy == pytest.approx(float(e_ref[0]), rel=1e-8)
     np.testing.assert_allclose(forces, f_ref[0].numpy(), rtol=1e-6, atol=1e-7 * float(f_ref.abs().max()))
-    module = torch.jit.load(str(out / "model.pt"))
-    x = torch.tensor(positions, requires_grad=True)
-    e = module(x, torch.tensor(cg.box))
-    assert float(e.detach()) == pytest.approx(float(e_ref[0]), rel=1e-9)
     assert json.loads((out / "metadata.json").read_text())["system_xml_module"]["graph_safe"]
+    if prior == "model":  # with native prior forces model.pt is the network alone
+        module = torch.jit.load(str(out / "model.pt"))
+        e = module(torch.tensor(positions, requires_grad=True), torch.tensor(cg.box))
+        assert float(e.detach()) == pytest.approx(float(e_ref[0]), rel=1e-9)
 
 
 def test_checkpoint_round_trip_keeps_architecture(model, tmp_path, liquid):
