@@ -72,6 +72,7 @@ class SystemForce(nn.Module):
         self.host_checks = bool(host_checks)  # host reads allowed (skin reuse, pair trimming)
         self.graph_safe = not self.host_checks
         self.cutoff_nm = float(cutoff_nm)  # the largest interaction range: the box must be twice as wide
+        self.search_cutoff_nm = float(energy.neighbors.cutoff)  # what the search checks the box against
         self.n_beads = int(system.bead_type.shape[0])
         self.max_pairs_per_bead = float(energy.neighbors.max_pairs_per_bead)
         self.capacity = pair_capacity(self.n_beads, self.max_pairs_per_bead)
@@ -108,10 +109,12 @@ class SystemForce(nn.Module):
         if self.uses_temperature:
             feature = (inverse_temperature.to(dtype).reshape(1) * self.reference_temperature - 1.0)
         energy, flags, count = self.energy(pos, box, self.system(), feature, True, self.include_prior)
-        nonfinite = ~(torch.isfinite(pos).all() & torch.isfinite(box).all())
+        # One reduction instead of two isfinite passes: a NaN or inf anywhere makes the sum non-finite.
+        nonfinite = ~torch.isfinite(pos.sum() + box.sum())
         flags = flags | torch.where(nonfinite, Flag.NONFINITE.value, 0)
-        # the searches check their own cutoff; the intramolecular one may reach further
-        flags = flags | torch.where(box_too_small(box, self.cutoff_nm), Flag.BOX_TOO_SMALL.value, 0)
+        if self.cutoff_nm > self.search_cutoff_nm:
+            # the search checks its own cutoff; the intramolecular one reaches further here
+            flags = flags | torch.where(box_too_small(box, self.cutoff_nm), Flag.BOX_TOO_SMALL.value, 0)
         return energy[0], flags[0], count[0]
 
     def evaluate(self, positions: Tensor, boxvectors: Tensor, inverse_temperature: Tensor) -> Tensor:
@@ -120,8 +123,9 @@ class SystemForce(nn.Module):
         # by torch.where would send no gradient (forces exactly 0), and a NaN factor on the energy
         # alone leaves beads outside every pair at zero force; a NaN times the positions reaches
         # every component. With good data the term is exactly 0 and changes nothing, bit for bit.
-        poison = torch.where(flags != 0, math.nan, 0.0)
-        return energy + (positions * poison.to(positions.dtype)).sum().to(energy.dtype)
+        # A scalar factor on the positions' sum does that with one multiplication of a number.
+        poison = torch.where(flags != 0, math.nan, 0.0).to(energy.dtype)
+        return energy + positions.sum().to(energy.dtype) * poison
 
     @torch.jit.export
     def diagnose(self, positions: Tensor, boxvectors: Tensor) -> Tuple[Tensor, Tensor]:

@@ -48,8 +48,7 @@ def harmonic_bond_energy(positions: Tensor, box: Tensor, index_i: Tensor, index_
     """Sum of k/2 (r - r0)^2 per frame, (B,) float64; OpenMM's HarmonicBondForce convention."""
     if index_i.numel() == 0:
         return torch.zeros(positions.shape[0], dtype=torch.float64, device=positions.device)
-    vectors = pair_vectors(positions, box, index_i, index_j)
-    distance = torch.sqrt((vectors * vectors).sum(-1))
+    distance = torch.linalg.vector_norm(pair_vectors(positions, box, index_i, index_j), dim=-1)
     return (0.5 * k * (distance - r0) ** 2).to(torch.float64).sum(-1)
 
 
@@ -64,33 +63,33 @@ def harmonic_angle_energy(positions: Tensor, box: Tensor, index_i: Tensor, index
 
 def angle_values(positions: Tensor, box: Tensor, index_i: Tensor, index_j: Tensor, index_k: Tensor) -> Tensor:
     """Angles i-j-k at bead j (rad), (B, A); acos clamped just inside +-1 so forces stay finite when straight."""
-    first = pair_vectors(positions, box, index_j, index_i)
-    second = pair_vectors(positions, box, index_j, index_k)
+    # Both arms (j->i, then j->k) in one gather and one minimum image.
+    arms = pair_vectors(positions, box, torch.cat([index_j, index_j], dim=-1), torch.cat([index_i, index_k], dim=-1))
+    count = index_i.shape[-1]
+    first, second = arms[:, :count], arms[:, count:]
     cosine = (first * second).sum(-1) / torch.sqrt((first * first).sum(-1) * (second * second).sum(-1))
     return torch.acos(torch.clamp(cosine, -1.0 + 1e-6, 1.0 - 1e-6))
 
 
-def spline_energy(x: Tensor, entry: Tensor, values: Tensor, second: Tensor, x_min: Tensor, spacing: Tensor,
-                  slope_low: Tensor, slope_high: Tensor, wall_k: Tensor) -> Tensor:
+def spline_energy(x: Tensor, entry: Tensor, parameters: Tensor, knots: Tensor, points: int) -> Tensor:
     """Tabulated energies at ``x`` (B, T) for terms using tables ``entry`` (T,): the natural cubic
-    spline through ``values`` (tables, G) with second derivatives ``second``, continued beyond the
-    grid by its edge slope plus wall_k/2 d^2. Gathers only: static shapes, no host reads."""
-    points = values.shape[1]
-    low = x_min[entry].to(x.dtype)
-    step = spacing[entry].to(x.dtype)
-    high = low + step * (points - 1)
+    spline on ``points`` grid points continued beyond the grid by its edge slope plus wall_k/2 d^2.
+
+    ``parameters`` (tables, 6): low, spacing, high, slope_low, slope_high, wall_k of each table;
+    ``knots`` (tables * points, 4): value and second derivative at each grid point and the next one
+    (:class:`_Tables`), so that each term needs two gathers. Static shapes, no host reads."""
+    low, step, high, slope_low, slope_high, wall_k = parameters.index_select(0, entry).to(x.dtype).unbind(-1)
     inside = torch.minimum(torch.maximum(x, low), high)
     u = (inside - low) / step
     segment = torch.clamp(torch.floor(u.detach()), 0.0, float(points - 2))
     t = u - segment
-    flat = entry * points + segment.long()
-    y = values.reshape(-1).to(x.dtype)
-    m = second.reshape(-1).to(x.dtype)
+    flat = (entry * points + segment.long()).reshape(-1)
+    y0, y1, m0, m1 = knots.index_select(0, flat).to(x.dtype).reshape(x.shape[0], x.shape[1], 4).unbind(-1)
     s = 1.0 - t
-    energy = s * y[flat] + t * y[flat + 1] + step * step / 6.0 * ((s * s * s - s) * m[flat] + (t * t * t - t) * m[flat + 1])
+    energy = s * y0 + t * y1 + step * step / 6.0 * ((s * s * s - s) * m0 + (t * t * t - t) * m1)
     beyond = x - inside
-    slope = torch.where(beyond < 0, slope_low[entry].to(x.dtype), slope_high[entry].to(x.dtype))
-    return energy + slope * beyond + 0.5 * wall_k[entry].to(x.dtype) * beyond * beyond
+    slope = torch.where(beyond < 0, slope_low, slope_high)
+    return energy + slope * beyond + 0.5 * wall_k * beyond * beyond
 
 
 def natural_spline_second_derivatives(values: np.ndarray, spacing: float) -> np.ndarray:
@@ -149,10 +148,20 @@ class _Tables(nn.Module):
         self.register_buffer("slope_low", torch.as_tensor(slopes[:, 0].copy()), persistent=False)
         self.register_buffer("slope_high", torch.as_tensor(slopes[:, 1].copy()), persistent=False)
         self.register_buffer("walls", torch.as_tensor(np.array(self.wall_k, dtype=np.float64).reshape(-1)), persistent=False)
+        # What spline_energy gathers per term, packed once: one row of parameters per table, and per
+        # grid point its value and second derivative with those of the next point (the last point's
+        # "next" is never read: the segment index stops at n - 2).
+        self.points = n
+        self.register_buffer("table_parameters", torch.stack(
+            [self.low, self.spacing, self.low + self.spacing * (n - 1), self.slope_low, self.slope_high, self.walls],
+            dim=-1), persistent=False)
+        following = torch.cat([self.values[:, 1:], self.values[:, -1:]], dim=1)
+        following_second = torch.cat([self.second[:, 1:], self.second[:, -1:]], dim=1)
+        self.register_buffer("knots", torch.stack([self.values, following, self.second, following_second],
+                                                  dim=-1).reshape(-1, 4), persistent=False)
 
     def forward(self, x: Tensor, entry: Tensor) -> Tensor:
-        return spline_energy(x, entry, self.values, self.second, self.low, self.spacing, self.slope_low,
-                             self.slope_high, self.walls)
+        return spline_energy(x, entry, self.table_parameters, self.knots, self.points)
 
     def table_dicts(self, unit: str) -> list[dict[str, Any]]:
         return [{f"min_{unit}": low, f"max_{unit}": high, "energy_kj_mol": energy, f"wall_k_kj_mol_{unit}2": wall}
@@ -182,18 +191,21 @@ class ExcludedVolumePrior(nn.Module):
             raise ValueError(f"excluded volume: every sigma must be below the cutoff {self.cutoff} nm")
         self.enabled = bool((sigma > 0).any())
         self.register_buffer("sigma", sigma, persistent=False)
+        # Per type pair, once: sigma and the shifted-force terms, eps * [(s/r)^p + slope * r + offset]
+        # with slope = p (s/rc)^p / rc and offset = -(1 + p) (s/rc)^p (all 0 where sigma is 0).
+        ratio_cut = (sigma / self.cutoff) ** self.exponent
+        self.register_buffer("coefficients", torch.stack(
+            [sigma, self.exponent * ratio_cut / self.cutoff, -(1.0 + self.exponent) * ratio_cut], dim=-1),
+            persistent=False)
 
     def forward(self, distance: Tensor, type_i: Tensor, type_j: Tensor, valid: Tensor) -> Tensor:
         """Energy per frame (B,) float64 from pair distances (B, P) (each pair once)."""
         if not self.enabled:
             return torch.zeros(distance.shape[0], dtype=torch.float64, device=distance.device)
-        sigma = self.sigma.to(distance.dtype)[type_i, type_j]
-        active = valid & (distance < self.cutoff) & (sigma > 0)
-        ratio_cut = (sigma / self.cutoff) ** self.exponent
-        energy = (sigma / distance) ** self.exponent - ratio_cut \
-            + self.exponent * ratio_cut * (distance - self.cutoff) / self.cutoff
-        energy = torch.where(active, self.epsilon * energy, torch.zeros_like(energy))
-        return energy.to(torch.float64).sum(-1)
+        sigma, slope, offset = self.coefficients[type_i, type_j].to(distance.dtype).unbind(-1)
+        energy = (sigma / distance) ** self.exponent + slope * distance + offset
+        energy = torch.where(valid & (distance < self.cutoff), energy, 0.0)
+        return (self.epsilon * energy.to(torch.float64)).sum(-1)
 
 
 class HarmonicBondPrior(nn.Module):

@@ -35,7 +35,7 @@ from ..units import in_nm
 ENGINES = ("torch", "python")
 # benchmarks/results/md_cpu.json (quick network, 1 thread, both engines side by side): PythonForce +
 # torch.compile took 2.5/4.1/17.9 ms per CG step against TorchForce's 4.5/6.8/19.1 at 80/160/500
-# beads (benchmarks/README.md; re-measured at load 9-13 with issue 17's op reductions, since reverted:
+# beads (benchmarks/README.md; re-measured at load 9-13 after issue 17's op reductions:
 # 3.7/4.9/33.6 against 5.9/7.3/35.3), so the CPU platform takes it. CUDA stays on TorchForce: its CUDA graphs keep
 # the whole step on the device, which a Python callback per step cannot. Reference (the checking
 # platform) and an unknown platform (export) take TorchForce, the exportable one.
