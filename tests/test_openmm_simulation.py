@@ -261,7 +261,12 @@ def test_time_step_search_regrows_on_overflow_instead_of_calling_the_step_unstab
     summary = run.run().summary
     assert summary["status"] == "finished"
     assert summary["pair_list_regrown"][0]["where"].startswith("time-step test at 8 fs, step ")
-    assert all("NaN" not in r["reason"] and "OpenMM error" not in r["reason"] for r in summary["dt_stability"])
+    # After the regrow the 8 fs test goes on; this toy blows up there for real (a close contact
+    # flings a bead ~0.7 nm per step), so its verdict may read NaN/inf or, when float32 minimum
+    # images of coordinates ~1e8 nm count pairs wrongly, an overflow again. Either way the search
+    # moves on to 4 fs, which is stable; nothing is an OpenMM error.
+    assert not any("OpenMM error" in r["reason"] for r in summary["dt_stability"])
+    assert [r["dt_fs"] for r in summary["dt_stability"] if r["stable"]] == [4.0] and summary["dt_fs"] == 4.0
 
 
 def test_prior_only_ablation_runs_the_prior_alone_at_the_trained_step(cg, model_dir, tmp_path, capsys):
