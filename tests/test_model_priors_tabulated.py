@@ -142,6 +142,25 @@ def test_torchscript_spline_and_native_openmm_force_agree(tabulated):
     assert outside > 3  # the walls beyond the tables were exercised too
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_nan_or_huge_positions_give_nan_or_finite_energy_never_an_error(tabulated, bad):
+    """A blown-up configuration reaches the scripted priors as NaN, inf or huge coordinates: the
+    energy is NaN (or the walls' finite value), never an out-of-range table lookup that throws
+    inside openmm-torch (seen at 20 fs in the cpu-size time-step search)."""
+    bead_type, molecule = np.array([0, 1, 2, 3]), np.array([0, 0, 0, 1])
+    system_tensors = build_system_tensors(torch.as_tensor(bead_type), torch.as_tensor(molecule), tabulated,
+                                          dtype=torch.float64)
+    bonds, angles = torch.jit.script(tabulated.bonds), torch.jit.script(tabulated.angles)
+    box = torch.eye(3, dtype=torch.float64).unsqueeze(0) * 4.0
+    positions = torch.tensor(next(iter(configurations(1, seed=2)))[None])
+    positions[0, 1, 0] = bad  # the shared bead of both bonds and the angle
+    energy = bonds(positions, box, system_tensors) + angles(positions, box, system_tensors)
+    assert energy.shape == (1,) and (torch.isnan(energy).all() or torch.isfinite(energy).all())
+    positions = torch.tensor(next(iter(configurations(1, seed=2)))[None])
+    positions[0, 0] = positions[0, 1]  # a zero-length arm: the angle itself is NaN
+    assert torch.isnan(angles(positions, box, system_tensors)).all()
+
+
 def test_forces_are_minus_the_energy_gradient(tabulated):
     bead_type, molecule = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 0, 1])
     box = torch.eye(3, dtype=torch.float64).unsqueeze(0) * 4.0

@@ -81,7 +81,9 @@ def spline_energy(x: Tensor, entry: Tensor, parameters: Tensor, knots: Tensor, p
     low, step, high, slope_low, slope_high, wall_k = parameters.index_select(0, entry).to(x.dtype).unbind(-1)
     inside = torch.minimum(torch.maximum(x, low), high)
     u = (inside - low) / step
-    segment = torch.clamp(torch.floor(u.detach()), 0.0, float(points - 2))
+    # NaN in (a blown-up or degenerate configuration) must give NaN energy, never an out-of-range
+    # gather that throws inside openmm-torch: a NaN segment becomes 0 before the cast to an index.
+    segment = torch.clamp(torch.nan_to_num(torch.floor(u.detach()), nan=0.0), 0.0, float(points - 2))
     t = u - segment
     flat = (entry * points + segment.long()).reshape(-1)
     y0, y1, m0, m1 = knots.index_select(0, flat).to(x.dtype).reshape(x.shape[0], x.shape[1], 4).unbind(-1)
