@@ -240,6 +240,9 @@ class SingleRun:
             context, progress = self._start()
         else:
             progress, chk = loaded
+            if npt_only and progress.stage != "npt":  # NPT is over: its record needs no Context
+                self._started = True
+                return self._npt_record(progress)
             context = self._context(barostat=progress.stage != "nvt")
             try:
                 context.loadCheckpoint(chk)
