@@ -36,26 +36,35 @@ VARIANTS: dict[str, tuple[str, dict[str, list[str]]]] = {
 }
 
 
-def set_option(args: Sequence[str], name: str, values: Sequence[str]) -> list[str]:
-    """``args`` with option ``name``'s values (everything up to the next ``--option``) replaced."""
-    args = list(args)
-    start = args.index(name) + 1
-    end = start
+def option_span(args: Sequence[str], name: str) -> tuple[int, int]:
+    """Indices of option ``name`` and one past its last value (values run up to the next ``--option``)."""
+    start = list(args).index(name)
+    end = start + 1
     while end < len(args) and not args[end].startswith("--"):
         end += 1
-    return args[:start] + list(values) + args[end:]
+    return start, end
+
+
+def option_values(args: Sequence[str], name: str) -> list[str]:
+    """The values of option ``name`` (none when it is absent)."""
+    if name not in args:
+        return []
+    start, end = option_span(args, name)
+    return list(args[start + 1:end])
+
+
+def set_option(args: Sequence[str], name: str, values: Sequence[str]) -> list[str]:
+    """``args`` with option ``name``'s values replaced."""
+    start, end = option_span(args, name)
+    return [*args[:start + 1], *values, *args[end:]]
 
 
 def drop_option(args: Sequence[str], name: str) -> list[str]:
     """``args`` without option ``name`` and its values."""
-    args = list(args)
     if name not in args:
-        return args
-    start = args.index(name)
-    end = start + 1
-    while end < len(args) and not args[end].startswith("--"):
-        end += 1
-    return args[:start] + args[end:]
+        return list(args)
+    start, end = option_span(args, name)
+    return [*args[:start], *args[end:]]
 
 
 def variant_stages(chain: list[Stage], root: Path, name: str, train_options: dict[str, list[str]],

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from fidelity_table import model_row, validation_rmse, variant_stages
+from fidelity_table import model_row, option_values, validation_rmse, variant_stages
 from openmm_cgnn.analysis.evaluate import model_summary
 from openmm_cgnn.driver import SETTINGS, plan, run_plan
 from openmm_cgnn.liquids import load_liquid
@@ -46,14 +46,7 @@ def model_options(chain_options: Sequence[str], network: dict[str, int]) -> list
 
 def chain_model_options(chain: list[Any]) -> list[str]:
     (train,) = [s for s in chain if s.group == "train"]
-    if "--model-option" not in train.args:
-        return []
-    values = []
-    for value in train.args[train.args.index("--model-option") + 1:]:
-        if value.startswith("--"):
-            break
-        values.append(value)
-    return values
+    return option_values(train.args, "--model-option")
 
 
 def timing(model_dir: Path, chain_out: Path, pairs: int, out: Path) -> dict[str, Any]:
