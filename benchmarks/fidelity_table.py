@@ -91,8 +91,8 @@ def variant_stages(chain: list[Stage], root: Path, name: str, train_options: dic
         cg_dir = root / "cg" / trained_run.name
         cg_dirs.append(str(cg_dir))
         args = set_option(set_option(stage.args, "--forcefield", [str(model)]), "--out", [str(cg_dir)])
-        if cg_steps is not None:
-            args = set_option(args, "--steps", [str(cg_steps)])
+        if cg_steps is not None:  # in place of the chain's --steps or --length-ps
+            args = [*drop_option(drop_option(args, "--steps"), "--length-ps"), "--steps", str(cg_steps)]
         # the same step as the chain's trained run: the variants differ in the model only
         args = [*drop_option(args, "--dt-candidates-fs"), "--dt-from", str(trained_run)]
         stages.append(Stage(f"{name}: {stage.name}", "simulate", args, cg_dir / "summary.json", ["train"],

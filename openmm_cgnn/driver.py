@@ -66,7 +66,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "map": {"--epochs": 300, "--restarts": 3, "--max-frames": 200},
         "train": {"--quick": None, "--epochs": 25, "--max-frames": 300, "--patience": 8,
                   "--model-option": "features=64 filters=64 n_gaussians=32"},
-        "cg_steps": 40_000,
+        # as long as the AA production (not a step count): the MSD needs the same lags at whatever
+        # step the NVE check picks; 40 000 steps of 3-4 fs left every CG D unconverged
+        "cg_length_ps": 300,
         "cg_save_every_steps": 50,
         "platform": "CPU",
     },
@@ -136,6 +138,13 @@ def options(table: dict[str, Any]) -> list[str]:
         if value is not None:
             out.extend(str(value).split())
     return out
+
+
+def run_length(cfg: dict[str, Any]) -> list[str]:
+    """A size's CG run length as ``simulate`` options: ``cg_length_ps`` of simulated time or ``cg_steps``."""
+    if "cg_length_ps" in cfg:
+        return ["--length-ps", f"{cfg['cg_length_ps']:g}"]
+    return ["--steps", str(cfg["cg_steps"])]
 
 
 def liquid_option(liquid: Liquid) -> str:
@@ -209,7 +218,7 @@ def plan(liquid: Liquid, size: str, out: Path, platform: str | None = None, gpus
         """A CG run's arguments: the trained one and its prior-only twin differ only in ``special``."""
         device_args, device = device_of(k)
         return (["simulate", "--forcefield", str(model_dir), *special, "--from-aa", str(aa_dir), "--temperature", f"{t:g}",
-                 "--steps", str(cfg["cg_steps"]), "--save-every-steps", str(cfg["cg_save_every_steps"]),
+                 *run_length(cfg), "--save-every-steps", str(cfg["cg_save_every_steps"]),
                  "--platform", platform, *device_args, "--seed", "1", "--out", str(out_dir), "--resume"], device)
 
     for k, (t, aa_dir, cg_dir) in enumerate(zip(temperatures, aa_dirs, cg_dirs)):

@@ -181,6 +181,9 @@ def test_held_out_temperature_is_left_out_of_mapping_and_training(size, held_out
         data = argv[argv.index("--data") + 1:argv.index("--data") + 1 + len(trained) + 1]
         assert data[:len(trained)] == [aa_dirs[t] for t in trained] and data[-1].startswith("-")
     assert held_out in [option(s, "--temperature") for s in commands["simulate"] + commands["simulate_prior"]]
+    if size == "cpu":  # CG runs as long in ps as the AA production, so the MSDs reach the same lags
+        production = {option(a, "--production-ps") for a in commands["aa"]}
+        assert {option(s, "--length-ps") for s in commands["simulate"] + commands["simulate_prior"]} == production
     (evaluate,) = commands["evaluate"]
     assert option(evaluate, "--held-out-temperature") == held_out
     assert evaluate[evaluate.index("--aa") + 1:][:len(aa_dirs)] == list(aa_dirs.values())

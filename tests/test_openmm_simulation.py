@@ -160,6 +160,32 @@ def test_cli_simulate_from_aa_and_resume(cg, model_dir, tmp_path, capsys):
     assert read_frames(out).n_frames == 4
 
 
+def test_cli_simulate_length_in_ps(cg, model_dir, tmp_path, capsys):
+    """--length-ps: the step count follows the time step (here the one --dt-from takes from a run),
+    a resumed run extends to the new length, and a bad length is refused before anything is written."""
+    aa = write_aa_run(tmp_path / "aa", cg, temperature_K=350.0)
+    first = tmp_path / "first"
+    base = ["simulate", "--forcefield", str(model_dir), "--from-aa", str(aa), "--temperature", "350", "--platform", "CPU",
+            "--save-every-steps", "10", "--seed", "3", "--quiet"]
+    assert cli_main(base + ["--steps", "10", "--dt-fs", "4", "--out", str(first)]) == 0
+    out = tmp_path / "cg"
+    args = base + ["--length-ps", "0.1", "--dt-from", str(first), "--out", str(out)]
+    assert cli_main(args) == 0
+    assert "CG run finished: 25 steps of 4 fs" in capsys.readouterr().out
+    args[args.index("0.1")] = "0.2"
+    assert cli_main(args + ["--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_done"] == 50 and summary["dt_fs"] == 4.0
+    bad = base + ["--dt-fs", "4", "--out", str(tmp_path / "bad")]
+    for length in ("0", "nan", "-1"):
+        assert cli_main(bad + ["--length-ps", length]) == 2
+        assert f"--length-ps {float(length):g}: must be a positive number of ps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one or the other
+        cli_main(bad + ["--length-ps", "1", "--steps", "10"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_simulate_user_errors(model_dir, tmp_path, capsys):
     base = ["simulate", "--temperature", "350", "--steps", "10", "--out", str(tmp_path / "x")]
     assert cli_main(base + ["--forcefield", str(model_dir), "--pairs", "4"]) == 2

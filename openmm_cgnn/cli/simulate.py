@@ -115,7 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trained model directory (or an export directory / model.pt)")
     add_system_arguments(parser)
     parser.add_argument("--temperature", type=float, required=True, metavar="K", help="temperature in K")
-    parser.add_argument("--steps", type=int, required=True, help="total number of MD steps (a resumed run continues to this)")
+    length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, help="total number of MD steps (a resumed run continues to this)")
+    length.add_argument("--length-ps", type=float, metavar="PS",
+                        help="total simulated time in ps instead: steps = length / the time step, whichever step is chosen")
     parser.add_argument("--dt-fs", type=float, default=None, help="time step in fs (default: the largest stable step, found by an NVE test)")
     parser.add_argument("--dt-from", type=Path, default=None, metavar="CGRUN",
                         help="use the time step of this finished CG run (its summary.json); the prior-only "
@@ -142,6 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
     import sys
 
     from ..mapping.spec import Mapping
@@ -156,9 +160,11 @@ def run(args: argparse.Namespace) -> int:
         if args.dt_fs is not None:
             raise CLIError("give --dt-fs or --dt-from, not both")
         args.dt_fs = dt_of_run(args.dt_from)
+    if args.length_ps is not None and not (math.isfinite(args.length_ps) and args.length_ps > 0):
+        raise CLIError(f"--length-ps {args.length_ps:g}: must be a positive number of ps")
     check_writable(args.out)  # before any compute; CGRun checks what --out holds
     config = RunConfig(
-        temperature_K=args.temperature, steps=args.steps, dt_fs=args.dt_fs, friction_per_ps=args.friction,
+        temperature_K=args.temperature, steps=args.steps or 0, length_ps=args.length_ps, dt_fs=args.dt_fs, friction_per_ps=args.friction,
         platform=args.platform, device_index=args.device_index, save_every_steps=args.save_every_steps, report_every_steps=args.report_every_steps,
         seed=args.seed, minimize=not args.no_minimize, progress=not args.quiet,
         mts_inner_steps=args.mts_inner_steps,

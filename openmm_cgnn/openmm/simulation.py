@@ -26,7 +26,7 @@ import struct
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -82,7 +82,7 @@ class PairListOverflow(SimulationUnstable):
 @dataclass
 class RunConfig:
     temperature_K: float
-    steps: int
+    steps: int  # total steps; with length_ps set, derived from it once the time step is known
     dt_fs: float | None = None  # None: the largest step that passes the stability check
     friction_per_ps: float = 1.0
     platform: str | None = None  # None: CUDA if present, else CPU
@@ -99,12 +99,28 @@ class RunConfig:
     # and the native prior forces (prior="openmm", their own force group) this many times inside it;
     # dt_fs and the NVE check's candidates are then the outer step. 1: single stepping.
     mts_inner_steps: int = 1
+    # Simulated time in ps instead of a step count: the NVE check picks the step, and a dynamics
+    # verdict needs the same time span whatever step it picked (steps = ceil(length / dt)).
+    length_ps: float | None = None
+
+    def steps_at(self, dt_fs: float) -> int:
+        """Total steps at time step ``dt_fs``: ``steps``, or ``length_ps`` worth of them."""
+        if self.length_ps is None:
+            return self.steps
+        return max(1, math.ceil(self.length_ps * 1000.0 / dt_fs - 1e-9))
+
+    def steps_estimate(self) -> int:
+        """The run's steps before its time step is known (the engine choice needs it): with
+        ``length_ps``, at the given step or else at the smallest candidate, an upper bound."""
+        return self.steps_at(self.dt_fs or min(self.dt_candidates_fs))
 
     def validate(self) -> None:
         if self.temperature_K <= 0:
             raise SimulationError(f"temperature must be positive, got {self.temperature_K} K")
         if self.steps < 0:
             raise SimulationError(f"steps must be >= 0, got {self.steps}")
+        if self.length_ps is not None and not (math.isfinite(self.length_ps) and self.length_ps > 0):
+            raise SimulationError(f"run length must be a positive number of ps, got {self.length_ps}")
         if self.dt_fs is not None and not self.dt_fs > 0:
             raise SimulationError(f"time step must be positive, got {self.dt_fs} fs")
         if self.save_every_steps < 1:
@@ -549,6 +565,7 @@ class CGRun:
 
     def _run(self, platform: Any) -> RunResult:
         prepared = self._prepare(platform)
+        self.config = replace(self.config, steps=self.config.steps_at(prepared.dt_fs))
         metadata = self._metadata(prepared.dt_fs, platform)
         simulation = self._build(prepared.dt_fs, platform, prepared.properties)
         summary = self._start(simulation, prepared, metadata)
@@ -574,7 +591,7 @@ class CGRun:
         properties = platform_properties(platform, cfg.device_index)
         self.torch_threads = pin_torch_threads(platform, properties)  # torch's pool = OpenMM's CPU threads
         # On CUDA: the graph-safe module with CUDA graphs; on CPU the compiled engine for long runs.
-        self.cgnn.add_to(self.system, platform, steps=cfg.steps)
+        self.cgnn.add_to(self.system, platform, steps=cfg.steps_estimate())
         if self.resume:
             previous = json.loads((self.out / CHECKPOINT_JSON).read_text())
             self._check_resume_settings(previous, platform)
