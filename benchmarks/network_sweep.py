@@ -49,6 +49,21 @@ def chain_model_options(chain: list[Any]) -> list[str]:
     return option_values(train.args, "--model-option")
 
 
+def reuse_chain_model(chain_out: Path, root: Path, network: dict[str, int]) -> bool:
+    """Link ``root/model`` to the chain's own model when the chain trained exactly this network (its
+    hparams.json has these values; data, seed and every other option are the chain's, so retraining
+    would reproduce it); True if linked."""
+    hparams = chain_out / "model" / "hparams.json"
+    if (root / "model").exists() or not hparams.exists():
+        return False
+    saved = json.loads(hparams.read_text())
+    if any(saved.get(key) != value for key, value in network.items()):
+        return False
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model").symlink_to((chain_out / "model").resolve(), target_is_directory=True)
+    return True
+
+
 def timing(model_dir: Path, chain_out: Path, pairs: int, out: Path) -> dict[str, Any]:
     """bench_md.py on the trained model: AA and CG ms/step side by side at the chain's size and step."""
     cg = sorted((chain_out / "cg").glob("T*K/summary.json"))[0]
@@ -78,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cg-steps", type=int, default=None, help="CG steps per temperature (default: the chain's)")
     parser.add_argument("--jobs", type=int, default=1, help="simulations at a time (default 1)")
     parser.add_argument("--no-timing", action="store_true", help="skip bench_md (ms/step)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train and time each size, no CG runs or evaluation: the force error and the cost only")
     parser.add_argument("--json", type=Path, default=None, help="default RUN/network_sweep.json")
     args = parser.parse_args(argv)
     metrics_path = args.run / "report" / "metrics.json"
@@ -90,9 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     chain = plan(load_liquid(args.liquid), args.size, args.run)
     base_options = chain_model_options(chain)
     roots = {name: args.run / "sweep" / name for name in args.networks}
+    for name in args.networks:
+        reuse_chain_model(args.run, roots[name], NETWORKS[name])
     stages = [s for name in args.networks
               for s in variant_stages(chain, roots[name], name,
-                                      {"--model-option": model_options(base_options, NETWORKS[name])}, args.cg_steps)]
+                                      {"--model-option": model_options(base_options, NETWORKS[name])}, args.cg_steps)
+              if not args.train_only or s.group == "train"]
     run_plan(stages, jobs=args.jobs, log_dir=args.run / "sweep" / "logs")
 
     metrics = json.loads(metrics_path.read_text())
@@ -101,8 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for name in args.networks:
         root = roots[name]
-        report = json.loads((root / "report" / "metrics.json").read_text())
-        row = model_row(name, model_summary(report), held_out, validation_rmse(root / "model"))
+        if args.train_only:
+            row = {"model": name, "validation_force_rmse": validation_rmse(root / "model"), "worst_com_rdf_error": None,
+                   "worst_bonded_tv": None}
+        else:
+            report = json.loads((root / "report" / "metrics.json").read_text())
+            row = model_row(name, model_summary(report), held_out, validation_rmse(root / "model"))
         row.update(network=NETWORKS[name], parameters=parameter_count(root / "model"))
         if not args.no_timing:
             row.update(timing(root / "model", args.run, min(pairs.values()), root / "md_cpu.json"))

@@ -288,6 +288,28 @@ def test_tiny_chain_for_a_second_liquid(tmp_path, monkeypatch):
     assert json.loads((out / "sweep" / "n8" / "cg" / "T450K" / "summary.json").read_text())["steps_done"] == 50
     (row,) = json.loads((out / "network_sweep.json").read_text())["rows"]
     assert row["model"] == "n8" and row["parameters"] > 0 and row["validation_force_rmse"] > 0
+    # --train-only: a second size trained and tabulated without CG runs
+    assert network_sweep.main(["--run", str(out), "--liquid", "emim_bf4", "--size", "tiny", "--networks", "n16",
+                               "--train-only", "--no-timing"]) == 0
+    assert (out / "sweep" / "n16" / "model" / "model.pt").exists() and not (out / "sweep" / "n16" / "cg").exists()
+    (row,) = json.loads((out / "network_sweep.json").read_text())["rows"]
+    assert row["model"] == "n16" and row["validation_force_rmse"] > 0 and row["worst_com_rdf_error"] is None
+
+
+def test_network_sweep_reuses_the_chain_model_it_would_retrain(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import network_sweep
+
+    chain = tmp_path / "chain"
+    (chain / "model").mkdir(parents=True)
+    (chain / "model" / "hparams.json").write_text(json.dumps(
+        {"features": 64, "filters": 64, "n_gaussians": 32, "intra_blocks": 2, "inter_blocks": 2, "dtype": "float32"}))
+    assert network_sweep.reuse_chain_model(chain, chain / "sweep" / "n64", network_sweep.NETWORKS["n64"])
+    assert (chain / "sweep" / "n64" / "model" / "hparams.json").exists()
+    assert not network_sweep.reuse_chain_model(chain, chain / "sweep" / "n64", network_sweep.NETWORKS["n64"])  # linked
+    for other in ("n32", "n128", "reference"):
+        assert not network_sweep.reuse_chain_model(chain, chain / "sweep" / other, network_sweep.NETWORKS[other])
+        assert not (chain / "sweep" / other).exists()
 
 
 def test_cg_packing_takes_any_stoichiometry():
