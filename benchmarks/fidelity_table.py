@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from openmm_cgnn.analysis.evaluate import model_summary
+from openmm_cgnn.analysis.evaluate import model_summary, temperature_key
 from openmm_cgnn.driver import SETTINGS, Stage, plan, run_plan
 from openmm_cgnn.liquids import load_liquid
 
@@ -68,11 +68,12 @@ def drop_option(args: Sequence[str], name: str) -> list[str]:
 
 
 def variant_stages(chain: list[Stage], root: Path, name: str, train_options: dict[str, list[str]],
-                   cg_steps: int | None = None) -> list[Stage]:
+                   cg_steps: int | None = None, temperatures: set[str] | None = None) -> list[Stage]:
     """The train, simulate and evaluate stages of one variant in ``root``, derived from the chain's own.
 
     ``train_options``: options of the chain's ``train`` to set (or add), e.g. ``{"--force-map": ["sum"]}``.
     ``cg_steps``: a shorter CG run than the chain's (the same step and save interval).
+    ``temperatures``: CG runs at these of the chain's temperatures only (``"550"``; None: all).
     """
     model = root / "model"
     by_group: dict[str, list[Stage]] = {}
@@ -87,6 +88,8 @@ def variant_stages(chain: list[Stage], root: Path, name: str, train_options: dic
     stages = [Stage(f"{name}: train", "train", args, model / "model.pt", [], train.device)]
     cg_dirs = []
     for stage in by_group["simulate"]:
+        if temperatures is not None and option_values(stage.args, "--temperature")[0] not in temperatures:
+            continue
         trained_run = Path(stage.args[stage.args.index("--out") + 1])
         cg_dir = root / "cg" / trained_run.name
         cg_dirs.append(str(cg_dir))
@@ -110,9 +113,11 @@ def _worst(by_temperature: dict[str, Any], key: str, temps: set[str], inside: bo
     return max(values) if values else None
 
 
-def model_row(label: str, part: dict[str, Any], held_out: set[str], validation_rmse: float | None) -> dict[str, Any]:
-    """One row: a report's model summary (``ablation.trained`` or ``model_summary``) in a few numbers."""
-    rows = part["by_temperature"]
+def model_row(label: str, part: dict[str, Any], held_out: set[str], validation_rmse: float | None,
+              temperatures: set[str] | None = None) -> dict[str, Any]:
+    """One row: a report's model summary (``ablation.trained`` or ``model_summary``) in a few numbers,
+    over ``temperatures`` only when given (rows of one table compare the same temperatures)."""
+    rows = {t: row for t, row in part["by_temperature"].items() if temperatures is None or t in temperatures}
     tv = [v for row in rows.values() for v in row.get("bonded_tv", {}).values() if v is not None]
     ratios = [r["ratio"] for row in rows.values() for r in row.get("d_ratio_cg_aa", {}).values()
               if r.get("ratio") is not None]
@@ -136,8 +141,8 @@ def validation_rmse(model_dir: Path) -> float | None:
     return json.loads(path.read_text())["validation"]["overall"]["rmse"] if path.exists() else None
 
 
-def table(out: Path) -> dict[str, Any]:
-    """The rows, from the chain's report and each finished variant's report."""
+def table(out: Path, temperatures: set[str] | None = None) -> dict[str, Any]:
+    """The rows, from the chain's report and each finished variant's report (over ``temperatures``)."""
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     held_out = {str(t) for t in metrics.get("held_out_temperatures_K", [])}
     ablation = metrics["ablation"]
@@ -145,15 +150,17 @@ def table(out: Path) -> dict[str, Any]:
     prior_rmse = model_metrics["validation"]["overall"]["rmse"] * model_metrics[
         "validation_mse_relative_to"]["prior_only"] ** -0.5
     rows = [model_row("trained (optimal map, tabulated priors)", ablation["trained"], held_out,
-                 validation_rmse(out / "model"))]
+                      validation_rmse(out / "model"), temperatures)]
     if "prior_only" in ablation:
-        rows.append(model_row("prior only (network off)", ablation["prior_only"], held_out, prior_rmse))
+        rows.append(model_row("prior only (network off)", ablation["prior_only"], held_out, prior_rmse, temperatures))
     for name, (label, _) in VARIANTS.items():
         report = out / "variants" / name / "report" / "metrics.json"
         if report.exists():
             variant = model_summary(json.loads(report.read_text()))  # no prior-only runs: no ablation section
-            rows.append(model_row(f"trained, {label}", variant, held_out, validation_rmse(report.parent.parent / "model")))
+            rows.append(model_row(f"trained, {label}", variant, held_out, validation_rmse(report.parent.parent / "model"),
+                                  temperatures))
     return {"format": "openmm_cgnn.fidelity_table/1", "run": str(out), "held_out_temperatures_K": sorted(held_out),
+            "temperatures_K": None if temperatures is None else sorted(temperatures),
             "targets": metrics["verdict"]["targets"], "rows": rows}
 
 
@@ -189,17 +196,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=1, help="simulations at a time (default 1)")
     parser.add_argument("--table-only", action="store_true", help="collect the rows of what has finished")
+    parser.add_argument("--temperatures", nargs="+", type=float, default=None, metavar="K",
+                        help="run the variants at these of the chain's temperatures only, and compare every row there "
+                             "(default: all; e.g. one training temperature and the held-out one)")
     parser.add_argument("--json", type=Path, default=None, help="where to write the rows (default RUN/fidelity_table.json)")
     args = parser.parse_args(argv)
     if not (args.run / "report" / "metrics.json").exists():
         print(f"--run {args.run}: no finished chain there (report/metrics.json missing)", file=sys.stderr)
         return 2
+    temperatures = None if args.temperatures is None else {temperature_key(t) for t in args.temperatures}
     if not args.table_only:
         chain = plan(load_liquid(args.liquid), args.size, args.run)
+        have = {option_values(s.args, "--temperature")[0] for s in chain if s.group == "simulate"}
+        if temperatures is not None and not temperatures <= have:
+            print(f"--temperatures: {', '.join(sorted(temperatures - have))} K not among the chain's CG runs "
+                  f"({', '.join(sorted(have))} K)", file=sys.stderr)
+            return 2
         stages = [s for name in args.variants
-                  for s in variant_stages(chain, args.run / "variants" / name, name, VARIANTS[name][1])]
+                  for s in variant_stages(chain, args.run / "variants" / name, name, VARIANTS[name][1],
+                                          temperatures=temperatures)]
         run_plan(stages, jobs=args.jobs, log_dir=args.run / "variants" / "logs")
-    result = table(args.run)
+    result = table(args.run, temperatures)
     path = args.json or args.run / "fidelity_table.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
