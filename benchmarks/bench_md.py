@@ -158,6 +158,14 @@ def cg_thermal_start(model_dir: Path, mapping: Any, pairs: int, density: float, 
     return CGConfiguration.from_run(mapping, out, frame=0), result.summary
 
 
+def contender(value: str) -> str:
+    """A ``--carrier`` value: ENGINE or ENGINE/PRIOR."""
+    engine, _, prior = value.partition("/")
+    if engine not in ("auto", "torch", "python") or prior not in ("", "auto", "openmm", "model"):
+        raise argparse.ArgumentTypeError(f"{value!r}: want ENGINE[/PRIOR], ENGINE auto|torch|python, PRIOR auto|openmm|model")
+    return value
+
+
 def cg_context(source: Path, cg: Any, temperature: float, dt_fs: float, platform: Any, properties: dict, prior: str,
                seed: int, skin: float | None, carrier: str = "auto") -> tuple[Any, Any, dict]:
     import openmm
@@ -205,8 +213,9 @@ def md_row(source: Path, cg: Any, temperature: float, dt_fs: float, density: flo
     blocks, cg_rows = {"aa": lambda c=aa: step_block(c, aa_steps)}, {}
     carriers = list(getattr(args, "carrier", None) or ["auto"])  # gpu_suite's namespace has none: the default
     for carrier in carriers:  # every carrier asked for, timed side by side with AA
-        context, cgnn, cg_info = cg_context(source, cg, temperature, dt_fs, platform, properties, args.prior, args.seed,
-                                            args.skin, carrier)
+        engine, _, prior = carrier.partition("/")  # "torch/model": the engine and, optionally, its own prior carrier
+        context, cgnn, cg_info = cg_context(source, cg, temperature, dt_fs, platform, properties, prior or args.prior,
+                                            args.seed, args.skin, engine)
         started = time.perf_counter()
         cg_steps = block_steps(context, args.block_seconds, args.warmup_steps)  # a compiling carrier compiles here
         cg_rows[carrier] = {**cg_info, "steps_per_block": cg_steps, "carrier": cgnn.engine_report(),
@@ -434,9 +443,10 @@ def main() -> int:
     parser.add_argument("--cg-summary", type=Path, default=None, help="summary.json of a CG run: largest_stable_dt_fs")
     parser.add_argument("--cg-dt-fs", type=float, default=None, help="CG time step (overrides --cg-summary and the check)")
     parser.add_argument("--prior", default="auto", choices=["auto", "openmm", "model"], help="prior carrier (CGNNForce)")
-    parser.add_argument("--carrier", nargs="+", default=["auto"], choices=["auto", "torch", "python"],
-                        help="what runs the network (CGNNForce engine: TorchForce or PythonForce + torch.compile); "
-                             "several are timed side by side, the first is the row's 'cg'")
+    parser.add_argument("--carrier", nargs="+", default=["auto"], type=contender, metavar="ENGINE[/PRIOR]",
+                        help="what runs the network (CGNNForce engine: auto, torch = TorchForce or python = PythonForce "
+                             "+ torch.compile), optionally with its own prior carrier (e.g. torch/model, the path before "
+                             "issue 17, beside auto/openmm); several are timed side by side, the first is the row's 'cg'")
     parser.add_argument("--skin", type=float, default=None,
                         help="pair-list skin, nm (default: the package's; 0: fresh search every step)")
     parser.add_argument("--evaluation", type=Path, default=None, help="REPORTDIR/metrics.json for the D_CG/D_AA ratio")
