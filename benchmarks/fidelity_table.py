@@ -141,9 +141,11 @@ def validation_rmse(model_dir: Path) -> float | None:
     return json.loads(path.read_text())["validation"]["overall"]["rmse"] if path.exists() else None
 
 
-def table(out: Path, temperatures: set[str] | None = None) -> dict[str, Any]:
-    """The rows, from the chain's report and each finished variant's report (over ``temperatures``)."""
-    metrics = json.loads((out / "report" / "metrics.json").read_text())
+def table(out: Path, temperatures: set[str] | None = None, chain_report: Path | None = None) -> dict[str, Any]:
+    """The rows, from the chain's report (``chain_report``, default ``out/report``) and each finished
+    variant's report (over ``temperatures``)."""
+    chain_report = chain_report or out / "report"
+    metrics = json.loads((chain_report / "metrics.json").read_text())
     held_out = {str(t) for t in metrics.get("held_out_temperatures_K", [])}
     ablation = metrics["ablation"]
     model_metrics = json.loads((out / "model" / "metrics.json").read_text())
@@ -159,7 +161,8 @@ def table(out: Path, temperatures: set[str] | None = None) -> dict[str, Any]:
             variant = model_summary(json.loads(report.read_text()))  # no prior-only runs: no ablation section
             rows.append(model_row(f"trained, {label}", variant, held_out, validation_rmse(report.parent.parent / "model"),
                                   temperatures))
-    return {"format": "openmm_cgnn.fidelity_table/1", "run": str(out), "held_out_temperatures_K": sorted(held_out),
+    return {"format": "openmm_cgnn.fidelity_table/1", "run": str(out), "chain_report": str(chain_report),
+            "held_out_temperatures_K": sorted(held_out),
             "temperatures_K": None if temperatures is None else sorted(temperatures),
             "targets": metrics["verdict"]["targets"], "rows": rows}
 
@@ -196,6 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=1, help="simulations at a time (default 1)")
     parser.add_argument("--table-only", action="store_true", help="collect the rows of what has finished")
+    parser.add_argument("--cg-steps", type=int, default=None,
+                        help="CG steps per variant run (default: the chain's run length); compare with a chain report "
+                             "of runs as long (--chain-report)")
+    parser.add_argument("--chain-report", type=Path, default=None,
+                        help="the chain's evaluation to compare with (default RUN/report)")
     parser.add_argument("--temperatures", nargs="+", type=float, default=None, metavar="K",
                         help="run the variants at these of the chain's temperatures only, and compare every row there "
                              "(default: all; e.g. one training temperature and the held-out one)")
@@ -203,6 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.run / "report" / "metrics.json").exists():
         print(f"--run {args.run}: no finished chain there (report/metrics.json missing)", file=sys.stderr)
+        return 2
+    if args.chain_report is not None and not (args.chain_report / "metrics.json").exists():
+        print(f"--chain-report {args.chain_report}: no metrics.json there", file=sys.stderr)
+        return 2
+    if args.cg_steps is not None and args.cg_steps <= 0:
+        print(f"--cg-steps {args.cg_steps}: must be a positive number of steps", file=sys.stderr)
         return 2
     temperatures = None if args.temperatures is None else {temperature_key(t) for t in args.temperatures}
     if not args.table_only:
@@ -214,9 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         stages = [s for name in args.variants
                   for s in variant_stages(chain, args.run / "variants" / name, name, VARIANTS[name][1],
-                                          temperatures=temperatures)]
+                                          args.cg_steps, temperatures)]
         run_plan(stages, jobs=args.jobs, log_dir=args.run / "variants" / "logs")
-    result = table(args.run, temperatures)
+    result = table(args.run, temperatures, args.chain_report)
     path = args.json or args.run / "fidelity_table.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
