@@ -421,6 +421,13 @@ def test_prior_only_twin_of_an_mts_run_steps_its_prior_as_the_run_did(cg, model_
     assert first["network"] is True and second["network"] is False and second["dt_from"] == str(trained)
     assert (second["dt_fs"], second["integrator"], second["mts_inner_steps"]) == \
         (40.0, "MTSLangevinIntegrator", 4)
+    # a resumed twin keeps its own K, also one made with another K than the --dt-from run's
+    single = base + ["--network", "off", "--dt-from", str(trained), "--out", str(tmp_path / "single")]
+    assert cli_main(single + ["--mts-inner-steps", "1"]) == 0
+    single[single.index("20")] = "30"
+    assert cli_main(single + ["--resume"]) == 0
+    summary = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert (summary["steps_done"], summary["mts_inner_steps"]) == (30, 1)
     for inner, largest in ((4, 40.0), (1, 2.0)):
         run = CGRun(CGNNForce(model_dir, cg, 350.0, network=False), cg, tmp_path / f"nve{inner}",
                     config(temperature_K=350.0, steps=10, dt_fs=None, dt_candidates_fs=(40.0, 2.0), mts_inner_steps=inner),

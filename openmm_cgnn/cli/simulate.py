@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import CLIError
-from ..layout import CHECKPOINT_PT, MAPPING_JSON, MODEL_PT, PRIOR_JSON, SUMMARY_JSON
+from ..layout import CHECKPOINT_CHK, CHECKPOINT_PT, MAPPING_JSON, MODEL_PT, PRIOR_JSON, SUMMARY_JSON
 
 # Errors that mean "the inputs are wrong" and print as one line.
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -176,8 +176,8 @@ def run(args: argparse.Namespace) -> int:
         if args.dt_fs is not None:
             raise CLIError("give --dt-fs or --dt-from, not both")
         args.dt_fs, inner = time_stepping_of_run(args.dt_from)
-        if args.mts_inner_steps is None:
-            args.mts_inner_steps = inner
+        if args.mts_inner_steps is None and not (args.resume and (args.out / CHECKPOINT_CHK).exists()):
+            args.mts_inner_steps = inner  # a resumed run keeps its own (auto)
     if args.length_ps is not None and not (math.isfinite(args.length_ps) and args.length_ps > 0):
         raise CLIError(f"--length-ps {args.length_ps:g}: must be a positive number of ps")
     check_writable(args.out)  # before any compute; CGRun checks what --out holds

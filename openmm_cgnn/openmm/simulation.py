@@ -452,7 +452,7 @@ class CGRun:
                                                 or cgnn.prior_force_group == cgnn.model_force_group):
             raise SimulationError(
                 f"multiple time stepping needs the prior as native OpenMM forces in its own force group "
-                f"(prior='openmm'); this force field has the prior carried as {self.cgnn.prior_carrier!r}")
+                f"(prior='openmm'); this force field has the prior carried as {cgnn.prior_carrier!r}")
 
     def _resolve_mts(self, previous: dict[str, Any] | None) -> None:
         """Fix ``config.mts_inner_steps``: "auto" (None) takes a resumed run's K (its checkpoint holds
