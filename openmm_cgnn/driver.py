@@ -225,7 +225,8 @@ def plan(liquid: Liquid, size: str, out: Path, platform: str | None = None, gpus
         args, device = cg_run(k, t, aa_dir, cg_dir, *options(cfg.get("simulate", {})))
         stages.append(Stage(f"simulate {t:g} K", "simulate", args, cg_dir / SUMMARY_JSON, ["aa", "train"], device))
     for k, (t, aa_dir, cg_dir, prior_dir) in enumerate(zip(temperatures, aa_dirs, cg_dirs, prior_dirs)):
-        # the ablation: the network off, at the trained run's time step (--dt-from), length and seed
+        # the ablation: the network off, at the trained run's time step (--dt-from: also its MTS inner
+        # steps, so the prior alone is integrated at the step it had there), length and seed
         args, device = cg_run(k, t, aa_dir, prior_dir, "--network", "off", "--dt-from", str(cg_dir))
         stages.append(Stage(f"prior-only {t:g} K", "simulate_prior", args, prior_dir / SUMMARY_JSON,
                             ["aa", "train", "simulate"], device))

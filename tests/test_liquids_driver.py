@@ -255,6 +255,9 @@ def test_tiny_chain_for_a_second_liquid(tmp_path, monkeypatch):
         assert cg["steps_done"] == 200 and cg["composition"] == {"EMIM": 8, "BF4": 8}
         prior = json.loads((out / "cg_prior" / f"T{t}K" / "summary.json").read_text())
         assert prior["network"] is False and prior["steps_done"] == 200 and prior["dt_fs"] == cg["dt_fs"]
+        # the twin steps its prior as the trained run did (simulate's default: single stepping)
+        assert cg["integrator"] == prior["integrator"] == "LangevinMiddleIntegrator"
+        assert prior["mts_inner_steps"] == cg["mts_inner_steps"] == 1
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert set(metrics["ablation"]) == {"trained", "prior_only"} and metrics["held_out_temperatures_K"] == []
     assert "## Ablation" in (out / "report" / "report.md").read_text()
@@ -294,6 +297,16 @@ def test_tiny_chain_for_a_second_liquid(tmp_path, monkeypatch):
     assert (out / "sweep" / "n16" / "model" / "model.pt").exists() and not (out / "sweep" / "n16" / "cg").exists()
     (row,) = json.loads((out / "network_sweep.json").read_text())["rows"]
     assert row["model"] == "n16" and row["validation_force_rmse"] > 0 and row["worst_com_rdf_error"] is None
+
+    # MTS against single stepping on the same model: two seeds each, one temperature, a short length
+    import mts_accuracy
+
+    assert mts_accuracy.main(["--run", str(out), "--temperatures", "450", "--seeds", "1", "2", "--length-ps", "1",
+                              "--save-every-steps", "5", "5"]) == 0
+    part = json.loads((out / "mts_accuracy" / "mts_accuracy.json").read_text())["by_temperature"]["450"]
+    assert {r["mts_inner_steps"] for r in part["runs"].values()} == {1, 4}
+    assert all(r["simulated_ps"] >= 1.0 for r in part["runs"].values())
+    assert part["comparison"]["worst bead RDF"]["single"][0] > 0 and part["cg_vs_cg"]["across"]["pairs"] == 4
 
 
 def test_network_sweep_reuses_the_chain_model_it_would_retrain(tmp_path):

@@ -198,6 +198,10 @@ def test_cli_simulate_user_errors(model_dir, tmp_path, capsys):
     assert cli_main(base + ["--forcefield", str(model_dir), "--pairs", "4", "--density", "300", "--prior", "model",
                             "--mts-inner-steps", "2"]) == 2
     assert "prior='openmm'" in capsys.readouterr().err
+    for inner in ("0", "two"):
+        with pytest.raises(SystemExit):  # argparse: a whole number >= 1, or auto
+            cli_main(base + ["--forcefield", str(model_dir), "--pairs", "4", "--density", "300", "--mts-inner-steps", inner])
+        assert "a whole number >= 1, or auto" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -370,6 +374,65 @@ def test_mts_is_stable_and_samples_like_single_stepping(cg, tmp_path):
     bonded = np.array([i for i in range(cg.n_beads - 1) if cg.molecule_index[i] == cg.molecule_index[i + 1]])
     difference, noise = np.abs(b2[bonded, 0] - b1[bonded, 0]), np.hypot(b1[bonded, 1], b2[bonded, 1])
     assert (difference < 4 * noise + 1e-6).all() and (difference < 0.1 * b1[bonded, 0]).all()
+
+
+def test_mts_auto_steps_singly_and_a_resumed_run_keeps_its_stepping(cg, model_dir, toy_dir, tmp_path):
+    """mts_inner_steps None ("auto", simulate's default): single stepping for a fresh run; a resumed run
+    keeps the K it was made with (its checkpoint holds that integrator's state) and continues the
+    trajectory of an uninterrupted run, also a run of a version before MTS (no K recorded); another
+    K is refused."""
+    fresh = CGRun(CGNNForce(model_dir, cg, 300.0, engine="torch"), cg, tmp_path / "auto",
+                  config(steps=20, mts_inner_steps=None)).run().summary
+    assert (fresh["integrator"], fresh["mts_inner_steps"]) == ("LangevinMiddleIntegrator", 1)
+    mts = CGNNForce(model_dir, cg, 300.0, engine="torch")
+    CGRun(mts, cg, tmp_path / "mts_whole", config(steps=80, mts_inner_steps=4)).run()
+    CGRun(mts, cg, tmp_path / "mts", config(steps=40, mts_inner_steps=4)).run()
+    resumed = CGRun(mts, cg, tmp_path / "mts", config(steps=80, mts_inner_steps=None), resume=True).run().summary
+    assert resumed["steps_done"] == 80
+    assert (resumed["integrator"], resumed["mts_inner_steps"]) == ("MTSLangevinIntegrator", 4)
+    np.testing.assert_array_equal(read_frames(tmp_path / "mts_whole").positions, read_frames(tmp_path / "mts").positions)
+    # a single-stepping run (here as an older version wrote it) resumed under auto: the same
+    # trajectory as one uninterrupted single-stepping run
+    force = CGNNForce(toy_dir / "model.pt", cg, engine="torch")
+    CGRun(force, cg, tmp_path / "whole", config(steps=120, mts_inner_steps=1)).run()
+    parts = tmp_path / "parts"
+    CGRun(force, cg, parts, config(steps=60, mts_inner_steps=1)).run()
+    progress = json.loads((parts / "checkpoint.json").read_text())
+    del progress["mts_inner_steps"]
+    (parts / "checkpoint.json").write_text(json.dumps(progress))
+    summary = CGRun(force, cg, parts, config(steps=120, mts_inner_steps=None), resume=True).run().summary
+    assert (summary["integrator"], summary["mts_inner_steps"]) == ("LangevinMiddleIntegrator", 1)
+    np.testing.assert_array_equal(read_frames(tmp_path / "whole").positions, read_frames(parts).positions)
+    with pytest.raises(SimulationError, match="mts_inner_steps=1, now 2"):
+        CGRun(force, cg, parts, config(steps=140, mts_inner_steps=2), resume=True).run()
+
+
+def test_prior_only_twin_of_an_mts_run_steps_its_prior_as_the_run_did(cg, model_dir, tmp_path):
+    """--dt-from an MTS run gives the prior-only twin that run's outer step and K: the prior alone is
+    integrated at the trained run's inner step. At the toy's 40 fs outer step that passes the NVE
+    check, and single stepping the prior alone at 40 fs does not."""
+    aa = write_aa_run(tmp_path / "aa", cg, temperature_K=350.0)
+    trained, twin = tmp_path / "cg", tmp_path / "cg_prior"
+    base = ["simulate", "--forcefield", str(model_dir), "--from-aa", str(aa), "--temperature", "350", "--steps", "20",
+            "--platform", "CPU", "--save-every-steps", "10", "--seed", "3", "--quiet"]
+    assert cli_main(base + ["--dt-fs", "40", "--mts-inner-steps", "4", "--out", str(trained)]) == 0
+    assert cli_main(base + ["--network", "off", "--dt-from", str(trained), "--out", str(twin)]) == 0
+    first, second = (json.loads((d / "summary.json").read_text()) for d in (trained, twin))
+    assert first["network"] is True and second["network"] is False and second["dt_from"] == str(trained)
+    assert (second["dt_fs"], second["integrator"], second["mts_inner_steps"]) == \
+        (40.0, "MTSLangevinIntegrator", 4)
+    # a resumed twin keeps its own K, also one made with another K than the --dt-from run's
+    single = base + ["--network", "off", "--dt-from", str(trained), "--out", str(tmp_path / "single")]
+    assert cli_main(single + ["--mts-inner-steps", "1"]) == 0
+    single[single.index("20")] = "30"
+    assert cli_main(single + ["--resume"]) == 0
+    summary = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert (summary["steps_done"], summary["mts_inner_steps"]) == (30, 1)
+    for inner, largest in ((4, 40.0), (1, 2.0)):
+        run = CGRun(CGNNForce(model_dir, cg, 350.0, network=False), cg, tmp_path / f"nve{inner}",
+                    config(temperature_K=350.0, steps=10, dt_fs=None, dt_candidates_fs=(40.0, 2.0), mts_inner_steps=inner),
+                    log=lambda m: None)
+        assert run.run().summary["largest_stable_dt_fs"] == largest
 
 
 def test_default_engine_follows_the_platform_and_the_run_length():

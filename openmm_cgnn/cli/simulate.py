@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import CLIError
-from ..layout import CHECKPOINT_PT, MAPPING_JSON, MODEL_PT, PRIOR_JSON, SUMMARY_JSON
+from ..layout import CHECKPOINT_CHK, CHECKPOINT_PT, MAPPING_JSON, MODEL_PT, PRIOR_JSON, SUMMARY_JSON
 
 # Errors that mean "the inputs are wrong" and print as one line.
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -96,8 +96,10 @@ def _prior_bond_lengths(source: Path, mapping: Any) -> dict | None:
     return bond_lengths(load_prior(path, mapping.bead_type_names)) if path.exists() else None
 
 
-def dt_of_run(run_dir: Path) -> float:
-    """The time step a finished CG run used (``--dt-from``)."""
+def time_stepping_of_run(run_dir: Path) -> tuple[float, int]:
+    """(time step in fs, MTS inner steps) a finished CG run used (``--dt-from``): a prior-only twin
+    of an MTS run steps its prior as that run did, K times per outer step (single-stepped at the
+    outer step, the stiff bonded prior alone is not what the trained run integrated)."""
     import json
 
     path = run_dir / SUMMARY_JSON
@@ -107,7 +109,20 @@ def dt_of_run(run_dir: Path) -> float:
         raise CLIError(f"--dt-from {run_dir}: cannot read {path} ({exc})") from None
     if summary.get("kind") != "cg" or str(summary.get("status", "ok")).startswith("failed") or not summary.get("dt_fs"):
         raise CLIError(f"--dt-from {run_dir}: {path} is not a finished CG run with a time step")
-    return float(summary["dt_fs"])
+    return float(summary["dt_fs"]), int(summary.get("mts_inner_steps") or 1)
+
+
+def inner_steps(value: str) -> int | None:
+    """``--mts-inner-steps``: a whole number >= 1, or auto (None)."""
+    if value == "auto":
+        return None
+    try:
+        inner = int(value)
+    except ValueError:
+        inner = 0
+    if inner < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a whole number >= 1, or auto")
+    return inner
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,9 +143,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dt-candidates-fs", type=float, nargs="+", default=None, metavar="FS",
                         help="time steps the stability check tries, largest first (default 20 15 10 8 6 5 4 3 2 1)")
     parser.add_argument("--friction", type=float, default=1.0, metavar="PER_PS", help="Langevin friction in 1/ps (default 1)")
-    parser.add_argument("--mts-inner-steps", type=int, default=1, metavar="K",
-                        help="multiple time stepping: the network once per --dt-fs step, the bonded prior K times "
-                             "inside it (MTSLangevinIntegrator; needs --prior openmm). Default 1: single stepping")
+    parser.add_argument("--mts-inner-steps", type=inner_steps, default=None, metavar="K",
+                        help="multiple time stepping: the network once per --dt-fs step, the native prior K times "
+                             "inside it (MTSLangevinIntegrator; needs --prior openmm); 1: single stepping. Default "
+                             "auto: 1, the K of the --dt-from run, or with --resume the run's own")
     parser.add_argument("--platform", default=None, help="OpenMM platform (default CUDA if available, else CPU)")
     parser.add_argument("--device-index", type=int, default=None, metavar="N",
                         help="GPU to run on (OpenMM's DeviceIndex; GPU platforms only; default: OpenMM's choice)")
@@ -159,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dt_from is not None:
         if args.dt_fs is not None:
             raise CLIError("give --dt-fs or --dt-from, not both")
-        args.dt_fs = dt_of_run(args.dt_from)
+        args.dt_fs, inner = time_stepping_of_run(args.dt_from)
+        if args.mts_inner_steps is None and not (args.resume and (args.out / CHECKPOINT_CHK).exists()):
+            args.mts_inner_steps = inner  # a resumed run keeps its own (auto)
     if args.length_ps is not None and not (math.isfinite(args.length_ps) and args.length_ps > 0):
         raise CLIError(f"--length-ps {args.length_ps:g}: must be a positive number of ps")
     check_writable(args.out)  # before any compute; CGRun checks what --out holds
@@ -180,14 +198,16 @@ def run(args: argparse.Namespace) -> int:
         force = CGNNForce(source, cg, args.temperature, prior=args.prior, network=args.network == "on",
                           engine=args.carrier, constrain_bonds=args.constrain_bonds)
         result = CGRun(force, cg, args.out, config, resume=args.resume, overwrite=args.overwrite,
-                       metadata={"start": _start_description(args)}).run()
+                       metadata={"start": _start_description(args),
+                                 **({"dt_from": str(args.dt_from)} if args.dt_from is not None else {})}).run()
     except SimulationUnstable as exc:
         print(f"openmm-cgnn simulate: {exc}", file=sys.stderr)
         return 3
     except user_errors() as exc:
         raise CLIError(str(exc)) from None
     s = result.summary
-    print(f"CG run finished: {s['steps_done']} steps of {s['dt_fs']:g} fs, {s['n_frames']} frames in {result.out_dir}")
+    stepping = f" ({s['mts_inner_steps']} inner steps each)" if s.get("mts_inner_steps", 1) > 1 else ""
+    print(f"CG run finished: {s['steps_done']} steps of {s['dt_fs']:g} fs{stepping}, {s['n_frames']} frames in {result.out_dir}")
     if s.get("ns_per_day"):
         print(f"speed: {s['ns_per_day']:.3g} ns/day ({s['ms_per_step']:.3g} ms/step) on {s['platform']}")
     return 0

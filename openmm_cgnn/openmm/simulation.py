@@ -97,8 +97,10 @@ class RunConfig:
     progress: bool = True
     # Multiple time stepping: > 1 runs MTSLangevinIntegrator with the network once per (outer) step
     # and the native prior forces (prior="openmm", their own force group) this many times inside it;
-    # dt_fs and the NVE check's candidates are then the outer step. 1: single stepping.
-    mts_inner_steps: int = 1
+    # dt_fs and the NVE check's candidates are then the outer step. 1: single stepping. None: "auto",
+    # the K a resumed run was made with (its checkpoint holds that integrator's state), else 1:
+    # single stepping stays the default (README, "Multiple time stepping": measured against it).
+    mts_inner_steps: int | None = 1
     # Simulated time in ps instead of a step count: the NVE check picks the step, and a dynamics
     # verdict needs the same time span whatever step it picked (steps = ceil(length / dt)).
     length_ps: float | None = None
@@ -129,7 +131,8 @@ class RunConfig:
             raise SimulationError(f"friction must be >= 0, got {self.friction_per_ps} /ps")
         if self.device_index is not None and self.device_index < 0:
             raise SimulationError(f"--device-index must be >= 0, got {self.device_index}")
-        if int(self.mts_inner_steps) != self.mts_inner_steps or self.mts_inner_steps < 1:
+        if self.mts_inner_steps is not None and (int(self.mts_inner_steps) != self.mts_inner_steps
+                                                 or self.mts_inner_steps < 1):
             raise SimulationError(f"mts_inner_steps must be a whole number >= 1, got {self.mts_inner_steps}")
 
 
@@ -386,12 +389,8 @@ class CGRun:
         config.validate()
         if resume and overwrite:
             raise SimulationError("choose either resume or overwrite, not both")
-        if config.mts_inner_steps > 1 and (cgnn.prior_carrier != "openmm"
-                                           or cgnn.prior_force_group == cgnn.model_force_group):
-            raise SimulationError(
-                f"multiple time stepping needs the prior as native OpenMM forces in its own force group "
-                f"(prior='openmm'); this force field has the prior carried as {cgnn.prior_carrier!r}")
         self.cgnn = cgnn
+        self._check_mts(config.mts_inner_steps)
         self.cg = cg
         self.out = Path(out_dir)
         self.config = config
@@ -447,13 +446,43 @@ class CGRun:
         integrator.setRandomNumberSeed(openmm_seed(self.config.seed))
         return app.Simulation(self.topology, self.system, integrator, platform, properties)
 
+    def _check_mts(self, inner: int | None) -> None:
+        cgnn = self.cgnn
+        if inner is not None and inner > 1 and (cgnn.prior_carrier != "openmm"
+                                                or cgnn.prior_force_group == cgnn.model_force_group):
+            raise SimulationError(
+                f"multiple time stepping needs the prior as native OpenMM forces in its own force group "
+                f"(prior='openmm'); this force field has the prior carried as {cgnn.prior_carrier!r}")
+
+    def _resolve_mts(self, previous: dict[str, Any] | None) -> None:
+        """Fix ``config.mts_inner_steps``: "auto" (None) takes a resumed run's K (its checkpoint holds
+        that integrator's state; runs of versions before MTS stepped singly), else 1; an explicit K
+        must match a resumed run's."""
+        inner = self.config.mts_inner_steps
+        if previous is not None:
+            used = int(previous.get("mts_inner_steps") or 1)
+            if inner is not None and inner != used:
+                raise SimulationError(f"{self.out / CHECKPOINT_JSON}: the run used mts_inner_steps={used}, now {inner}; "
+                                      "cannot resume (leave --mts-inner-steps at auto to keep the run's)")
+            inner = used
+        elif inner is None:
+            inner = 1
+        self._check_mts(inner)
+        self.config = replace(self.config, mts_inner_steps=inner)
+
     def mts_groups(self) -> list[tuple[int, int]] | None:
         """(force group, evaluations per outer step) for MTS: the network once, the native prior
         ``mts_inner_steps`` times; None for single stepping."""
-        inner = int(self.config.mts_inner_steps)
+        inner = int(self.config.mts_inner_steps or 1)
         if inner == 1:
             return None
         return [(self.cgnn.model_force_group, 1), (self.cgnn.prior_force_group, inner)]
+
+    def stepping(self) -> dict[str, Any]:
+        """summary.json's ``integrator`` and ``mts_inner_steps`` (a resumed run of an older version,
+        which recorded neither, gets them too)."""
+        return {"integrator": "MTSLangevinIntegrator" if self.mts_groups() else "LangevinMiddleIntegrator",
+                "mts_inner_steps": int(self.config.mts_inner_steps or 1)}
 
     def _metadata(self, dt_fs: float | None, platform: Any) -> dict[str, Any]:
         """The run's settings and provenance, computed once: frames.h5 carries them and summary.json
@@ -491,8 +520,7 @@ class CGRun:
             # the check starts at the largest candidate: a stable result equal to it is a lower bound
             "dt_candidates_fs": None if stability is None else sorted(self.config.dt_candidates_fs, reverse=True),
             "friction_per_ps": m["friction_per_ps"],
-            "integrator": ("MTSLangevinIntegrator" if self.mts_groups() else "LangevinMiddleIntegrator"),
-            "mts_inner_steps": int(self.config.mts_inner_steps),
+            **self.stepping(),
             **self.cgnn.constraint_report(),  # constrain_bonds, constrained_bonds, n_constraints
             "save_every_steps": self.config.save_every_steps,
             "seed": m["seed"],
@@ -595,6 +623,7 @@ class CGRun:
         if self.resume:
             previous = json.loads((self.out / CHECKPOINT_JSON).read_text())
             self._check_resume_settings(previous, platform)
+            self._resolve_mts(previous)
             self._started = True
             if read_marker(self.out) is None:  # a run of an older version: it is a CG run
                 write_marker(self.out, "cg")
@@ -603,6 +632,7 @@ class CGRun:
             if grown is not None and current is not None and float(grown) > current:
                 self.cgnn.resize_pair_list(self.system, float(grown))  # the list this run had regrown to
             return _Prepared(properties, float(previous["dt_fs"]), previous, stability=previous.get("dt_stability"))
+        self._resolve_mts(None)
         try:
             positions, velocities, dt_fs, stability = self._set_up(platform, properties)
         except SimulationUnstable as exc:
@@ -625,7 +655,7 @@ class CGRun:
             simulation.currentStep = 0
             return self._summary_base(metadata, prepared.stability)
         summary = previous
-        summary["status"] = "running"
+        summary.update(status="running", **self.stepping())
         summary["pair_list_regrown"] = list(previous.get("pair_list_regrown") or []) + [
             r for r in self.regrows if r not in (previous.get("pair_list_regrown") or [])]
         summary["max_pairs_per_bead"] = self._max_pairs_per_bead()
