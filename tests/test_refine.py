@@ -140,3 +140,33 @@ def test_bad_inputs_are_refused_with_one_line(toy, tmp_path, capsys):
     assert cli_main(base + ["--model", str(wrong), "--out", str(taken)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (taken / "mine.txt").read_text() == "keep"
     assert not any(p.name.startswith(".") and "partial" in p.name for p in tmp_path.iterdir())
+
+
+def values(args, flag):
+    """The values of ``flag`` in an argument list (up to the next option)."""
+    start = args.index(flag) + 1
+    end = next((k for k in range(start, len(args)) if args[k].startswith("--")), len(args))
+    return args[start:end]
+
+
+def test_chain_refines_before_export_and_the_cg_runs_use_the_refined_model(tmp_path):
+    from openmm_cgnn.driver import SETTINGS, plan
+    from openmm_cgnn.liquids import load_liquid
+
+    liquid = load_liquid("bmim_bf4")
+    sizes = [size for size in SETTINGS if "refine" in SETTINGS[size]]
+    assert "quick" in sizes and "cpu" in sizes
+    for size in sizes:
+        stages = plan(liquid, size, tmp_path)
+        groups = list(dict.fromkeys(s.group for s in stages))
+        assert groups.index("train") < groups.index("refine") < groups.index("export") < groups.index("simulate")
+        (train,) = [s for s in stages if s.group == "train"]
+        (stage,) = [s for s in stages if s.group == "refine"]
+        refined = values(stage.args, "--out")
+        assert values(stage.args, "--model") == values(train.args, "--out") != refined
+        # the training temperatures only: a held-out one never reaches the model
+        assert values(stage.args, "--aa") == values(train.args, "--data")
+        held_out = [f"T{t:g}K" for t in liquid.sizes[size].held_out_K]
+        assert not any(h in a for h in held_out for a in values(stage.args, "--aa"))
+        users = [s for s in stages if s.group in ("export", "simulate", "simulate_prior")]
+        assert users and all(refined[0] in s.args for s in users) and stage.done.name == REFINE_JSON

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     step.add_argument("--dt-fs", type=float, default=None,
                       help="time step in fs (default: the NVE stability check of the first CG run)")
     step.add_argument("--dt-from", type=Path, default=None, metavar="CGRUN", help="use the time step of this finished CG run")
+    parser.add_argument("--dt-candidates-fs", type=float, nargs="+", default=None, metavar="FS",
+                        help="time steps the stability check tries, largest first (default: simulate's)")
     parser.add_argument("--save-every-steps", type=int, default=defaults.save_every_steps, metavar="K",
                         help=f"sample interval of the CG runs (default {defaults.save_every_steps})")
     parser.add_argument("--platform", default=None, help="OpenMM platform (default CUDA if available, else CPU)")
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = RefineSettings(iterations=args.iterations, steps=args.steps, alpha=args.alpha,
                               dt_fs=dt_of_run(args.dt_from) if args.dt_from is not None else args.dt_fs,
+                              dt_candidates_fs=tuple(args.dt_candidates_fs) if args.dt_candidates_fs else None,
                               save_every_steps=args.save_every_steps, min_counts=args.min_counts,
                               platform=args.platform, seed=args.seed)
     try:

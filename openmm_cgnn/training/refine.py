@@ -55,6 +55,7 @@ class RefineSettings:
     steps: int = 2000  # production steps of each CG run (per temperature and round)
     alpha: float = 1.0  # damping of each update: U += alpha kT ln(P_CG / P_AA)
     dt_fs: float | None = None  # None: the NVE stability check of the first run picks it, later runs reuse it
+    dt_candidates_fs: tuple[float, ...] | None = None  # the check's candidates (None: simulate's default)
     save_every_steps: int = 10  # frame interval of the CG runs (the histograms' samples)
     min_counts: int = 10  # samples a bin needs in both histograms before its ratio is used
     platform: str | None = None
@@ -65,6 +66,8 @@ class RefineSettings:
                   ("--steps", self.steps >= self.save_every_steps, f"must be >= --save-every-steps ({self.save_every_steps})"),
                   ("--alpha", 0 < self.alpha <= 2 and math.isfinite(self.alpha), "must be in (0, 2]"),
                   ("--dt-fs", self.dt_fs is None or self.dt_fs > 0, "must be positive"),
+                  ("--dt-candidates-fs", not self.dt_candidates_fs or min(self.dt_candidates_fs) > 0,
+                   "must be positive"),
                   ("--save-every-steps", self.save_every_steps >= 1, "must be >= 1"),
                   ("--min-counts", self.min_counts >= 1, "must be >= 1")]
         for option, ok, message in checks:
@@ -279,6 +282,8 @@ def _cg_round(stage: Path, scratch: Path, mapping: Any, aa_runs: Sequence[AARun]
         config = RunConfig(temperature_K=run.temperature_K, steps=settings.steps, dt_fs=dt_fs,
                            platform=settings.platform, save_every_steps=settings.save_every_steps,
                            seed=settings.seed, progress=False)
+        if settings.dt_candidates_fs:
+            config.dt_candidates_fs = tuple(settings.dt_candidates_fs)
         out = scratch / f"T{run.temperature_K:g}K"
         result = CGRun(force, start, out, config, overwrite=out.exists(), log=log,
                        metadata={"start": str(run.path)}).run()
