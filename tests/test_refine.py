@@ -109,12 +109,24 @@ def test_correction_is_zero_force_outside_the_sampled_range():
     p_aa, n_aa = refine.pooled_histogram([rng.normal(0.5, 0.05, 20000)], [1.0], edges)
     p_cg, n_cg = refine.pooled_histogram([rng.normal(0.55, 0.05, 20000)], [1.0], edges)
     correction = refine.ibi_correction(grid, p_cg, n_cg, p_aa, n_aa, kT=2.5, min_counts=10)
-    sampled = np.flatnonzero((n_aa >= 10) & (n_cg >= 10))
+    sampled = np.flatnonzero((n_aa >= 10) | (n_cg >= 10))
     assert np.all(correction[:sampled[0]] == correction[sampled[0]])
     assert np.all(correction[sampled[-1] + 1:] == correction[sampled[-1]])
     # CG too far right: the correction raises the right side against the left (slope kT * 0.05 / 0.05^2 = 50).
     slope = np.polyfit(grid[sampled], correction[sampled], 1)[0]
     assert 30 < slope < 70, slope
+
+
+def test_a_region_only_the_cg_model_visits_is_pushed_away():
+    grid = np.linspace(0.0, 1.0, 51)
+    edges = refine.grid_edges(grid)
+    rng = np.random.default_rng(1)
+    p_aa, n_aa = refine.pooled_histogram([rng.normal(0.6, 0.05, 20000)], [1.0], edges)
+    collapsed = np.concatenate([rng.normal(0.6, 0.05, 16000), rng.normal(0.2, 0.02, 4000)])
+    p_cg, n_cg = refine.pooled_histogram([collapsed], [1.0], edges)
+    assert n_aa[10] == 0 and n_cg[10] > 100  # 0.2: the CG model's alone
+    correction = refine.ibi_correction(grid, p_cg, n_cg, p_aa, n_aa, kT=2.5, min_counts=10)
+    assert correction[10] - correction[30] > 2 * 2.5  # several kT uphill where AA never goes
 
 
 def test_bad_inputs_are_refused_with_one_line(toy, tmp_path, capsys):

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=defaults.alpha,
                         help=f"damping of each update, U += alpha kT ln(P_CG/P_AA) (default {defaults.alpha:g})")
     parser.add_argument("--min-counts", type=int, default=defaults.min_counts, metavar="N",
-                        help=f"samples a table bin needs in both histograms to be corrected (default {defaults.min_counts})")
+                        help=f"samples a table bin needs in either histogram to be corrected (default {defaults.min_counts})")
     step = parser.add_mutually_exclusive_group()
     step.add_argument("--dt-fs", type=float, default=None,
                       help="time step in fs (default: the NVE stability check of the first CG run)")

@@ -12,10 +12,11 @@ gets wrong, U_{k+1}(x) = U_k(x) + alpha kT ln[P_CG,k(x) / P_AA(x)]:
   all-atom frames. Both are pooled over temperatures with the all-atom frame counts as weights, at
   the frame-averaged kT: how the prior fit pools (``priors._tabulate_terms``).
 - The ratio is of histograms on the table's own grid (one bin per grid point), so the Jacobian
-  (r^2, sin theta) cancels. Only bins where both histograms hold ``min_counts`` samples count; their
-  log-ratios are smoothed by the same cubic smoothing spline the fit uses (chi^2 = number of
-  bins, weights from the counting errors).
-- Beyond the bins both runs sampled the correction is held at its edge value: the harmonic walls
+  (r^2, sin theta) cancels. Bins where either histogram holds ``min_counts`` samples count (the
+  other side's probability floored at one sample: a region only the CG model visits is pushed
+  away, one only AA visits pulled in); their log-ratios are smoothed by the same cubic smoothing
+  spline the fit uses (chi^2 = number of bins, weights from the counting errors).
+- Beyond the bins either side sampled the correction is held at its edge value: the harmonic walls
   keep their shape (no force changes there) and the table stays continuous.
 
 Every round's CG runs also give the total-variation difference (TV, as the report computes it,
@@ -57,7 +58,7 @@ class RefineSettings:
     dt_fs: float | None = None  # None: the NVE stability check of the first run picks it, later runs reuse it
     dt_candidates_fs: tuple[float, ...] | None = None  # the check's candidates (None: simulate's default)
     save_every_steps: int = 10  # frame interval of the CG runs (the histograms' samples)
-    min_counts: int = 10  # samples a bin needs in both histograms before its ratio is used
+    min_counts: int = 10  # samples a bin needs in either histogram before its ratio is used
     platform: str | None = None
     seed: int = 0
 
@@ -133,18 +134,25 @@ def pooled_histogram(runs: Sequence[np.ndarray], weights: Sequence[float], edges
 
 def ibi_correction(grid: np.ndarray, p_cg: np.ndarray, counts_cg: np.ndarray, p_aa: np.ndarray,
                    counts_aa: np.ndarray, kT: float, alpha: float = 1.0, min_counts: int = 10) -> np.ndarray:
-    """alpha kT ln(P_CG / P_AA) on ``grid`` (kJ/mol): smoothed where both histograms have
-    ``min_counts`` samples, held at its edge values beyond (zeros when fewer than 5 bins qualify)."""
+    """alpha kT ln(P_CG / P_AA) on ``grid`` (kJ/mol): smoothed over the bins where either histogram
+    has ``min_counts`` samples, held at its edge values beyond (zeros when fewer than 5 bins qualify).
+
+    A bin only one side visits gets the other side's probability of one sample: where the CG model
+    goes and AA never does (a collapsed angle the network allows) the correction pushes it out, and
+    where AA goes and the CG model does not (a lost well) it pulls it in."""
     from scipy.interpolate import UnivariateSpline
 
-    keep = np.flatnonzero((counts_cg >= min_counts) & (counts_aa >= min_counts) & (p_cg > 0) & (p_aa > 0))
+    keep = np.flatnonzero((counts_cg >= min_counts) | (counts_aa >= min_counts))
     correction = np.zeros(len(grid))
     if len(keep) < 5:
         return correction
+    # One sample's probability in each pool: its probability per count (pooled weights included).
+    floor_cg = float(np.sum(p_cg) / max(np.sum(counts_cg), 1.0))
+    floor_aa = float(np.sum(p_aa) / max(np.sum(counts_aa), 1.0))
     x = grid[keep]
-    raw = alpha * kT * np.log(p_cg[keep] / p_aa[keep])
+    raw = alpha * kT * np.log(np.maximum(p_cg[keep], floor_cg) / np.maximum(p_aa[keep], floor_aa))
     # Counting error of a log-ratio of two histograms: sqrt(1/n_cg + 1/n_aa) (in units of alpha kT).
-    error = alpha * kT * np.sqrt(1.0 / counts_cg[keep] + 1.0 / counts_aa[keep])
+    error = alpha * kT * np.sqrt(1.0 / np.maximum(counts_cg[keep], 1.0) + 1.0 / np.maximum(counts_aa[keep], 1.0))
     spline = UnivariateSpline(x, raw, w=1.0 / error, k=3, s=float(len(keep)))
     first, last = keep[0], keep[-1]
     correction[first:last + 1] = spline(grid[first:last + 1])
