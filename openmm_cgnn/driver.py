@@ -214,13 +214,14 @@ def plan(liquid: Liquid, size: str, out: Path, platform: str | None = None, gpus
          *(["--resume"] if (model_dir / CHECKPOINT_PT).exists() else [])],
         model_dir / MODEL_PT, ["aa", "map"], torch_device if gpus else None))
     if "refine" in cfg:
+        device_args, device = device_of(0)
         stages.append(Stage(
             "refine", "refine",
             ["refine", "--model", str(model_dir), "--aa", *map(str, train_dirs), "--out", str(cg_model),
-             "--platform", platform, "--seed", "1", *options(cfg["refine"]),
+             "--platform", platform, *device_args, "--seed", "1", *options(cfg["refine"]),
              # the CG runs' time-step candidates, so refinement steps as the chain's runs will
              *options({k: v for k, v in cfg.get("simulate", {}).items() if k == "--dt-candidates-fs"})],
-            cg_model / REFINE_JSON, ["aa", "train"], f"cuda:{gpus[0]}" if gpus else None))
+            cg_model / REFINE_JSON, ["aa", "train"], device))
     stages.append(Stage(
         "export", "export",
         ["export", "--model", str(cg_model), "--from-aa", str(train_dirs[-1]), "--out", str(export_dir)],

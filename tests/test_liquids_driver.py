@@ -158,6 +158,7 @@ def test_print_commands_in_dependency_order_with_gpus_round_robin(tmp_path, caps
     assert option(train, "--device") == "cuda:0"
     # The bonded refinement of the trained model: what the export and every CG run use.
     assert option(refine, "--model") == option(train, "--out") != option(refine, "--out")
+    assert option(refine, "--device-index") == "0" and option(refine, "--platform") == "CUDA"
     assert option(export, "--model") == option(refine, "--out")
     assert [option(s, "--forcefield") for s in simulate] == [option(refine, "--out")] * 4
     assert [option(s, "--from-aa") for s in simulate] == aa_dirs

@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every-steps", type=int, default=defaults.save_every_steps, metavar="K",
                         help=f"sample interval of the CG runs (default {defaults.save_every_steps})")
     parser.add_argument("--platform", default=None, help="OpenMM platform (default CUDA if available, else CPU)")
+    parser.add_argument("--device-index", type=int, default=None, metavar="N",
+                        help="GPU to run on (OpenMM's DeviceIndex; GPU platforms only)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the CG runs (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace a refined model directory already in --out")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="the refined model directory (new)")
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                               dt_fs=dt_of_run(args.dt_from) if args.dt_from is not None else args.dt_fs,
                               dt_candidates_fs=tuple(args.dt_candidates_fs) if args.dt_candidates_fs else None,
                               save_every_steps=args.save_every_steps, min_counts=args.min_counts,
-                              platform=args.platform, seed=args.seed)
+                              platform=args.platform, device_index=args.device_index, seed=args.seed)
     try:
         settings.validate()
         check_refine_output(args.model, args.out, args.overwrite)  # before any compute

@@ -60,6 +60,7 @@ class RefineSettings:
     save_every_steps: int = 10  # frame interval of the CG runs (the histograms' samples)
     min_counts: int = 10  # samples a bin needs in either histogram before its ratio is used
     platform: str | None = None
+    device_index: int | None = None  # GPU platforms: OpenMM's DeviceIndex
     seed: int = 0
 
     def validate(self) -> None:
@@ -70,7 +71,8 @@ class RefineSettings:
                   ("--dt-candidates-fs", not self.dt_candidates_fs or min(self.dt_candidates_fs) > 0,
                    "must be positive"),
                   ("--save-every-steps", self.save_every_steps >= 1, "must be >= 1"),
-                  ("--min-counts", self.min_counts >= 1, "must be >= 1")]
+                  ("--min-counts", self.min_counts >= 1, "must be >= 1"),
+                  ("--device-index", self.device_index is None or self.device_index >= 0, "must be >= 0")]
         for option, ok, message in checks:
             if not ok:
                 value = getattr(self, option[2:].replace("-", "_"))
@@ -288,7 +290,8 @@ def _cg_round(stage: Path, scratch: Path, mapping: Any, aa_runs: Sequence[AARun]
         start = CGConfiguration.from_cg_frames(mapping, run.frames, run.frames.n_frames - 1)
         force = CGNNForce(stage, start, run.temperature_K)
         config = RunConfig(temperature_K=run.temperature_K, steps=settings.steps, dt_fs=dt_fs,
-                           platform=settings.platform, save_every_steps=settings.save_every_steps,
+                           platform=settings.platform, device_index=settings.device_index,
+                           save_every_steps=settings.save_every_steps,
                            seed=settings.seed, progress=False)
         if settings.dt_candidates_fs:
             config.dt_candidates_fs = tuple(settings.dt_candidates_fs)
@@ -372,7 +375,9 @@ def refine_model(model_dir: str | Path, aa_paths: Sequence[str | Path], out: str
             shutil.rmtree(scratch, ignore_errors=True)
         best = min(range(len(rounds)), key=lambda r: (rounds[r]["tv"]["worst"]["error"], r))
         model = _save_round(stage, payload, priors[best])
-        export_for_frames(model, aa_runs[0].frames, stage / MODEL_PT, mapping_sha256=mapping.sha256())
+        # as training scripts it: for the system of the data, at the data's median temperature (if it takes one)
+        export_for_frames(model, aa_runs[0].frames, stage / MODEL_PT, mapping_sha256=mapping.sha256(),
+                          temperature_K=float(np.median(temperatures)) if model.config.use_temperature else None)
         summary = {
             "format": REFINE_FORMAT,
             "source_model": str(model_dir.resolve()),
