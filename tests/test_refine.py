@@ -84,7 +84,7 @@ def test_refinement_moves_a_wrong_angle_table_toward_the_target(refined):
     assert abs(minimum - 2.0) < abs(2.5 - 2.0) - 0.15, minimum
 
 
-def test_refined_model_directory_is_complete_and_every_prior_carrier_agrees(refined, cg):
+def test_refined_model_directory_is_complete_and_every_prior_carrier_agrees(refined, toy, cg, tmp_path):
     out, _ = refined
     assert read_checkpoint(out)["prior"] == json.loads((out / PRIOR_JSON).read_text())
     assert (out / "mapping.json").exists() and (out / "hparams.json").exists() and (out / MODEL_PT).exists()
@@ -100,6 +100,10 @@ def test_refined_model_directory_is_complete_and_every_prior_carrier_agrees(refi
     inside, native, scripted = energy(out, prior="model"), energy(out, prior="openmm"), energy(out / MODEL_PT)
     assert inside == pytest.approx(native, rel=1e-5, abs=1e-3)
     assert scripted == pytest.approx(native, rel=1e-5, abs=1e-3)
+    # The export ships the refined tables.
+    exported = tmp_path / "export"
+    assert cli_main(["export", "--model", str(out), "--from-aa", str(toy[0]), "--out", str(exported)]) == 0
+    assert json.loads((exported / PRIOR_JSON).read_text())["angles"] == json.loads((out / PRIOR_JSON).read_text())["angles"]
 
 
 def test_correction_is_zero_force_outside_the_sampled_range():
