@@ -170,7 +170,7 @@ def _table_grid(table: dict[str, Any], unit: str) -> np.ndarray:
 def refine_prior(prior: Any, aa: Sequence[RunSamples], cg: Sequence[RunSamples], kT: float,
                  alpha: float = 1.0, min_counts: int = 10) -> tuple[Any, dict[str, dict[int, float]]]:
     """One update of every tabulated bond and angle table of ``prior`` (a PriorSet): a new PriorSet and,
-    per entry, the largest |correction| inside the sampled range (kJ/mol). ``aa`` and ``cg`` hold one
+    per entry, the range (max - min) of its correction (kJ/mol). ``aa`` and ``cg`` hold one
     RunSamples per temperature, in the same order; the pools weigh them by the AA frame counts."""
     from ..model.priors import PriorSet
 
@@ -191,7 +191,7 @@ def refine_prior(prior: Any, aa: Sequence[RunSamples], cg: Sequence[RunSamples],
             correction = ibi_correction(grid, p_cg, n_cg, p_aa, n_aa, kT, alpha, min_counts)
             energy = np.asarray(table["energy_kj_mol"], dtype=np.float64) + correction
             table["energy_kj_mol"] = (energy - energy.min()).tolist()
-            changes[kind][entry] = float(np.ptp(correction)) if np.any(correction) else 0.0
+            changes[kind][entry] = float(np.ptp(correction))
     return PriorSet.from_dict(data, prior.bead_type_names, source="refined prior"), changes
 
 
