@@ -2,7 +2,9 @@
 
 Stages: all-atom NPT at every temperature -> all-atom NVT production at each temperature, in the
 box of a straight rho(T) line fitted over all the NPT runs -> learned mapping (CGAE) -> Hybridgraph
-force field (force matching) -> export for plain OpenMM -> CG simulations -> prior-only CG
+force field (force matching) -> bonded refinement (iterative Boltzmann inversion of the bonded
+tables with the network on, in sizes whose settings have "refine") -> export for plain OpenMM -> CG
+simulations -> prior-only CG
 simulations (the ablation: the same model with its network switched off, the same time step and
 length) -> evaluation report. A size's held-out temperatures (liquid file) get an AA run and CG
 runs but are left out of mapping and training, so the report shows the model at a temperature it
@@ -28,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .layout import CHECKPOINT_PT, MAPPING_JSON, METRICS_JSON, MODEL_PT, NPT_JSON, REPORT_MD, SUMMARY_JSON, SYSTEM_XML
+from .layout import (CHECKPOINT_PT, MAPPING_JSON, METRICS_JSON, MODEL_PT, NPT_JSON, REFINE_JSON, REPORT_MD, SUMMARY_JSON,
+                     SYSTEM_XML)
 from .platforms import GPU_PLATFORMS
 from .liquids import LIQUIDS_DIR, Liquid, LiquidError
 
@@ -47,6 +50,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
                   "--model-option": "features=8 filters=8 n_gaussians=8 intra_cutoff_nm=0.5 inter_cutoff_nm=0.5"},
         # a few epochs leave the tiny model borderline at 5 fs (NVE drift 0.08-0.11 against 0.1): 2.5 fs backs it up
         "simulate": {"--dt-candidates-fs": "10 5 2.5"},
+        # bonded refinement (`refine`): table updates and CG steps per training temperature and round
+        "refine": {"--iterations": 1, "--steps": 200, "--save-every-steps": 5},
         "cg_steps": 200,
         "cg_save_every_steps": 20,
         "platform": "CPU",
@@ -55,6 +60,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "aa": {"--equilibrate-ps": 10, "--production-ps": 30, "--save-every-ps": 0.2, "--cutoff-nm": 0.75},
         "map": {"--epochs": 150, "--restarts": 2},
         "train": {"--quick": None, "--epochs": 15, "--max-frames": 60},
+        "refine": {"--iterations": 2, "--steps": 1000},
         "cg_steps": 2000,
         "cg_save_every_steps": 10,
         "platform": "CPU",
@@ -66,6 +72,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "map": {"--epochs": 300, "--restarts": 3, "--max-frames": 200},
         "train": {"--quick": None, "--epochs": 25, "--max-frames": 300, "--patience": 8,
                   "--model-option": "features=64 filters=64 n_gaussians=32"},
+        # 3 updates of 2000-step runs took the worst bonded TV from 26 % to 7 %, the counting noise of
+        # those runs (docs/model.md): twice as long runs resolve more of it
+        "refine": {"--iterations": 3, "--steps": 4000, "--save-every-steps": 20},
         # as long as the AA production (not a step count): the MSD needs the same lags at whatever
         # step the NVE check picks; 40 000 steps of 3-4 fs left every CG D unconverged
         "cg_length_ps": 300,
@@ -76,6 +85,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "aa": {"--equilibrate-ps": 1000, "--max-equilibrate-ps": 3000, "--production-ps": 5000, "--save-every-ps": 1.0, "--cutoff-nm": 1.2},
         "map": {"--epochs": 1000, "--restarts": 5},
         "train": {"--epochs": 200},
+        "refine": {"--iterations": 3, "--steps": 20_000, "--save-every-steps": 100},
         "cg_steps": 2_000_000,
         "cg_save_every_steps": 500,
         "platform": "CUDA",
@@ -186,6 +196,10 @@ def plan(liquid: Liquid, size: str, out: Path, platform: str | None = None, gpus
     # Nothing of a held-out temperature reaches the model: neither the mapping nor the force labels.
     train_dirs = [d for t, d in zip(temperatures, aa_dirs) if t not in held_out]
     map_dir, model_dir, export_dir, report_dir = out / "mapping", out / "model", out / "export", out / "report"
+    # The model every later stage uses: the refined one where the size refines (its CG runs, the
+    # prior-only ablation with the same refined tables, and the export).
+    cg_model = out / "model_refined" if "refine" in cfg else model_dir
+    model_needs = ["aa", "train", "refine"] if "refine" in cfg else ["aa", "train"]
     stages = []
     # With two or more temperatures, NPT runs everywhere first and each NVT box comes from the
     # rho(T) line over all of them: one short NPT average per temperature is too noisy for D(T).
@@ -210,20 +224,29 @@ def plan(liquid: Liquid, size: str, out: Path, platform: str | None = None, gpus
          "--device", torch_device, "--seed", "1", "--temperature-input", *options(cfg["train"]),
          *(["--resume"] if (model_dir / CHECKPOINT_PT).exists() else [])],
         model_dir / MODEL_PT, ["aa", "map"], torch_device if gpus else None))
+    if "refine" in cfg:
+        device_args, device = device_of(0)
+        stages.append(Stage(
+            "refine", "refine",
+            ["refine", "--model", str(model_dir), "--aa", *map(str, train_dirs), "--out", str(cg_model),
+             "--platform", platform, *device_args, "--seed", "1", *options(cfg["refine"]),
+             # the CG runs' time-step candidates, so refinement steps as the chain's runs will
+             *options({k: v for k, v in cfg.get("simulate", {}).items() if k == "--dt-candidates-fs"})],
+            cg_model / REFINE_JSON, ["aa", "train"], device))
     stages.append(Stage(
         "export", "export",
-        ["export", "--model", str(model_dir), "--from-aa", str(train_dirs[-1]), "--out", str(export_dir)],
-        export_dir / SYSTEM_XML, ["aa", "train"]))
+        ["export", "--model", str(cg_model), "--from-aa", str(train_dirs[-1]), "--out", str(export_dir)],
+        export_dir / SYSTEM_XML, model_needs))
     def cg_run(k: int, t: float, aa_dir: Path, out_dir: Path, *special: str) -> tuple[list[str], str | None]:
         """A CG run's arguments: the trained one and its prior-only twin differ only in ``special``."""
         device_args, device = device_of(k)
-        return (["simulate", "--forcefield", str(model_dir), *special, "--from-aa", str(aa_dir), "--temperature", f"{t:g}",
+        return (["simulate", "--forcefield", str(cg_model), *special, "--from-aa", str(aa_dir), "--temperature", f"{t:g}",
                  *run_length(cfg), "--save-every-steps", str(cfg["cg_save_every_steps"]),
                  "--platform", platform, *device_args, "--seed", "1", "--out", str(out_dir), "--resume"], device)
 
     for k, (t, aa_dir, cg_dir) in enumerate(zip(temperatures, aa_dirs, cg_dirs)):
         args, device = cg_run(k, t, aa_dir, cg_dir, *options(cfg.get("simulate", {})))
-        stages.append(Stage(f"simulate {t:g} K", "simulate", args, cg_dir / SUMMARY_JSON, ["aa", "train"], device))
+        stages.append(Stage(f"simulate {t:g} K", "simulate", args, cg_dir / SUMMARY_JSON, model_needs, device))
     for k, (t, aa_dir, cg_dir, prior_dir) in enumerate(zip(temperatures, aa_dirs, cg_dirs, prior_dirs)):
         # the ablation: the network off, at the trained run's time step (--dt-from: also its MTS inner
         # steps, so the prior alone is integrated at the step it had there), length and seed
@@ -340,9 +363,12 @@ def print_results(out: Path, elapsed_s: float) -> None:
     """Where the outputs are, and the report's verdict lines."""
     print(f"\nDone in {elapsed_s / 60:.1f} min. Results in {out.resolve()}:")
     for label, path in [("all-atom runs", out / "aa"), ("mapping", out / "mapping" / MAPPING_JSON),
-                        ("model", out / "model"), ("OpenMM export", out / "export"), ("CG runs", out / "cg"),
+                        ("model", out / "model"), ("refined model", out / "model_refined"),
+                        ("OpenMM export", out / "export"), ("CG runs", out / "cg"),
                         ("prior-only CG", out / "cg_prior"),
                         ("report", out / "report" / REPORT_MD)]:
+        if label == "refined model" and not path.exists():
+            continue
         print(f"  {label:14s} {path}")
     metrics = out / "report" / METRICS_JSON
     if metrics.exists():

@@ -36,6 +36,7 @@ PRIOR_JSON = "prior.json"  # also in export directories
 METRICS_JSON = "metrics.json"  # also in report directories (section 5)
 MODEL_PT = "model.pt"  # TorchScript (also in export directories)
 LOSS_CURVE_PNG = "loss_curve.png"
+REFINE_JSON = "refine.json"  # a refined model directory only (`openmm-cgnn refine`): every round's bonded TVs
 
 # Export directory (section 4, `openmm-cgnn export`).
 SYSTEM_XML = "system.xml"

@@ -132,8 +132,8 @@ def test_print_commands_in_dependency_order_with_gpus_round_robin(tmp_path, caps
     out = tmp_path / "chain"
     assert main(["run", "--liquid", "emim_bf4", "--gpus", "0,1", "--print-commands", "--out", str(out)]) == 0
     groups = commands_by_group(capsys.readouterr().out)
-    assert [g for g, _ in groups] == ["aa_npt", "aa", "map", "train", "export", "simulate", "simulate_prior",
-                                      "evaluate"]
+    assert [g for g, _ in groups] == ["aa_npt", "aa", "map", "train", "refine", "export", "simulate",
+                                      "simulate_prior", "evaluate"]
     commands = dict(groups)
     assert all(argv[0] == "openmm-cgnn" and argv[1] == group.split("_")[0] for group, members in groups for argv in members)
     # Full size: four temperatures from the liquid file, each on its own GPU, round-robin over two.
@@ -151,12 +151,16 @@ def test_print_commands_in_dependency_order_with_gpus_round_robin(tmp_path, caps
     assert all(a[a.index("--density-fit") + 1:][:4] == aa_dirs and "--resume" in a for a in aa)
     assert all(n[:n.index("--npt-only")] == a[:a.index("--density-fit")] for n, a in zip(npt, aa))
     (map_cmd,), (train,), (export,), (evaluate,) = commands["map"], commands["train"], commands["export"], commands["evaluate"]
+    (refine,) = commands["refine"]
     assert option(map_cmd, "--beads") == "EMIM=3,BF4=1" and option(map_cmd, "--device") == "cuda:0"
     assert map_cmd[map_cmd.index("--data") + 1:][:4] == aa_dirs
     assert option(train, "--mapping") == str(Path(option(map_cmd, "--out")) / "mapping.json")
     assert option(train, "--device") == "cuda:0"
-    assert option(export, "--model") == option(train, "--out")
-    assert [option(s, "--forcefield") for s in simulate] == [option(train, "--out")] * 4
+    # The bonded refinement of the trained model: what the export and every CG run use.
+    assert option(refine, "--model") == option(train, "--out") != option(refine, "--out")
+    assert option(refine, "--device-index") == "0" and option(refine, "--platform") == "CUDA"
+    assert option(export, "--model") == option(refine, "--out")
+    assert [option(s, "--forcefield") for s in simulate] == [option(refine, "--out")] * 4
     assert [option(s, "--from-aa") for s in simulate] == aa_dirs
     assert evaluate[evaluate.index("--cg") + 1:][:4] == [option(s, "--out") for s in simulate]
     # The ablation: the same model with the network off, at each trained run's time step, steps and seed.

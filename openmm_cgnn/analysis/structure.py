@@ -67,6 +67,16 @@ def _neighbours(n_beads: int, bonds: np.ndarray) -> list[list[int]]:
     return neighbours
 
 
+def bond_label(cg: "CGFrames", i: int, j: int) -> str:
+    """A bond type's name, ``RES:A-B`` with the bead names in bead order (``i < j``)."""
+    return f"{cg.residue_name[i]}:{cg.bead_name[i]}-{cg.bead_name[j]}"
+
+
+def angle_label(cg: "CGFrames", i: int, centre: int, k: int) -> str:
+    """An angle type's name, ``RES:A-B-C`` with the centre bead in the middle (``i < k``)."""
+    return f"{cg.residue_name[centre]}:{cg.bead_name[i]}-{cg.bead_name[centre]}-{cg.bead_name[k]}"
+
+
 def bonded_terms(cg: "CGFrames") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Bead index pairs per bond type and triplets per angle type (angles: every two bonds sharing a bead).
 
@@ -75,17 +85,15 @@ def bonded_terms(cg: "CGFrames") -> tuple[dict[str, np.ndarray], dict[str, np.nd
     """
     bonds: dict[str, list[tuple[int, int]]] = {}
     angles: dict[str, list[tuple[int, int, int]]] = {}
-    name = cg.bead_name
     for i, j in np.asarray(cg.bonds).reshape(-1, 2):
         i, j = sorted((int(i), int(j)))
-        bonds.setdefault(f"{cg.residue_name[i]}:{name[i]}-{name[j]}", []).append((i, j))
+        bonds.setdefault(bond_label(cg, i, j), []).append((i, j))
     for centre, partners in enumerate(_neighbours(cg.n_beads, cg.bonds)):
         partners = sorted(partners)
         for a in range(len(partners)):
             for b in range(a + 1, len(partners)):
                 i, k = partners[a], partners[b]
-                key = f"{cg.residue_name[centre]}:{name[i]}-{name[centre]}-{name[k]}"
-                angles.setdefault(key, []).append((i, centre, k))
+                angles.setdefault(angle_label(cg, i, centre, k), []).append((i, centre, k))
     return (
         {k: np.array(v, dtype=np.int64) for k, v in bonds.items()},
         {k: np.array(v, dtype=np.int64) for k, v in angles.items()},

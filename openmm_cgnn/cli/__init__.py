@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "import": ("import_", "bring your own all-atom data: a GROMACS or LAMMPS trajectory with forces into frames.h5"),
     "map": ("map", "learn the CG mapping (auto-encoder) from all-atom frames"),
     "train": ("train", "train the Hybridgraph CG force field by force matching"),
+    "refine": ("refine", "refine a trained model's bonded tables so that its CG bond and angle distributions match all-atom"),
     "export": ("export", "export a trained model as a self-contained OpenMM force-field directory"),
     "simulate": ("simulate", "run CG molecular dynamics in OpenMM with CGNNForce"),
     "evaluate": ("evaluate", "compare CG and AA structure and dynamics: RDFs, diffusion, Arrhenius"),

@@ -237,8 +237,10 @@ if __name__ == "__main__":
     write_all(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)
 
 
-def make_model_dir(folder: Path, use_temperature: bool = False, seed: int = 0, **config_overrides) -> Path:
-    """A model directory (docs/contracts.md section 3) holding an untrained tiny CGModel with the toy prior."""
+def make_model_dir(folder: Path, use_temperature: bool = False, seed: int = 0, prior: dict | None = None,
+                   **config_overrides) -> Path:
+    """A model directory (docs/contracts.md section 3) holding an untrained tiny CGModel with the toy
+    prior (or ``prior``, a prior.json dictionary)."""
     from openmm_cgnn.mapping.spec import CGMapping
     from openmm_cgnn.model import CGModel, HybridGraphConfig, PriorSet, save_checkpoint
 
@@ -247,7 +249,7 @@ def make_model_dir(folder: Path, use_temperature: bool = False, seed: int = 0, *
                  inter_cutoff_nm=0.7, use_temperature=use_temperature, energy_scale=5.0)
     sizes.update(config_overrides)
     config = HybridGraphConfig.quick(len(TYPES), bead_type_names=list(TYPES), **sizes)
-    model = CGModel(config, PriorSet.from_dict(PRIOR, TYPES))
+    model = CGModel(config, PriorSet.from_dict(PRIOR if prior is None else prior, TYPES))
     folder = Path(folder)
     save_checkpoint(folder, model, epoch=0)
     CGMapping.from_dict(MAPPING).save(folder / "mapping.json")
@@ -257,12 +259,14 @@ def make_model_dir(folder: Path, use_temperature: bool = False, seed: int = 0, *
 AA_ATOM_MASS = {"C1": 15.0, "C2": 15.0, "C3": 15.0, "C4": 15.0, "X1": 40.0, "X2": 40.0}
 
 
-def write_aa_run(folder: Path, cg, temperature_K: float = 350.0, n_frames: int = 2, seed: int = 0) -> Path:
-    """A small all-atom-kind run (frames.h5) whose mapped bead positions are ``cg.positions`` in its last frame."""
+def write_aa_run(folder: Path, cg, temperature_K: float = 350.0, n_frames: int = 2, seed: int = 0,
+                 bead_positions: np.ndarray | None = None) -> Path:
+    """A small all-atom-kind run (frames.h5) whose mapped bead positions are ``cg.positions`` in its last
+    frame, or ``bead_positions`` (frames, beads, 3) in every frame."""
     from openmm_cgnn.frames import FrameWriter, TopologyInfo
 
     rng = np.random.default_rng(seed)
-    names, elements, masses, resname, resindex, bonds, coords = [], [], [], [], [], [], []
+    names, elements, masses, resname, resindex, bonds, coords, bead_of_atom = [], [], [], [], [], [], [], []
     for mol in range(cg.n_molecules):
         beads = np.flatnonzero(cg.molecule_index == mol)
         residue = cg.residue_names[beads[0]]
@@ -279,12 +283,19 @@ def write_aa_run(folder: Path, cg, temperature_K: float = 350.0, n_frames: int =
                 resname.append(residue)
                 resindex.append(mol)
                 coords.append(cg.positions[k] + shift)
+                bead_of_atom.append(k)
         atoms = list(range(first_atom, len(names)))
         bonds += list(zip(atoms[:-1], atoms[1:]))
     top = TopologyInfo(names, elements, np.array(masses), resname, np.array(resindex), np.array(bonds))
     coords = np.array(coords)
     folder = Path(folder)
     with FrameWriter(folder / "frames.h5", top, {"temperature_K": temperature_K, "kind": "aa"}, with_forces=True) as writer:
+        if bead_positions is not None:
+            # each atom keeps its offset from its bead's position in cg
+            offsets = coords - cg.positions[bead_of_atom]
+            for k, frame in enumerate(np.asarray(bead_positions)):
+                writer.append(frame[bead_of_atom] + offsets, cg.box, float(k), forces=np.zeros_like(coords))
+            return folder
         for k in range(n_frames):
             jitter = 0.0 if k == n_frames - 1 else 0.01
             writer.append(coords + jitter, cg.box, float(k), forces=np.zeros_like(coords))
