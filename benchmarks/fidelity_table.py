@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from openmm_cgnn.analysis.evaluate import model_summary, temperature_key
 from openmm_cgnn.driver import SETTINGS, Stage, plan, run_plan
+from openmm_cgnn.layout import REFINE_JSON
 from openmm_cgnn.liquids import load_liquid
 
 VARIANTS: dict[str, tuple[str, dict[str, list[str]]]] = {
@@ -86,6 +87,15 @@ def variant_stages(chain: list[Stage], root: Path, name: str, train_options: dic
     if (model / "checkpoint.pt").exists():
         args.append("--resume")
     stages = [Stage(f"{name}: train", "train", args, model / "model.pt", [], train.device)]
+    # Refined like the chain's model where the chain refines (refine needs tabulated priors: a
+    # harmonic variant runs as trained, and its row says so)
+    cg_model = model
+    if "refine" in by_group and option_values(args, "--prior-form") != ["harmonic"]:
+        (refine,) = by_group["refine"]
+        cg_model = root / "model_refined"
+        stages.append(Stage(f"{name}: refine", "refine",
+                            set_option(set_option(refine.args, "--model", [str(model)]), "--out", [str(cg_model)]),
+                            cg_model / REFINE_JSON, ["train"], refine.device))
     cg_dirs = []
     for stage in by_group["simulate"]:
         if temperatures is not None and option_values(stage.args, "--temperature")[0] not in temperatures:
@@ -93,12 +103,12 @@ def variant_stages(chain: list[Stage], root: Path, name: str, train_options: dic
         trained_run = Path(stage.args[stage.args.index("--out") + 1])
         cg_dir = root / "cg" / trained_run.name
         cg_dirs.append(str(cg_dir))
-        args = set_option(set_option(stage.args, "--forcefield", [str(model)]), "--out", [str(cg_dir)])
+        args = set_option(set_option(stage.args, "--forcefield", [str(cg_model)]), "--out", [str(cg_dir)])
         if cg_steps is not None:  # in place of the chain's --steps or --length-ps
             args = [*drop_option(drop_option(args, "--steps"), "--length-ps"), "--steps", str(cg_steps)]
         # the same step as the chain's trained run: the variants differ in the model only
         args = [*drop_option(args, "--dt-candidates-fs"), "--dt-from", str(trained_run)]
-        stages.append(Stage(f"{name}: {stage.name}", "simulate", args, cg_dir / "summary.json", ["train"],
+        stages.append(Stage(f"{name}: {stage.name}", "simulate", args, cg_dir / "summary.json", ["train", "refine"],
                             stage.device))
     (evaluate,) = by_group["evaluate"]
     args = drop_option(set_option(evaluate.args, "--cg", cg_dirs), "--cg-prior-only")
@@ -151,7 +161,9 @@ def table(out: Path, temperatures: set[str] | None = None, chain_report: Path | 
     model_metrics = json.loads((out / "model" / "metrics.json").read_text())
     prior_rmse = model_metrics["validation"]["overall"]["rmse"] * model_metrics[
         "validation_mse_relative_to"]["prior_only"] ** -0.5
-    rows = [model_row("trained (optimal map, tabulated priors)", ablation["trained"], held_out,
+    chain_refined = (out / "model_refined" / REFINE_JSON).exists()
+    rows = [model_row("trained (optimal map, tabulated priors" + (", refined)" if chain_refined else ")"),
+                      ablation["trained"], held_out,
                       validation_rmse(out / "model"), temperatures)]
     if "prior_only" in ablation:
         rows.append(model_row("prior only (network off)", ablation["prior_only"], held_out, prior_rmse, temperatures))
@@ -159,6 +171,8 @@ def table(out: Path, temperatures: set[str] | None = None, chain_report: Path | 
         report = out / "variants" / name / "report" / "metrics.json"
         if report.exists():
             variant = model_summary(json.loads(report.read_text()))  # no prior-only runs: no ablation section
+            if chain_refined and not (report.parent.parent / "model_refined" / REFINE_JSON).exists():
+                label = f"{label}, not refined"
             rows.append(model_row(f"trained, {label}", variant, held_out, validation_rmse(report.parent.parent / "model"),
                                   temperatures))
     return {"format": "openmm_cgnn.fidelity_table/1", "run": str(out), "chain_report": str(chain_report),

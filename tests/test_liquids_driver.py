@@ -281,8 +281,8 @@ def test_tiny_chain_for_a_second_liquid(tmp_path, monkeypatch):
         cg = json.loads((out / "cg" / f"T{t}K" / "summary.json").read_text())
         assert run["steps_done"] == 200 and run["dt_fs"] == cg["dt_fs"]
     rows = json.loads((out / "fidelity_table.json").read_text())["rows"]
-    assert [r["model"] for r in rows] == ["trained (optimal map, tabulated priors)", "prior only (network off)",
-                                          "trained, harmonic bonded priors"]
+    assert [r["model"] for r in rows] == ["trained (optimal map, tabulated priors, refined)", "prior only (network off)",
+                                          "trained, harmonic bonded priors, not refined"]
     assert all(r["worst_com_rdf_error"] is not None and r["worst_bonded_tv"] is not None for r in rows)
     assert rows[0]["worst_com_rdf_error"] == metrics["verdict"]["rdf"]["com"]["worst_error"]
     # The network-size sweep on the same chain: one tiny network, short CG runs, no timing.
@@ -311,6 +311,23 @@ def test_tiny_chain_for_a_second_liquid(tmp_path, monkeypatch):
     assert {r["mts_inner_steps"] for r in part["runs"].values()} == {1, 4}
     assert all(r["simulated_ps"] >= 1.0 for r in part["runs"].values())
     assert part["comparison"]["worst bead RDF"]["single"][0] > 0 and part["cg_vs_cg"]["across"]["pairs"] == 4
+
+
+def test_fidelity_variants_are_refined_like_the_chain_unless_harmonic(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fidelity_table
+
+    chain = plan(load_liquid("bmim_bf4"), "cpu", tmp_path)
+    for name, refined in (("sum_map", True), ("harmonic", False)):
+        root = tmp_path / "variants" / name
+        stages = fidelity_table.variant_stages(chain, root, name, fidelity_table.VARIANTS[name][1],
+                                               temperatures={"650"})
+        refine = [s for s in stages if s.group == "refine"]
+        model = root / ("model_refined" if refined else "model")
+        assert len(refine) == refined and all(option(s.args, "--model") == str(root / "model") for s in refine)
+        simulate = [s for s in stages if s.group == "simulate"]
+        assert [option(s.args, "--temperature") for s in simulate] == ["650"]
+        assert all(option(s.args, "--forcefield") == str(model) for s in simulate)
 
 
 def test_network_sweep_reuses_the_chain_model_it_would_retrain(tmp_path):
