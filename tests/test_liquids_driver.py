@@ -264,7 +264,11 @@ def test_tiny_chain_for_a_second_liquid(tmp_path, monkeypatch):
         assert prior["mts_inner_steps"] == cg["mts_inner_steps"] == 1
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert set(metrics["ablation"]) == {"trained", "prior_only"} and metrics["held_out_temperatures_K"] == []
-    assert "## Ablation" in (out / "report" / "report.md").read_text()
+    report = (out / "report" / "report.md").read_text()
+    assert "## Ablation" in report
+    # the runs' force field is the refined model, and the report says so
+    assert f"CG force field: `{out / 'model_refined'}` (bonded tables refined" in report
+    assert all(r["refined"] for r in metrics["runs"] + metrics["prior_only_runs"] if r["kind"] == "cg")
     # Done stages are skipped: a second call runs nothing and succeeds.
     assert main(["run", "--liquid", "emim_bf4", "--size", "tiny", "--out", str(out)]) == 0
     # The fidelity table: a variant with harmonic priors, trained and run on the same data and step.

@@ -24,7 +24,7 @@ import numpy as np
 from ..frames import evenly_spaced
 from ..io import check_output_dir, output_dir, write_json_atomic
 from . import plots
-from ..layout import METRICS_JSON, REPORT_MD
+from ..layout import METRICS_JSON, REFINE_JSON, REPORT_MD
 from .arrhenius import fit_arrhenius
 from .density import composition, find_experimental_density, run_density
 from .msd import DiffusionResult, MSDCurve, fit_diffusion, frame_interval, msd_curve, remove_drift, unwrap
@@ -84,14 +84,22 @@ class Run:
     npt_density_sem_kg_m3: float | None = None
     # CG runs: whether the network ran (False: a prior-only ablation run); None if not recorded
     network: bool | None = None
+    # CG runs: the force field they ran (model directory or file), as the run recorded it
+    forcefield: str | None = None
 
     def summary(self) -> dict:
         return {
             "path": str(self.path), "kind": self.kind, "temperature_K": self.temperature_K,
             **({"network": self.network} if self.network is not None else {}),
+            **({"forcefield": self.forcefield, "refined": refined_model(self.forcefield)} if self.forcefield else {}),
             "n_frames": self.cg.n_frames, "time_ps": [float(self.cg.time[0]), float(self.cg.time[-1])],
             "n_molecules": self.n_molecules, "n_beads": self.cg.n_beads, "box_nm": self.box_nm,
         }
+
+
+def refined_model(forcefield: str) -> bool:
+    """Whether a CG run's force field is a model directory whose bonded tables ``openmm-cgnn refine`` corrected."""
+    return (Path(forcefield) / REFINE_JSON).exists()
 
 
 def temperature_key(temperature_K: float) -> str:
@@ -153,6 +161,7 @@ def load_run(path: str | Path, mapping: Any, kind: str, settings: EvaluationSett
         n_molecules={s: int(centres.indices(s).size) for s in species},
         npt_density_sem_kg_m3=first.metadata.get("density_sem_kg_m3"),
         network=first.metadata.get("network") if kind == "cg" else None,
+        forcefield=first.metadata.get("forcefield") if kind == "cg" else None,
     )
 
 

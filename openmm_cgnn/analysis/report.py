@@ -149,6 +149,11 @@ def _runs(metrics: dict[str, Any]) -> list[str]:
             for prior, group in ((False, metrics["runs"]), (True, metrics.get("prior_only_runs", [])))
             for r in group]
     out = ["## Runs", ""] + _table(["kind", "T (K)", "frames", "time (ps)", "molecules", "box (nm)", "path"], rows)
+    models = {(r["forcefield"], r["refined"]) for r in [*metrics["runs"], *metrics.get("prior_only_runs", [])]
+              if r.get("forcefield")}
+    for path, refined in sorted(models):
+        out += [f"CG force field: `{path}`" + (" (bonded tables refined against the AA distributions by "
+                                               "`openmm-cgnn refine`, see its refine.json)" if refined else ""), ""]
     if held:
         out += [f"Held out: the AA runs at {', '.join(held)} K were not used in training; the CG model is "
                 "evaluated there as at the training temperatures.", ""]
