@@ -135,6 +135,10 @@ def test_a_region_only_the_cg_model_visits_is_pushed_away():
 
 def test_bad_inputs_are_refused_with_one_line(toy, tmp_path, capsys):
     aa, wrong, harmonic = toy
+    mts_run = tmp_path / "mts"  # a finished CG run's summary as simulate writes it, at an MTS outer step
+    mts_run.mkdir()
+    (mts_run / "summary.json").write_text(json.dumps({"kind": "cg", "status": "finished", "dt_fs": 15.0,
+                                                      "mts_inner_steps": 4}))
     base = ["refine", "--aa", str(aa), "--steps", "20", "--save-every-steps", "10", "--platform", "CPU"]
     cases = [
         (["--model", str(harmonic), "--out", str(tmp_path / "a")], "--prior-form"),
@@ -142,6 +146,8 @@ def test_bad_inputs_are_refused_with_one_line(toy, tmp_path, capsys):
         (["--model", str(tmp_path), "--out", str(tmp_path / "b")], CHECKPOINT_PT),
         (["--model", str(wrong), "--out", str(tmp_path / "c"), "--iterations", "0"], "--iterations"),
         (["--model", str(wrong), "--out", str(tmp_path / "d"), "--alpha", "-1"], "--alpha"),
+        (["--model", str(wrong), "--out", str(tmp_path / "f"), "--dt-from", str(tmp_path / "norun")], "--dt-from"),
+        (["--model", str(wrong), "--out", str(tmp_path / "g"), "--dt-from", str(mts_run)], "--dt-fs"),
     ]
     for args, needle in cases:
         assert cli_main(base + args) == 2, args

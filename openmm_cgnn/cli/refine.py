@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from . import CLIError
-from .simulate import dt_of_run, user_errors
+from .simulate import time_stepping_of_run, user_errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..training.refine import RefineError, RefineSettings, check_refine_output, refine_model
 
-    settings = RefineSettings(iterations=args.iterations, steps=args.steps, alpha=args.alpha,
-                              dt_fs=dt_of_run(args.dt_from) if args.dt_from is not None else args.dt_fs,
+    dt_fs = args.dt_fs
+    if args.dt_from is not None:
+        dt_fs, inner = time_stepping_of_run(args.dt_from)
+        if inner > 1:  # its step is an MTS outer step; refinement single-steps
+            raise CLIError(f"--dt-from {args.dt_from}: a multiple-time-stepping run ({inner} inner steps); "
+                           "refine steps singly: give --dt-fs")
+    settings = RefineSettings(iterations=args.iterations, steps=args.steps, alpha=args.alpha, dt_fs=dt_fs,
                               dt_candidates_fs=tuple(args.dt_candidates_fs) if args.dt_candidates_fs else None,
                               save_every_steps=args.save_every_steps, min_counts=args.min_counts,
                               platform=args.platform, device_index=args.device_index, seed=args.seed)
