@@ -436,10 +436,14 @@ def test_prior_only_twin_of_an_mts_run_steps_its_prior_as_the_run_did(cg, model_
 
 
 def test_default_engine_follows_the_platform_and_the_run_length():
-    from openmm_cgnn.openmm.engines import COMPILE_PAYBACK_STEPS, default_engine
+    from openmm_cgnn.openmm.engines import COMPILE_MAX_BEADS, COMPILE_PAYBACK_STEPS, default_engine
 
     assert default_engine("CPU") == "python"  # length unknown (a user's own Simulation): the faster per step
     assert default_engine("CPU", COMPILE_PAYBACK_STEPS) == "python"
     assert default_engine("CPU", COMPILE_PAYBACK_STEPS - 1) == "torch"
+    # a large system: TorchForce's reused pair list beats the compiled module's full search
+    assert default_engine("CPU", COMPILE_PAYBACK_STEPS, COMPILE_MAX_BEADS) == "python"
+    assert default_engine("CPU", COMPILE_PAYBACK_STEPS, COMPILE_MAX_BEADS + 1) == "torch"
+    assert default_engine("CUDA", None, 10) == "torch"
     assert default_engine("CUDA", 10 ** 7) == "torch" and default_engine("Reference") == "torch"
     assert default_engine(None) == "torch"  # export: the exportable engine

@@ -46,15 +46,22 @@ DEFAULT_ENGINE_OTHER = "torch"
 # beads. A run shorter than this many steps would not earn a cold compilation back (129 s / 2.7 ms),
 # so it takes TorchForce, which starts at once (the quick example's 2000-step runs, the tests).
 COMPILE_PAYBACK_STEPS = 50_000
+# Above this many beads TorchForce is the faster per step on CPU: the graph-safe module PythonForce
+# compiles searches every pair at full capacity each call, where TorchForce reuses its pair list.
+# bench_md.py, quick network, 1 thread, idle (results/md_cpu.json): PythonForce 3.0 / 7.7 / 21.7 ms
+# against TorchForce 4.1 / 9.4 / 17.7 ms at 80 / 160 / 500 beads; the crossover lies between the last two.
+COMPILE_MAX_BEADS = 300
 FORCE_NAME = "CGNNForce"
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
-def default_engine(platform_name: str | None, steps: int | None = None) -> str:
+def default_engine(platform_name: str | None, steps: int | None = None, beads: int | None = None) -> str:
     """The engine ``simulate`` uses on this platform when none is asked for; ``steps`` (the run's
-    length, None: unknown) keeps short runs off the compiled engine (``COMPILE_PAYBACK_STEPS``)."""
+    length, None: unknown) keeps short runs off the compiled engine (``COMPILE_PAYBACK_STEPS``), and
+    ``beads`` (None: unknown) large systems (``COMPILE_MAX_BEADS``)."""
     engine = DEFAULT_ENGINE.get(platform_name or "", DEFAULT_ENGINE_OTHER)
-    if engine == "python" and steps is not None and steps < COMPILE_PAYBACK_STEPS:
+    if engine == "python" and ((steps is not None and steps < COMPILE_PAYBACK_STEPS)
+                               or (beads is not None and beads > COMPILE_MAX_BEADS)):
         return DEFAULT_ENGINE_OTHER
     return engine
 

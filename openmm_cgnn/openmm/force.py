@@ -379,7 +379,8 @@ class CGNNForce:
         if self.engine is None:
             name = platform if isinstance(platform, str) or platform is None else platform.getName()
             request = self.engine_request
-            self.engine = make_engine(default_engine(name, steps) if request == "auto" else str(request))
+            beads = None if self.cg is None else self.cg.n_beads
+            self.engine = make_engine(default_engine(name, steps, beads) if request == "auto" else str(request))
         return self.engine
 
     def engine_module(self, cuda_graphs: bool = False) -> tuple[Any, bool]:
