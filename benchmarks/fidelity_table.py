@@ -145,6 +145,11 @@ def model_row(label: str, part: dict[str, Any], held_out: set[str], validation_r
     }
 
 
+def ran_refined_model(metrics: dict[str, Any]) -> bool:
+    """Whether an evaluation's CG runs ran a model whose bonded tables ``refine`` corrected (as evaluate records it)."""
+    return any(run.get("refined") for run in metrics["runs"] if run["kind"] == "cg")
+
+
 def validation_rmse(model_dir: Path) -> float | None:
     """The trained model's validation force RMSE (kJ/mol/nm), None before training ends."""
     path = model_dir / "metrics.json"
@@ -161,7 +166,7 @@ def table(out: Path, temperatures: set[str] | None = None, chain_report: Path | 
     model_metrics = json.loads((out / "model" / "metrics.json").read_text())
     prior_rmse = model_metrics["validation"]["overall"]["rmse"] * model_metrics[
         "validation_mse_relative_to"]["prior_only"] ** -0.5
-    chain_refined = (out / "model_refined" / REFINE_JSON).exists()
+    chain_refined = ran_refined_model(metrics)
     rows = [model_row("trained (optimal map, tabulated priors" + (", refined)" if chain_refined else ")"),
                       ablation["trained"], held_out,
                       validation_rmse(out / "model"), temperatures)]
@@ -170,8 +175,9 @@ def table(out: Path, temperatures: set[str] | None = None, chain_report: Path | 
     for name, (label, _) in VARIANTS.items():
         report = out / "variants" / name / "report" / "metrics.json"
         if report.exists():
-            variant = model_summary(json.loads(report.read_text()))  # no prior-only runs: no ablation section
-            if chain_refined and not (report.parent.parent / "model_refined" / REFINE_JSON).exists():
+            variant_metrics = json.loads(report.read_text())
+            variant = model_summary(variant_metrics)  # no prior-only runs: no ablation section
+            if chain_refined and not ran_refined_model(variant_metrics):
                 label = f"{label}, not refined"
             rows.append(model_row(f"trained, {label}", variant, held_out, validation_rmse(report.parent.parent / "model"),
                                   temperatures))

@@ -161,12 +161,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import math
     import sys
 
     from ..mapping.spec import Mapping
     from ..openmm.force import CGNNForce
-    from ..openmm.simulation import CGRun, RunConfig, SimulationUnstable
+    from ..openmm.simulation import CGRun, RunConfig, SimulationError, SimulationUnstable
 
     from ..io import check_writable
     from ..model.checkpoint import check_model_mapping
@@ -178,8 +177,6 @@ def run(args: argparse.Namespace) -> int:
         args.dt_fs, inner = time_stepping_of_run(args.dt_from)
         if args.mts_inner_steps is None and not (args.resume and (args.out / CHECKPOINT_CHK).exists()):
             args.mts_inner_steps = inner  # a resumed run keeps its own (auto)
-    if args.length_ps is not None and not (math.isfinite(args.length_ps) and args.length_ps > 0):
-        raise CLIError(f"--length-ps {args.length_ps:g}: must be a positive number of ps")
     check_writable(args.out)  # before any compute; CGRun checks what --out holds
     config = RunConfig(
         temperature_K=args.temperature, steps=args.steps or 0, length_ps=args.length_ps, dt_fs=args.dt_fs, friction_per_ps=args.friction,
@@ -191,6 +188,10 @@ def run(args: argparse.Namespace) -> int:
         if min(args.dt_candidates_fs) <= 0:
             raise CLIError("--dt-candidates-fs: time steps must be positive")
         config.dt_candidates_fs = tuple(args.dt_candidates_fs)
+    try:
+        config.validate()  # before any compute (CGRun checks it again)
+    except SimulationError as exc:
+        raise CLIError(str(exc)) from None
     try:
         mapping = Mapping.load(mapping_path)
         check_model_mapping(source, mapping.sha256(), mapping_path)

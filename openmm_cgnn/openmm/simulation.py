@@ -122,7 +122,7 @@ class RunConfig:
         if self.steps < 0:
             raise SimulationError(f"steps must be >= 0, got {self.steps}")
         if self.length_ps is not None and not (math.isfinite(self.length_ps) and self.length_ps > 0):
-            raise SimulationError(f"run length must be a positive number of ps, got {self.length_ps}")
+            raise SimulationError(f"--length-ps {self.length_ps:g}: must be a positive number of ps")
         if self.dt_fs is not None and not self.dt_fs > 0:
             raise SimulationError(f"time step must be positive, got {self.dt_fs} fs")
         if self.save_every_steps < 1:
