@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from openmm_cgnn.model import export_for_frames, read_metadata, script_for_system
-from openmm_cgnn.model.neighbors import DenseNeighborSearch, VerletNeighborSearch
+from openmm_cgnn.model.export import build_system_module
+from openmm_cgnn.model.geometry import FLAG_BOX_TOO_SMALL
+from openmm_cgnn.model.neighbors import DenseNeighborSearch, SkinPairList, VerletNeighborSearch
 from openmm_cgnn.testing.cg_models import ionic_liquid, synthetic_model
 
 
@@ -136,3 +138,56 @@ def test_openmm_trajectory_is_the_same_with_a_reused_list(cg, tmp_path):
     assert final[0.1][0] == pytest.approx(final[0.0][0], rel=1e-4, abs=1e-3)
     assert np.abs(final[0.1][1] - final[0.0][1]).max() < 1e-4
 
+
+
+@pytest.mark.parametrize("backend,skin,finder", [("dense", 0.1, "CandidateFinder"), ("cell", 0.02, "SearchFinder")])
+def test_skin_pair_list_outside_the_module_equals_fresh_search(liquid, model, backend, skin, finder):
+    """The PythonForce engine's list (SkinPairList, host side) fed to ``energy_of_pairs`` gives the
+    fresh search's energies and forces along a walk, for the candidate finder (dense) and the cell
+    search; its length only grows, and a bead jumping by more than half the skin rebuilds it."""
+    box = torch.as_tensor(liquid.box[0], dtype=torch.float64)
+    module = build_system_module(model, liquid.bead_type, liquid.molecule_index, box=liquid.box[0], host_checks=False,
+                                 neighbor_backend=backend)
+    fresh = script_for_system(model, liquid.bead_type, liquid.molecule_index, box=liquid.box[0], neighbor_skin_nm=0.0)
+    # the cell search starts far too small: it must grow, not overflow
+    per_bead = module.max_pairs_per_bead if backend == "dense" else 2.0
+    pairs = SkinPairList.create(backend, module.search_cutoff_nm, per_bead, skin,
+                                box.float().unsqueeze(0), module.molecule_index, granularity=64)
+    assert pairs is not None and type(pairs.finder).__name__ == finder  # the cell list: 3 cells of cutoff + skin
+
+    def listed(positions: torch.Tensor):
+        index_i, index_j, valid, flags = pairs(positions.float().unsqueeze(0), box.float().unsqueeze(0))
+        assert flags == 0 and index_i.shape[1] % 64 == 0
+        return energy_and_forces(lambda x, b: module.energy_of_pairs(x, b, index_i, index_j, valid), positions, box)
+
+    generator = torch.Generator().manual_seed(1)
+    positions = torch.as_tensor(liquid.positions[0], dtype=torch.float64)
+    capacities = []
+    for _ in range(10):
+        positions = positions + skin / 16 * torch.randn(positions.shape, generator=generator, dtype=torch.float64)
+        assert_same(listed(positions), energy_and_forces(fresh, positions, box))
+        capacities.append(pairs.capacity)
+    assert capacities == sorted(capacities) and 1 <= pairs.rebuilds < pairs.calls == 10
+    if backend == "cell":
+        assert pairs.finder.max_pairs_per_bead >= 16.0
+    rebuilds = pairs.rebuilds
+    positions[5] += torch.tensor([0.3, 0.0, 0.0], dtype=torch.float64)
+    assert_same(listed(positions), energy_and_forces(fresh, positions, box))
+    assert pairs.rebuilds == rebuilds + 1
+
+
+def test_skin_pair_list_flags_a_box_too_small_and_nan_positions(liquid, model):
+    box = torch.as_tensor(liquid.box[0], dtype=torch.float32).unsqueeze(0)
+    module = build_system_module(model, liquid.bead_type, liquid.molecule_index, box=liquid.box[0], host_checks=False)
+    assert SkinPairList.create("dense", module.search_cutoff_nm, module.max_pairs_per_bead, 5.0, box,
+                               module.molecule_index) is None  # no room for that skin
+    pairs = SkinPairList.create("dense", module.search_cutoff_nm, module.max_pairs_per_bead, 0.1, box,
+                                module.molecule_index)
+    positions = torch.as_tensor(liquid.positions[0], dtype=torch.float32).unsqueeze(0)
+    assert pairs(positions, box)[3] == 0
+    assert pairs(positions, box * 0.3)[3] & FLAG_BOX_TOO_SMALL  # a shrunken box is searched again and refused
+    bad = positions.clone()
+    bad[0, 3, 1] = float("nan")  # NaN counts as moved: a fresh search, and the module answers NaN
+    index_i, index_j, valid, flags = pairs(bad, box)
+    energy = module.energy_of_pairs(bad[0].double(), box[0].double(), index_i, index_j, valid)
+    assert flags == 0 and torch.isnan(energy)

@@ -212,7 +212,8 @@ def test_setup_overflow_regrows_the_pair_list_and_finishes(cg, tmp_path, engine)
     raised in a second Context). The regrown force replaces the old one by its index, whichever
     engine runs it (PythonForce uncompiled here: a compile per capacity would dominate the test)."""
     crowded = cg.with_positions(cg.positions * 0.3)  # far more pairs than the model's capacity
-    chosen = "torch" if engine == "torch" else PythonForceEngine(compile=False)
+    # skin 0: the PythonForce engine without its own pair list runs the module's capacity-bound search
+    chosen = "torch" if engine == "torch" else PythonForceEngine(compile=False, skin_nm=0.0)
     force = CGNNForce(make_model_dir(tmp_path / "small", max_pairs_per_bead=4.0), crowded, engine=chosen)
     for attempt in range(2):
         run = CGRun(force, crowded, tmp_path / f"run{attempt}", config(dt_fs=None, steps=20, dt_candidates_fs=(10.0, 4.0)),
@@ -227,6 +228,22 @@ def test_setup_overflow_regrows_the_pair_list_and_finishes(cg, tmp_path, engine)
             assert regrown[0]["pair_count"] > regrown[0]["pair_capacity"] == 64
             assert summary["max_pairs_per_bead"] == regrown[-1]["max_pairs_per_bead"] > 4.0
         assert all("NaN" not in r["reason"] for r in summary["dt_stability"])
+
+
+def test_python_engine_pair_list_outgrows_the_model_capacity(cg, tmp_path):
+    """The PythonForce engine's own pair list (a skin, outside the compiled graph) is as long as the
+    pairs found: the same crowded start runs without overflow or regrowth, and the list is longer
+    than the model's capacity."""
+    crowded = cg.with_positions(cg.positions * 0.3)
+    force = CGNNForce(make_model_dir(tmp_path / "small", max_pairs_per_bead=4.0), crowded,
+                      engine=PythonForceEngine(compile=False))
+    run = CGRun(force, crowded, tmp_path / "run", config(dt_fs=None, steps=20, dt_candidates_fs=(10.0, 4.0)),
+                log=lambda m: None)
+    summary = run.run().summary
+    assert summary["status"] == "finished" and not summary["pair_list_regrown"]
+    pair_list = force.engine_report()["pair_list"]
+    assert pair_list["capacity"] > 64 and 0 < pair_list["rebuilds"] <= pair_list["calls"]
+    assert all("NaN" not in r["reason"] for r in summary["dt_stability"])
 
 
 def test_production_overflow_regrows_from_the_checkpoint(cg, tmp_path):

@@ -95,37 +95,57 @@ class SystemForce(nn.Module):
             raise RuntimeError("set_temperature: temperature_K must be positive")
         self.inverse_temperature.fill_(1.0 / temperature_K)
 
-    def flagged_energy(self, positions: Tensor, boxvectors: Tensor,
-                       inverse_temperature: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """(energy () float64, flags () int, intermolecular pair count ()) of one frame."""
+    def inputs(self, positions: Tensor, boxvectors: Tensor,
+               inverse_temperature: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Checked positions (1, N, 3) and box (1, 3, 3) in the model's dtype, and the 1/T feature."""
         if positions.dim() != 2 or positions.shape[0] != self.n_beads or positions.shape[1] != 3:
             raise RuntimeError(f"positions must have shape ({self.n_beads}, 3) (CG topology order)")
         if boxvectors.dim() != 2 or boxvectors.shape[0] != 3 or boxvectors.shape[1] != 3:
             raise RuntimeError("boxvectors must have shape (3, 3): this model needs periodic boundary conditions")
         dtype = self.inverse_temperature.dtype
-        pos = positions.to(dtype).unsqueeze(0)
-        box = boxvectors.to(device=positions.device, dtype=dtype).unsqueeze(0)
         feature: Optional[Tensor] = None
         if self.uses_temperature:
             feature = (inverse_temperature.to(dtype).reshape(1) * self.reference_temperature - 1.0)
+        return positions.to(dtype).unsqueeze(0), boxvectors.to(device=positions.device, dtype=dtype).unsqueeze(0), feature
+
+    def flagged_energy(self, positions: Tensor, boxvectors: Tensor,
+                       inverse_temperature: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(energy () float64, flags () int, intermolecular pair count ()) of one frame."""
+        pos, box, feature = self.inputs(positions, boxvectors, inverse_temperature)
         energy, flags, count = self.energy(pos, box, self.system(), feature, True, self.include_prior)
-        # One reduction instead of two isfinite passes: a NaN or inf anywhere makes the sum non-finite.
-        nonfinite = ~torch.isfinite(pos.sum() + box.sum())
-        flags = flags | torch.where(nonfinite, Flag.NONFINITE.value, 0)
+        flags = flags | self.nonfinite_flag(pos, box)
         if self.cutoff_nm > self.search_cutoff_nm:
             # the search checks its own cutoff; the intramolecular one reaches further here
             flags = flags | torch.where(box_too_small(box, self.cutoff_nm), Flag.BOX_TOO_SMALL.value, 0)
         return energy[0], flags[0], count[0]
 
-    def evaluate(self, positions: Tensor, boxvectors: Tensor, inverse_temperature: Tensor) -> Tensor:
-        energy, flags, count = self.flagged_energy(positions, boxvectors, inverse_temperature)
-        # Bad data: NaN energy and NaN forces on every particle, without a host read. A NaN chosen
-        # by torch.where would send no gradient (forces exactly 0), and a NaN factor on the energy
-        # alone leaves beads outside every pair at zero force; a NaN times the positions reaches
-        # every component. With good data the term is exactly 0 and changes nothing, bit for bit.
-        # A scalar factor on the positions' sum does that with one multiplication of a number.
+    def nonfinite_flag(self, pos: Tensor, box: Tensor) -> Tensor:
+        # One reduction instead of two isfinite passes: a NaN or inf anywhere makes the sum non-finite.
+        return torch.where(~torch.isfinite(pos.sum() + box.sum()), Flag.NONFINITE.value, 0)
+
+    def poisoned(self, energy: Tensor, flags: Tensor, positions: Tensor) -> Tensor:
+        """``energy`` where ``flags`` is 0; NaN energy and NaN forces on every particle otherwise."""
+        # Without a host read. A NaN chosen by torch.where would send no gradient (forces exactly 0),
+        # and a NaN factor on the energy alone leaves beads outside every pair at zero force; a NaN
+        # times the positions reaches every component. With good data the term is exactly 0 and
+        # changes nothing, bit for bit. A scalar factor on the positions' sum does that with one
+        # multiplication of a number.
         poison = torch.where(flags != 0, math.nan, 0.0).to(energy.dtype)
         return energy + positions.sum().to(energy.dtype) * poison
+
+    def evaluate(self, positions: Tensor, boxvectors: Tensor, inverse_temperature: Tensor) -> Tensor:
+        energy, flags, count = self.flagged_energy(positions, boxvectors, inverse_temperature)
+        return self.poisoned(energy, flags, positions)
+
+    def energy_of_pairs(self, positions: Tensor, boxvectors: Tensor, index_i: Tensor, index_j: Tensor,
+                        valid: Tensor) -> Tensor:
+        """``forward`` on an intermolecular pair list (1, P) found outside the module (a list with a
+        skin, :class:`~openmm_cgnn.model.neighbors.SkinPairList`): pairs past the cutoff are dropped.
+        The caller answers the search's flags; non-finite positions still give NaN energy and forces."""
+        pos, box, feature = self.inputs(positions, boxvectors, self.inverse_temperature)
+        energy = self.energy.energy_of_pairs(pos, box, self.system(), feature, True, self.include_prior,
+                                             index_i, index_j, valid, True)
+        return self.poisoned(energy[0], self.nonfinite_flag(pos, box), positions)
 
     @torch.jit.export
     def diagnose(self, positions: Tensor, boxvectors: Tensor) -> Tuple[Tensor, Tensor]:

@@ -46,11 +46,13 @@ class BeadGraph(NamedTuple):
 
 
 def make_pairs(positions: Tensor, box: Tensor, index_i: Tensor, index_j: Tensor, valid: Optional[Tensor],
-               cutoff: float) -> Pairs:
-    """Pairs of frame-local indices (B, P) of positions (B, N, 3); ``valid`` None: within ``cutoff``."""
+               cutoff: float, within_cutoff: bool = False) -> Pairs:
+    """Pairs of frame-local indices (B, P) of positions (B, N, 3); ``valid`` None: within ``cutoff``.
+    ``within_cutoff``: keep only the ``valid`` pairs within ``cutoff`` (a list built with a skin)."""
     vectors = pair_vectors(positions, box, index_i, index_j)
-    if valid is None:
-        valid = (vectors * vectors).sum(-1) < cutoff * cutoff
+    if valid is None or within_cutoff:
+        within = (vectors * vectors).sum(-1) < cutoff * cutoff
+        valid = within if valid is None else valid & within
     distance = safe_norm(vectors, valid, cutoff)
     offset = (torch.arange(positions.shape[0], device=positions.device) * positions.shape[1]).unsqueeze(1)
     return Pairs(vectors.reshape(-1, 3), distance.reshape(-1), valid.reshape(-1),

@@ -122,13 +122,22 @@ class CGEnergy(nn.Module):
     def forward(self, positions: Tensor, box: Tensor, system: SystemTensors, temperature_feature: Optional[Tensor],
                 use_network: bool, use_prior: bool) -> Tuple[Tensor, Tensor, Tensor]:
         """(energy (B,) float64, flags (B,) int bit mask, pair count (B,)) for positions (B, N, 3)."""
-        batch = positions.shape[0]
         index_i, index_j, valid, count, flags = self.neighbors(positions, box, system.molecule_index)
         if self.trim_pairs:
             # Valid pairs come first (the search packs them), so a prefix holds them all.
             used = max(1, min(int(count.max()), index_i.shape[1]))
             index_i, index_j, valid = index_i[:, :used], index_j[:, :used], valid[:, :used]
-        inter = make_pairs(positions, box, index_i, index_j, valid, self.inter_cutoff)
+        energy = self.energy_of_pairs(positions, box, system, temperature_feature, use_network, use_prior,
+                                      index_i, index_j, valid, False)
+        return energy, flags, count
+
+    def energy_of_pairs(self, positions: Tensor, box: Tensor, system: SystemTensors,
+                        temperature_feature: Optional[Tensor], use_network: bool, use_prior: bool, index_i: Tensor,
+                        index_j: Tensor, valid: Tensor, skin_list: bool) -> Tensor:
+        """Energy (B,) float64 on a given intermolecular pair list (B, P) (``forward`` without the search).
+        ``skin_list``: the list may hold pairs beyond the cutoff (built with a skin); they are dropped."""
+        batch = positions.shape[0]
+        inter = make_pairs(positions, box, index_i, index_j, valid, self.inter_cutoff, skin_list)
         energy = torch.zeros(batch, dtype=torch.float64, device=positions.device)
         if use_network:
             intra = make_pairs(positions, box, system.intra_i.unsqueeze(0).expand(batch, -1),
@@ -138,8 +147,8 @@ class CGEnergy(nn.Module):
         if use_prior:
             energy = energy + self.bonds(positions, box, system) + self.angles(positions, box, system)
             energy = energy + self.excluded_volume(inter.distance.reshape(batch, -1), system.bead_type[index_i],
-                                                   system.bead_type[index_j], valid)
-        return energy, flags, count
+                                                   system.bead_type[index_j], inter.valid.reshape(batch, -1))
+        return energy
 
 
 def describe_flags(flags: int, capacity: int, count: int, cutoff: float) -> str:

@@ -25,7 +25,7 @@ Both are plain TorchScript (no custom operators), so a saved model needs nothing
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import Any, Callable, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -284,6 +284,163 @@ class VerletNeighborSearch(nn.Module):
         return index_i, index_j, valid, count, flags
 
 
+def all_within(positions: Tensor, reference: Tensor, box: Tensor, limit: float) -> Tensor:
+    """Whether no bead moved more than ``limit`` (minimum image) from ``reference``; NaN compares false,
+    so non-finite positions count as moved."""
+    moved = minimum_image(positions - reference, box)
+    return ((moved * moved).sum(-1) <= limit * limit).all()
+
+
+# A host-side finder: positions (1, N, 3), box (1, 3, 3) -> (index_i (P,), index_j (P,), flags) of exactly
+# the intermolecular pairs within its reach; ``compile()`` puts its static-shape part under torch.compile.
+PairFinder = Callable[[Tensor, Tensor], Tuple[Tensor, Tensor, int]]
+# function -> the same function compiled (static shapes), e.g. openmm/engines.compiled_or_eager
+Compiler = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+class CandidateFinder:
+    """All intermolecular pairs i < j as fixed candidates, kept by distance with ``nonzero`` (a host
+    read): no N^2 mask to pack into a static capacity, as the graph-safe dense search must."""
+
+    def __init__(self, molecule_index: Tensor, reach: float):
+        n_beads = int(molecule_index.shape[0])
+        index_i, index_j = torch.triu_indices(n_beads, n_beads, 1, device=molecule_index.device)
+        other = molecule_index[index_i] != molecule_index[index_j]
+        self.index_i, self.index_j = index_i[other], index_j[other]
+        self.reach = float(reach)
+        self.mask: Callable[..., Tensor] = candidates_within
+
+    def compile(self, compiler: Compiler) -> None:
+        self.mask = compiler(candidates_within)
+
+    def __call__(self, positions: Tensor, box: Tensor) -> Tuple[Tensor, Tensor, int]:
+        if bool(box_too_small(box, self.reach).any()):
+            return self.index_i[:0], self.index_j[:0], Flag.BOX_TOO_SMALL.value
+        keep = torch.nonzero(self.mask(positions, box, self.index_i, self.index_j, self.reach)).reshape(-1)
+        return self.index_i[keep], self.index_j[keep], 0
+
+
+def candidates_within(positions: Tensor, box: Tensor, index_i: Tensor, index_j: Tensor, reach: float) -> Tensor:
+    """Which candidate pairs (P,) of one frame are closer than ``reach``."""
+    vectors = pair_vectors(positions, box, index_i, index_j)[0]
+    return (vectors * vectors).sum(-1) < reach * reach
+
+
+class SearchFinder:
+    """A static-capacity search (the cell list of large systems) cut to the pairs it found; its
+    capacity doubles when it overflows."""
+
+    def __init__(self, make_search: Callable[[float], nn.Module], max_pairs_per_bead: float, molecule_index: Tensor):
+        self.make_search = make_search  # max_pairs_per_bead (at the cutoff) -> the search with the reach
+        self.max_pairs_per_bead = float(max_pairs_per_bead)
+        self.search = make_search(self.max_pairs_per_bead)
+        self.run: Callable[..., PairList] = self.search
+        self.molecule_index = molecule_index
+        self.compiler: Compiler | None = None
+
+    def compile(self, compiler: Compiler) -> None:
+        self.compiler = compiler
+        self.run = compiler(self.search)
+
+    def __call__(self, positions: Tensor, box: Tensor) -> Tuple[Tensor, Tensor, int]:
+        index_i, index_j, valid, count, flags = self.run(positions, box, self.molecule_index)
+        while int(flags[0]) == Flag.PAIR_OVERFLOW.value:
+            self.max_pairs_per_bead *= 2.0
+            self.search = self.run = self.make_search(self.max_pairs_per_bead)
+            if self.compiler is not None:
+                self.compile(self.compiler)
+            index_i, index_j, valid, count, flags = self.run(positions, box, self.molecule_index)
+        found = int(count[0])  # valid pairs come first: the search packs them
+        return index_i[0, :found], index_j[0, :found], int(flags[0])
+
+
+class SkinPairList:
+    """A pair list with a skin kept *outside* a compiled module (host side, plain Python).
+
+    The compiled PythonForce engine cannot read the device inside its graph, so the graph-safe
+    module searches afresh at every call over the full pair capacity. This holder searches outside
+    the graph instead, with ``cutoff + skin`` (a :data:`PairFinder`), and hands the module the same
+    list (``SystemForce.energy_of_pairs``, which drops the pairs past the cutoff) until a bead has
+    moved more than half the skin (Verlet's argument: exactly the pairs of a fresh search are in
+    it), the box changed, or the positions are not finite. The list's length is the pairs found
+    rounded up to a ``granularity`` with ``margin`` head-room, and only ever grows: a compiled graph
+    has static shapes, so each new length is one more compilation, and a liquid's pair count barely
+    moves. A box too small for the reach comes back as flags, for the caller to answer.
+    """
+
+    def __init__(self, finder: PairFinder, skin: float, n_beads: int, granularity: int = 256, margin: float = 1.05):
+        self.finder = finder
+        self.skin = float(skin)
+        self.n_beads = int(n_beads)
+        self.granularity = int(granularity)
+        self.margin = float(margin)
+        self.within: Callable[..., Tensor] = all_within
+        self.capacity = 0
+        self.calls = 0
+        self.rebuilds = 0
+        self.reference: Tensor | None = None
+        self.reference_box: Tensor | None = None
+        self.pairs: Tuple[Tensor, Tensor, Tensor] | None = None
+
+    @classmethod
+    def create(cls, backend: str, cutoff: float, max_pairs_per_bead: float, skin: float, box: Tensor,
+               molecule_index: Tensor, cell_capacity_factor: float = 2.0, **options: Any) -> "SkinPairList | None":
+        """The list for one system and box (1, 3, 3); None when the box is too small for ``cutoff + skin``."""
+        n_beads = int(molecule_index.shape[0])
+        search = skin_search(backend, cutoff, max_pairs_per_bead, skin, box, n_beads, cell_capacity_factor)
+        if search is None:
+            return None
+        finder: PairFinder
+        if isinstance(search, DenseNeighborSearch):
+            finder = CandidateFinder(molecule_index, cutoff + skin)
+        else:
+            finder = SearchFinder(
+                lambda per_bead: skin_search(backend, cutoff, per_bead, skin, box, n_beads, cell_capacity_factor),
+                max_pairs_per_bead, molecule_index)
+        return cls(finder, skin, n_beads, **options)
+
+    def compile(self, compiler: Compiler) -> None:
+        """The finder's static part and the displacement check through ``compiler`` (torch.compile with
+        a fallback): eager, their few dozen small ops cost a good part of the compiled energy."""
+        self.finder.compile(compiler)
+        self.within = compiler(all_within)
+
+    def needs_rebuild(self, positions: Tensor, box: Tensor) -> bool:
+        if self.pairs is None or self.reference is None or not torch.equal(box, self.reference_box):
+            return True
+        return not bool(self.within(positions, self.reference, box, 0.5 * self.skin))
+
+    def __call__(self, positions: Tensor, box: Tensor) -> Tuple[Tensor, Tensor, Tensor, int]:
+        """(index_i, index_j, valid (1, capacity), flags) for positions (1, N, 3) and box (1, 3, 3)."""
+        positions = positions.detach()
+        self.calls += 1
+        if not self.needs_rebuild(positions, box):
+            assert self.pairs is not None
+            return (*self.pairs, 0)
+        self.rebuilds += 1
+        with torch.no_grad():
+            found_i, found_j, flags = self.finder(positions, box)
+        if flags:
+            self.pairs = None
+            return found_i.unsqueeze(0), found_j.unsqueeze(0), found_i.unsqueeze(0) >= 0, flags
+        found = int(found_i.shape[0])
+        if found > self.capacity:
+            self.capacity = max(self.granularity,
+                                int(math.ceil(self.margin * found / self.granularity)) * self.granularity)
+        keep = torch.arange(self.capacity, device=positions.device).unsqueeze(0) < found
+        index_i = torch.zeros(1, self.capacity, dtype=torch.long, device=positions.device)
+        index_j = torch.zeros_like(index_i)
+        index_i[0, :found], index_j[0, :found] = found_i, found_j
+        index_i, index_j = spread_padding(index_i, index_j, keep, self.n_beads)
+        self.pairs = (index_i, index_j, keep)
+        self.reference, self.reference_box = positions.clone(), box.clone()
+        return index_i, index_j, keep, 0
+
+    def report(self) -> dict[str, Any]:
+        return {"pair_list": "skin list outside the compiled graph", "finder": type(self.finder).__name__,
+                "skin_nm": self.skin, "capacity": self.capacity, "calls": self.calls, "rebuilds": self.rebuilds}
+
+
 def cell_grid_for_box(box: Tensor, cutoff: float) -> List[int]:
     """Cells per box vector so each cell is at least ``cutoff`` wide (smallest box of a batch)."""
     box = box.detach().to(torch.float64).cpu().reshape(-1, 3, 3)
@@ -326,6 +483,20 @@ def make_neighbor_search(
 DEFAULT_SKIN_NM = 0.1
 
 
+def skin_search(
+    backend: str, cutoff: float, max_pairs_per_bead: float, skin: float, box: Tensor, n_beads: int,
+    cell_capacity_factor: float = 2.0,
+) -> nn.Module | None:
+    """The search with ``cutoff + skin`` of a reused pair list (its capacity grown by the volume), or
+    None when the skin is 0 or the box is too small for it."""
+    reach = cutoff + skin
+    if not skin > 0 or bool(box_too_small(box.reshape(-1, 3, 3).to(torch.float64), reach).any()):
+        return None
+    inner_backend = backend if backend != "cell" else ("cell" if min(cell_grid_for_box(box, reach)) >= 3 else "dense")
+    return make_neighbor_search(inner_backend, reach, max_pairs_per_bead * (reach / cutoff) ** 3, cell_capacity_factor,
+                                box, n_beads)
+
+
 def make_verlet_search(
     backend: str, cutoff: float, max_pairs_per_bead: float, skin: float, box: Tensor, n_beads: int,
     cell_capacity_factor: float = 2.0, dtype: torch.dtype = torch.float32,
@@ -333,13 +504,8 @@ def make_verlet_search(
     """The search for one exported system: a :class:`VerletNeighborSearch` when the box fits a
     search with ``cutoff + skin`` (else the plain search with ``cutoff``)."""
     plain = make_neighbor_search(backend, cutoff, max_pairs_per_bead, cell_capacity_factor, box, n_beads)
-    reach = cutoff + skin
-    if not skin > 0 or bool(box_too_small(box.reshape(-1, 3, 3).to(torch.float64), reach).any()):
-        return plain
-    inner_backend = backend if backend != "cell" else ("cell" if min(cell_grid_for_box(box, reach)) >= 3 else "dense")
-    inner = make_neighbor_search(inner_backend, reach, max_pairs_per_bead * (reach / cutoff) ** 3, cell_capacity_factor,
-                                 box, n_beads)
-    return VerletNeighborSearch(inner, plain, cutoff, skin, n_beads, dtype)
+    inner = skin_search(backend, cutoff, max_pairs_per_bead, skin, box, n_beads, cell_capacity_factor)
+    return plain if inner is None else VerletNeighborSearch(inner, plain, cutoff, skin, n_beads, dtype)
 
 
 def count_intermolecular_pairs(positions: Tensor, box: Tensor, molecule_index: Tensor, cutoff: float) -> Tensor:

@@ -22,6 +22,7 @@ into one OpenMM force. The word "carrier" in code is taken by the prior's placem
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
+from ..model.neighbors import SkinPairList
 from ..units import in_nm
 
 ENGINES = ("torch", "python")
@@ -51,6 +53,10 @@ COMPILE_PAYBACK_STEPS = 50_000
 # bench_md.py, quick network, 1 thread, idle (results/md_cpu.json): PythonForce 3.0 / 7.7 / 21.7 ms
 # against TorchForce 4.1 / 9.4 / 17.7 ms at 80 / 160 / 500 beads; the crossover lies between the last two.
 COMPILE_MAX_BEADS = 300
+# Skin of the PythonForce engine's pair list (SkinPairList): the compiled graph computes every pair
+# in the list, so a thinner skin than the TorchScript module's (model/neighbors.DEFAULT_SKIN_NM)
+# pays: the list holds ((rc + skin) / rc)^3 of the pairs and is rebuilt after a bead moved skin / 2.
+COMPILED_SKIN_NM = 0.05
 FORCE_NAME = "CGNNForce"
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
@@ -115,28 +121,64 @@ def inductor_cache_dir() -> Path:
     return Path(os.environ[CACHE_ENV])
 
 
+def compiled_or_eager(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` under ``torch.compile(fullgraph=True, dynamic=False)``, compiled at its first call;
+    if that fails, ``function`` itself from then on (a helper is never worth an error)."""
+    chosen: list[Callable[..., Any]] = []
+
+    def run(*args: Any) -> Any:
+        if chosen:
+            return chosen[0](*args)
+        try:
+            compiled = torch.compile(function, fullgraph=True, dynamic=False)
+            result = compiled(*args)
+            chosen.append(compiled)
+        except Exception:  # noqa: BLE001  (any compiler failure: run eager)
+            chosen.append(function)
+            result = function(*args)
+        return result
+
+    return run
+
+
 class CompiledEnergy:
     """``PythonForce`` callback: energy and -dE/dx of ``module`` for one OpenMM State.
 
     Positions go in as float64, as TorchForce hands them over on CPU (the module computes in the
     model's dtype), so the eager call is the TorchScript module's arithmetic.
+
+    With ``skin_nm`` > 0 and a module that takes a pair list (``SystemForce.energy_of_pairs``) the
+    intermolecular pairs come from a :class:`~openmm_cgnn.model.neighbors.SkinPairList` kept here,
+    outside the compiled graph, and the graph computes only those pairs: the graph-safe module on
+    its own searches all N^2 bead pairs at every call and computes its full pair capacity (about
+    twice the pairs found). A longer list compiles once more (shapes are static).
     """
 
-    def __init__(self, module: torch.nn.Module, compile: bool, log: Callable[[str], None], report: dict[str, Any]):
+    def __init__(self, module: torch.nn.Module, compile: bool, log: Callable[[str], None], report: dict[str, Any],
+                 skin_nm: float = 0.0):
         self.module = module
-        self.eager = module
-        self.compile = compile and not isinstance(module, torch.jit.ScriptModule)
+        scripted = isinstance(module, torch.jit.ScriptModule)
+        self.compile = compile and not scripted
         self.log = log
         self.info = report
         self.compiled: Any = None
         self.calls = 0
+        self.skin_nm = float(skin_nm)
+        self.uses_pair_list = self.skin_nm > 0 and not scripted and hasattr(module, "energy_of_pairs")
+        self.pair_list: SkinPairList | None = None
+        self.list_compiled = False
+        self.capacities: list[int] = []  # pair-list lengths compiled so far
         if compile and not self.compile:
             report["compiled"] = False
             report["reason"] = "a TorchScript model.pt cannot be compiled: it runs eager"
 
-    def energy(self, positions: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    def function(self) -> Callable[..., torch.Tensor]:
+        return self.module.energy_of_pairs if self.uses_pair_list else self.module
+
+    def energy(self, *inputs: torch.Tensor) -> torch.Tensor:
+        eager = self.function()
         if self.calls == 0 or not self.compile:
-            return self.eager(positions, box)  # first call eager: a module that cannot run fails plainly here
+            return eager(*inputs)  # first call eager: a module that cannot run fails plainly here
         if self.compiled is None:
             cache = inductor_cache_dir()
             from torch._dynamo.utils import counters
@@ -144,28 +186,65 @@ class CompiledEnergy:
             hits_before = counters["inductor"].get("fxgraph_cache_hit", 0)
             start = time.perf_counter()
             try:
-                compiled = torch.compile(self.module, fullgraph=True, dynamic=False)
-                energy = compiled(positions, box)
+                compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+                energy = compiled(*inputs)
             except Exception as exc:  # noqa: BLE001  (any compiler failure: run on eager)
                 self.compile = False
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 self.info.update(compiled=False, reason=f"torch.compile failed: {first[:300]}")
                 self.log(f"torch.compile of the model failed ({first[:200]}); the PythonForce runs it eager")
-                return self.eager(positions, box)
+                return eager(*inputs)
             self.compiled = compiled
             self.info.update(compiled=True, compile_s=time.perf_counter() - start, cache_dir=str(cache),
                              fx_graph_cache_hits=counters["inductor"].get("fxgraph_cache_hit", 0) - hits_before)
             return energy
-        return self.compiled(positions, box)
+        return self.compiled(*inputs)
+
+    def pairs(self, positions: torch.Tensor, box: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The pair list's (index_i, index_j, valid), () without one, None when the search flags the
+        configuration (the caller answers NaN, as the module itself would)."""
+        if not self.uses_pair_list:
+            return ()
+        module = self.module
+        dtype = module.inverse_temperature.dtype
+        positions, box = positions.detach().to(dtype).unsqueeze(0), box.to(dtype).unsqueeze(0)
+        if self.pair_list is None:
+            search = module.energy.neighbors
+            self.pair_list = SkinPairList.create(module.neighbor_backend, module.search_cutoff_nm,
+                                                 module.max_pairs_per_bead, self.skin_nm, box, module.molecule_index,
+                                                 getattr(search, "capacity_factor", 2.0))
+            if self.pair_list is None:  # a box too small for the skin: the module searches itself
+                self.uses_pair_list = False
+                self.info["pair_list"] = f"none: the box is narrower than twice cutoff + skin ({self.skin_nm} nm)"
+                return ()
+        if self.compiled is not None and not self.list_compiled:  # the energy compiled: so will the list's helpers
+            self.list_compiled = True
+            self.pair_list.compile(compiled_or_eager)
+        index_i, index_j, valid, flags = self.pair_list(positions, box)
+        if flags:
+            return None
+        capacity = int(index_i.shape[1])
+        if capacity not in self.capacities:
+            if self.capacities and self.compile:
+                self.log(f"the CG pair list grew to {capacity} pairs: compiling the model for that length")
+            self.capacities.append(capacity)
+            self.info["pair_list_capacities"] = list(self.capacities)
+        return index_i, index_j, valid
 
     def __call__(self, state: Any) -> tuple[float, np.ndarray]:
         positions = torch.from_numpy(np.array(in_nm(state.getPositions(asNumpy=True)), dtype=np.float64))
         box = torch.from_numpy(np.array(in_nm(state.getPeriodicBoxVectors(asNumpy=True)), dtype=np.float64))
+        pairs = self.pairs(positions, box)
+        if pairs is None:  # bad configuration: NaN energy and forces (model/export.py)
+            return math.nan, np.full(tuple(positions.shape), math.nan)
         positions.requires_grad_(True)
-        energy = self.energy(positions, box)
+        energy = self.energy(positions, box, *pairs)
         (grad,) = torch.autograd.grad(energy, positions)
         self.calls += 1
         return float(energy.detach()), (-grad).numpy()
+
+    def report(self) -> dict[str, Any]:
+        return {} if self.pair_list is None else self.pair_list.report()
 
 
 class PythonForceEngine:
@@ -175,8 +254,12 @@ class PythonForceEngine:
     exportable = False
     host_checks = False
 
-    def __init__(self, compile: bool = True, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, compile: bool = True, log: Callable[[str], None] | None = None,
+                 skin_nm: float | None = None) -> None:
         self.compile = compile
+        self.skin_nm = COMPILED_SKIN_NM if skin_nm is None else float(skin_nm)
+        if not (math.isfinite(self.skin_nm) and self.skin_nm >= 0):
+            raise ValueError(f"neighbor_skin_nm must be >= 0, got {skin_nm!r}")
         self.log = log or (lambda message: print(message, flush=True))
         self.info: dict[str, Any] = {}
         self._callbacks: dict[int, CompiledEnergy] = {}  # one per module: Contexts share its compilation
@@ -189,7 +272,8 @@ class PythonForceEngine:
 
         callback = self._callbacks.get(id(module))
         if callback is None or callback.module is not module:
-            callback = self._callbacks[id(module)] = CompiledEnergy(module, self.compile, self.log, self.info)
+            callback = self._callbacks[id(module)] = CompiledEnergy(module, self.compile, self.log, self.info,
+                                                                    self.skin_nm)
         force = openmm.PythonForce(callback)
         force.setName(FORCE_NAME)
         force.setUsesPeriodicBoundaryConditions(periodic)
@@ -197,7 +281,9 @@ class PythonForceEngine:
         return force
 
     def report(self) -> dict[str, Any]:
-        return {"engine": self.name, "force": "PythonForce (OpenMM) + torch.compile", **self.info}
+        lists = [callback.report() for callback in self._callbacks.values()]
+        return {"engine": self.name, "force": "PythonForce (OpenMM) + torch.compile", **self.info,
+                **({"pair_list": lists[-1]} if lists and lists[-1] else {})}
 
 
 def make_engine(name: str, **options: Any) -> ForceEngine:

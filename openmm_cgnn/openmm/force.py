@@ -80,8 +80,9 @@ class CGNNForce:
     ``network=False`` is the ablation: the prior alone, as native forces, and no TorchForce (the
     prior-only CG model that shows what the network adds). It needs a prior outside the network.
 
-    ``neighbor_skin_nm`` (model directories, host-reading module): skin of the reused pair list
-    (``build_system_module``; None: its default, 0: search afresh at every step).
+    ``neighbor_skin_nm``: skin of the reused pair list, of the host-reading module (model
+    directories, ``build_system_module``) or of the PythonForce engine (``engines.CompiledEnergy``);
+    None: each one's default, 0: search afresh at every step.
     ``max_pairs_per_bead`` (model directories): the pair-list capacity; None: the model's.
     ``host_checks=False`` uses the graph-safe module on every platform (it is always used on CUDA).
     ``engine``: "auto" (the platform's default, chosen when the forces are added), "torch",
@@ -380,7 +381,9 @@ class CGNNForce:
             name = platform if isinstance(platform, str) or platform is None else platform.getName()
             request = self.engine_request
             beads = None if self.cg is None else self.cg.n_beads
-            self.engine = make_engine(default_engine(name, steps, beads) if request == "auto" else str(request))
+            chosen = default_engine(name, steps, beads) if request == "auto" else str(request)
+            # the skin applies to whichever pair list the engine keeps (PythonForce: its own)
+            self.engine = make_engine(chosen, **({"skin_nm": self.neighbor_skin_nm} if chosen == "python" else {}))
         return self.engine
 
     def engine_module(self, cuda_graphs: bool = False) -> tuple[Any, bool]:
