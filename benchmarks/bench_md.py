@@ -159,10 +159,11 @@ def cg_thermal_start(model_dir: Path, mapping: Any, pairs: int, density: float, 
 
 
 def contender(value: str) -> str:
-    """A ``--carrier`` value: ENGINE or ENGINE/PRIOR."""
-    engine, _, prior = value.partition("/")
+    """A ``--carrier`` value: ENGINE[/PRIOR][@PLATFORM] (the CG side's own OpenMM platform)."""
+    engine, _, prior = value.partition("@")[0].partition("/")
     if engine not in ("auto", "torch", "python") or prior not in ("", "auto", "openmm", "model"):
-        raise argparse.ArgumentTypeError(f"{value!r}: want ENGINE[/PRIOR], ENGINE auto|torch|python, PRIOR auto|openmm|model")
+        raise argparse.ArgumentTypeError(f"{value!r}: want ENGINE[/PRIOR][@PLATFORM], ENGINE auto|torch|python, "
+                                         "PRIOR auto|openmm|model")
     return value
 
 
@@ -213,9 +214,19 @@ def md_row(source: Path, cg: Any, temperature: float, dt_fs: float, density: flo
     blocks, cg_rows = {"aa": lambda c=aa: step_block(c, aa_steps)}, {}
     carriers = list(getattr(args, "carrier", None) or ["auto"])  # gpu_suite's namespace has none: the default
     for carrier in carriers:  # every carrier asked for, timed side by side with AA
-        engine, _, prior = carrier.partition("/")  # "torch/model": the engine and, optionally, its own prior carrier
-        context, cgnn, cg_info = cg_context(source, cg, temperature, dt_fs, platform, properties, prior or args.prior,
-                                            args.seed, args.skin, engine)
+        # "torch/model": the engine and, optionally, its own prior carrier; "@Reference": its own platform
+        choice, _, platform_name = carrier.partition("@")
+        engine, _, prior = choice.partition("/")
+        cg_platform, cg_properties = platform, properties
+        if platform_name:
+            from openmm_cgnn.openmm.simulation import choose_platform
+            from openmm_cgnn.platforms import platform_properties
+
+            cg_platform = choose_platform(platform_name)
+            cg_properties = platform_properties(cg_platform, threads=args.threads)
+        context, cgnn, cg_info = cg_context(source, cg, temperature, dt_fs, cg_platform, cg_properties,
+                                            prior or args.prior, args.seed, args.skin, engine)
+        cg_info["platform"] = cg_platform.getName()
         started = time.perf_counter()
         cg_steps = block_steps(context, args.block_seconds, args.warmup_steps)  # a compiling carrier compiles here
         cg_rows[carrier] = {**cg_info, "steps_per_block": cg_steps, "carrier": cgnn.engine_report(),
@@ -446,7 +457,8 @@ def main() -> int:
     parser.add_argument("--carrier", nargs="+", default=["auto"], type=contender, metavar="ENGINE[/PRIOR]",
                         help="what runs the network (CGNNForce engine: auto, torch = TorchForce or python = PythonForce "
                              "+ torch.compile), optionally with its own prior carrier (e.g. torch/model, the path before "
-                             "issue 17, beside auto/openmm); several are timed side by side, the first is the row's 'cg'")
+                             "issue 17, beside auto/openmm) and its own OpenMM platform (python/model@Reference); "
+                             "several are timed side by side, the first is the row's 'cg'")
     parser.add_argument("--skin", type=float, default=None,
                         help="pair-list skin, nm (default: the package's; 0: fresh search every step)")
     parser.add_argument("--evaluation", type=Path, default=None, help="REPORTDIR/metrics.json for the D_CG/D_AA ratio")
