@@ -122,15 +122,16 @@ def test_filters_zero_at_and_beyond_the_cutoff_and_for_invalid_pairs(float64_sta
 
 
 def test_exported_modules_tabulate_float32_hybridgraph_only():
-    """filter_intervals=0 gives the exact module bit for bit; PaiNN and float64 models are left as they are."""
+    """filter_intervals=0 gives the exact module bit for bit; PaiNN and float64 models (and stacks
+    without blocks) are left as they are."""
     cg = ionic_liquid(n_pairs=8, box_nm=1.9, frames=1, seed=5)
     positions, box, bead_type, molecules = tensors(cg, dtype=torch.float64)
 
-    def make(architecture: str, dtype: str) -> CGModel:
+    def make(architecture: str, dtype: str, intra_blocks: int = 1) -> CGModel:
         torch.manual_seed(0)
         config = HybridGraphConfig.quick(len(BEAD_TYPE_NAMES), bead_type_names=list(BEAD_TYPE_NAMES), dtype=dtype,
                                          architecture=architecture, features=8, filters=8, n_gaussians=8,
-                                         intra_blocks=1, inter_blocks=1, max_pairs_per_bead=32.0)
+                                         intra_blocks=intra_blocks, inter_blocks=1, max_pairs_per_bead=32.0)
         return CGModel(config).eval().requires_grad_(False)
 
     def stacks(module) -> list[type]:
@@ -152,6 +153,8 @@ def test_exported_modules_tabulate_float32_hybridgraph_only():
         assert not any(t is TabulatedInteractionStack for t in stacks(default))
         assert torch.equal(energy(default), energy(build_system_module(model, bead_type, molecules, box=box[0],
                                                                        filter_intervals=0)))
+    no_intra = build_system_module(make("hybridgraph", "float32", intra_blocks=0), bead_type, molecules, box=box[0])
+    assert stacks(no_intra) == [InteractionStack, TabulatedInteractionStack]  # nothing to tabulate in a 0-block stack
     with pytest.raises(ValueError, match="freeze"):
         tabulate_filters(copy.deepcopy(hybrid.energy).requires_grad_(True))
 

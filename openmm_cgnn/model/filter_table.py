@@ -54,9 +54,8 @@ def hermite_table(stack: InteractionStack, intervals: int) -> Tensor:
     slopes = slopes * spacing  # d/dt
     y0, y1, d0, d1 = values[:-1], values[1:], slopes[:-1], slopes[1:]
     coefficients = torch.stack([y0, d0, 3.0 * (y1 - y0) - 2.0 * d0 - d1, 2.0 * (y0 - y1) + d0 + d1], dim=1)
-    table = torch.cat([coefficients.reshape(intervals, -1), torch.zeros(1, coefficients[0].numel(),
-                                                                        dtype=torch.float64)])
-    return table.to(stack.centers.dtype)
+    rows = coefficients.reshape(intervals, -1)
+    return torch.cat([rows, torch.zeros_like(rows[:1])]).to(stack.centers.dtype)
 
 
 class TabulatedInteractionStack(nn.Module):
@@ -82,8 +81,8 @@ class TabulatedInteractionStack(nn.Module):
         """The filters of all blocks (P, blocks * filters); exactly 0 for invalid pairs and r >= cutoff."""
         u = pairs.distance * self.inverse_spacing
         inside = pairs.valid & (pairs.distance < self.cutoff)
-        # the row is chosen on the host-free integer path: clamp after the cast (a NaN distance
-        # casts to anything), and the zero row for pairs outside
+        # clamped after the cast, so that a NaN distance (cast to any integer) still indexes inside
+        # the table; pairs outside read the zero row
         row = torch.clamp(u.detach().floor().to(torch.long), 0, self.intervals - 1)
         row = torch.where(inside, row, torch.full_like(row, self.intervals))
         t = (u - row.to(u.dtype)).unsqueeze(-1)
@@ -108,6 +107,7 @@ def tabulate_filters(energy: CGEnergy, intervals: int = DEFAULT_FILTER_INTERVALS
         raise ValueError("tabulate_filters: freeze the module first (the table is a snapshot of the weights)")
     for parent in list(energy.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, InteractionStack) and child.centers.dtype == torch.float32:
+            # a stack without blocks has no filters to tabulate
+            if isinstance(child, InteractionStack) and child.centers.dtype == torch.float32 and len(child.blocks):
                 setattr(parent, name, TabulatedInteractionStack(child, intervals))
     return energy
