@@ -159,10 +159,11 @@ def test_exported_modules_tabulate_float32_hybridgraph_only():
         tabulate_filters(copy.deepcopy(hybrid.energy).requires_grad_(True))
 
 
-def test_tabulated_module_scripts_and_compiles(reference_system):
-    """TorchScript (TorchForce) and torch.compile(fullgraph) (the PythonForce engine) of the
-    graph-safe tabulated module give its eager energy and forces to float32 rounding (the network
-    alone: the prior's stiff bonds magnify the rounding of the compiled kernels, table or not)."""
+def test_tabulated_graph_safe_module_scripts(reference_system):
+    """TorchScript of the graph-safe tabulated module (TorchForce with CUDA graphs) gives its eager
+    energy and forces to float32 rounding. (Under torch.compile(fullgraph=True) it is checked where
+    the PythonForce engine compiles it: test_openmm_force.py::test_compiled_python_engine_agrees_with_torchforce,
+    a float32 model, so tabulated.)"""
     model, cg, temperature = reference_system
     module = build_system_module(model, cg.bead_type, cg.molecule_index, temperature, include_prior=False, box=cg.box,
                                  host_checks=False)
@@ -176,7 +177,8 @@ def test_tabulated_module_scripts_and_compiles(reference_system):
 
     e_ref, f_ref = energy_forces(module)
     eps = float(np.finfo(np.float32).eps)
-    for function in (torch.jit.script(module), torch.compile(module, fullgraph=True, dynamic=False)):
-        energy, forces = energy_forces(function)
-        assert energy == pytest.approx(e_ref, rel=20 * eps)
-        np.testing.assert_allclose(forces, f_ref, atol=50 * eps * float(np.abs(f_ref).max()))
+    scripted = torch.jit.script(module)
+    for _ in range(3):  # TorchScript optimises after its profiling runs: check the optimised graph too
+        energy, forces = energy_forces(scripted)
+    assert energy == pytest.approx(e_ref, rel=20 * eps)
+    np.testing.assert_allclose(forces, f_ref, atol=50 * eps * float(np.abs(f_ref).max()))

@@ -33,7 +33,9 @@ from .layers import gaussian_basis
 #   16 Gaussians (quick, trained, real CG frame): 128: 4.3e-4, 256: 6.4e-5, 512: 1.9e-5 (floor 1.7e-5)
 #   32 Gaussians (cpu chain's 64-feature model, trained): 256: 3.1e-4, 512: 1.6e-4 (floor 1.6e-4)
 #   80 Gaussians (published basis, untrained): 512: 3.6e-4, 1024: 5.2e-5, 2048: 1.2e-5 (floor 2.0e-5)
-# A larger table costs no measurable time (512 vs 2048 vs 4096 within noise, 32 and 100 ion pairs).
+# A larger table costs no measurable time (TorchScript host-reading module, 32 and 100 ion pairs:
+# 512, 2048 and 4096 within noise). It holds (intervals + 1) x 4 x blocks x filters values: 2 MB per
+# stack of the quick network, 25 MB for the published intramolecular stack.
 DEFAULT_FILTER_INTERVALS = 2048
 
 
