@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from ..io import atomic_path
 from .geometry import FLAG_BOX_TOO_SMALL, FLAG_CELL_OVERFLOW, FLAG_NONFINITE, FLAG_PAIR_OVERFLOW, Flag, box_too_small
+from .filter_table import DEFAULT_FILTER_INTERVALS, tabulate_filters
 from .hybridgraph import CGEnergy, CGModel, describe_flags
 from .neighbors import (
     DEFAULT_SKIN_NM,
@@ -173,6 +174,7 @@ def build_system_module(
     model: CGModel, bead_type, molecule_index, temperature_K: float | None = None, include_prior: bool = True,
     neighbor_backend: str | None = None, box=None, host_checks: bool = True, temperature_parameter: bool = False,
     max_pairs_per_bead: float | None = None, neighbor_skin_nm: float | None = None, skip_bonds: Sequence[int] = (),
+    filter_intervals: int | None = DEFAULT_FILTER_INTERVALS,
 ) -> SystemForce:
     """The plain ``nn.Module`` of ``model`` for one CG system (bead types and molecule of each bead,
     CG topology order); :func:`script_for_system` scripts it for TorchForce.
@@ -182,6 +184,9 @@ def build_system_module(
     ``temperature_parameter=True`` builds the 3-argument variant (T as an OpenMM global parameter).
     ``max_pairs_per_bead`` overrides the model's pair-list capacity (the runner regrows it this way).
     ``skip_bonds``: entries of the prior's bond list that get no term (bonds held by constraints).
+    ``filter_intervals``: the Hybridgraph's continuous filters are tabulated on this many intervals
+    (model/filter_table.py; float32 models only, float32-rounding accuracy at the default); 0 or None:
+    computed exactly.
 
     ``host_checks=True``: the host-reading variant (CPU/Reference). With a ``box``, the pair list is
     built with the skin ``neighbor_skin_nm`` and reused while it stays exact (``VerletNeighborSearch``;
@@ -220,6 +225,8 @@ def build_system_module(
     energy.neighbors = energy.neighbors.to(device)
     for parameter in energy.parameters():
         parameter.requires_grad_(False)
+    if filter_intervals:
+        tabulate_filters(energy, int(filter_intervals))
     energy.trim_pairs = bool(host_checks)  # a host read: never in the graph-safe variant
     system = build_system_tensors(bead_type, molecule_index, model.prior if include_prior else None, device=device,
                                   dtype=model.dtype, skip_bonds=skip_bonds)

@@ -59,7 +59,14 @@ class InteractionBlock(nn.Module):
     def forward(self, x: Tensor, radial: Tensor, weight: Tensor, index_i: Tensor, index_j: Tensor) -> Tensor:
         """x (M, F) node features of all frames; radial (P, G), weight (P,) and the flat pair indices
         (P,) hold every unordered pair once, so messages go both ways."""
-        filters = self.filter_net(radial) * weight.unsqueeze(-1)
+        return self.update(x, self.filters(radial, weight), index_i, index_j)
+
+    def filters(self, radial: Tensor, weight: Tensor) -> Tensor:
+        """The continuous filter (P, filters) of each pair: a function of its distance alone."""
+        return self.filter_net(radial) * weight.unsqueeze(-1)
+
+    def update(self, x: Tensor, filters: Tensor, index_i: Tensor, index_j: Tensor) -> Tensor:
+        """The residual update given each pair's filter (exact or tabulated: model/filter_table.py)."""
         h = self.to_filters(x)
         messages = torch.zeros_like(h)
         # index_select, not h[index]: its backward (index_add) is faster than index_put's
