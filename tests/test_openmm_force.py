@@ -286,7 +286,7 @@ def test_compiled_python_engine_agrees_with_torchforce(cg, tmp_path, monkeypatch
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     folder = make_model_dir(tmp_path / "m32", use_temperature=True)
     (e_ref, f_ref), = _repeated_energy_forces(CGNNForce(folder, cg, 300.0, engine="torch"), cg, 1)
-    force = CGNNForce(folder, cg, 300.0, engine="python")
+    force = CGNNForce(folder, cg, 300.0, engine="python", prior="openmm")  # the same prior carrier as TorchForce's
     results = _repeated_energy_forces(force, cg, 3)
     assert results[0][0] == e_ref
     np.testing.assert_array_equal(results[0][1], f_ref)
@@ -295,6 +295,12 @@ def test_compiled_python_engine_agrees_with_torchforce(cg, tmp_path, monkeypatch
     assert any((tmp_path / "inductor").rglob("*")), "nothing cached on disk"
     eps = float(np.finfo(np.float32).eps)
     for energy, forces in results[1:]:
+        assert energy == pytest.approx(e_ref, rel=20 * eps)
+        np.testing.assert_allclose(forces, f_ref, atol=50 * eps * float(np.abs(f_ref).max()))
+    # "auto" puts the prior inside the compiled graph for this engine: the same forces, in float32
+    inside = CGNNForce(folder, cg, 300.0, engine="python")
+    assert inside.prior_carrier == "model" and CGNNForce(folder, cg, 300.0, engine="torch").prior_carrier == "openmm"
+    for energy, forces in _repeated_energy_forces(inside, cg, 2):
         assert energy == pytest.approx(e_ref, rel=20 * eps)
         np.testing.assert_allclose(forces, f_ref, atol=50 * eps * float(np.abs(f_ref).max()))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import struct
 
 import numpy as np
@@ -464,3 +465,22 @@ def test_default_engine_follows_the_platform_and_the_run_length():
     assert default_engine("CUDA", None, 10) == "torch"
     assert default_engine("CUDA", 10 ** 7) == "torch" and default_engine("Reference") == "torch"
     assert default_engine(None) == "torch"  # export: the exportable engine
+
+
+def test_simulate_resolves_the_engine_before_the_prior(tmp_path):
+    """``simulate --carrier auto``: the platform's engine for the run's length (short runs TorchForce,
+    long ones the compiled PythonForce, whose "auto" prior then goes inside its graph); multiple time
+    stepping and resumed runs keep the prior as native forces."""
+    from argparse import Namespace
+
+    from openmm_cgnn.cli.simulate import resolve_engine_and_prior
+    from openmm_cgnn.openmm.engines import COMPILE_PAYBACK_STEPS
+
+    args = Namespace(carrier="auto", prior="auto", resume=False, out=tmp_path / "x", network="on")
+    short = RunConfig(temperature_K=300.0, steps=100, platform="CPU")
+    long = RunConfig(temperature_K=300.0, steps=COMPILE_PAYBACK_STEPS, platform="CPU")
+    assert resolve_engine_and_prior(args, short, 80) == ("torch", "auto")
+    assert resolve_engine_and_prior(args, long, 80) == ("python", "auto")
+    assert resolve_engine_and_prior(args, replace(long, mts_inner_steps=2), 80) == ("python", "openmm")
+    assert resolve_engine_and_prior(Namespace(**{**vars(args), "network": "off"}), long, 80)[1] == "openmm"
+    assert resolve_engine_and_prior(Namespace(**{**vars(args), "carrier": "torch"}), long, 80) == ("torch", "auto")

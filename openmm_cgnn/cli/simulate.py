@@ -160,6 +160,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="CG run directory")
 
 
+def resolve_engine_and_prior(args: argparse.Namespace, config: Any, n_beads: int) -> tuple[str, str]:
+    """``--carrier`` and ``--prior`` as the run will use them: "auto" takes the platform's engine for a
+    run of this length and size (``engines.default_engine``), so that the prior can follow the engine
+    (``CGNNForce.default_prior_carrier``); multiple time stepping, and a resumed run (its System is
+    the one it started with), keep the prior as native forces."""
+    from ..openmm.engines import default_engine
+    from ..openmm.simulation import choose_platform
+
+    engine = args.carrier
+    if engine == "auto":
+        engine = default_engine(choose_platform(config.platform).getName(), config.steps_estimate(), n_beads)
+    prior = args.prior
+    resuming = args.resume and (args.out / CHECKPOINT_CHK).exists()
+    if prior == "auto" and (resuming or (config.mts_inner_steps or 1) > 1 or args.network != "on"):
+        prior = "openmm"
+    return engine, prior
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -196,8 +214,9 @@ def run(args: argparse.Namespace) -> int:
         mapping = Mapping.load(mapping_path)
         check_model_mapping(source, mapping.sha256(), mapping_path)
         cg = cg_system_from_args(args, mapping, source)
-        force = CGNNForce(source, cg, args.temperature, prior=args.prior, network=args.network == "on",
-                          engine=args.carrier, constrain_bonds=args.constrain_bonds)
+        engine, prior = resolve_engine_and_prior(args, config, cg.n_beads)
+        force = CGNNForce(source, cg, args.temperature, prior=prior, network=args.network == "on",
+                          engine=engine, constrain_bonds=args.constrain_bonds)
         result = CGRun(force, cg, args.out, config, resume=args.resume, overwrite=args.overwrite,
                        metadata={"start": _start_description(args),
                                  **({"dt_from": str(args.dt_from)} if args.dt_from is not None else {})}).run()

@@ -122,6 +122,23 @@ def inductor_cache_dir() -> Path:
     return Path(os.environ[CACHE_ENV])
 
 
+# Graphs dynamo keeps per compiled function (its default is 8). Every CG system size and pair-list
+# length is one graph of the same few functions, and past the limit dynamo runs them eager without
+# an error: a process that simulates several systems (benchmarks, a temperature series, tests)
+# would silently lose the compiled speed.
+COMPILED_GRAPHS_PER_FUNCTION = 256
+
+
+def allow_recompiles() -> None:
+    """Raise dynamo's per-function graph limit to ``COMPILED_GRAPHS_PER_FUNCTION`` (never lower it)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name, value in (("recompile_limit", COMPILED_GRAPHS_PER_FUNCTION),
+                        ("accumulated_recompile_limit", 4 * COMPILED_GRAPHS_PER_FUNCTION)):
+        setattr(config, name, max(getattr(config, name), value))
+
+
 def compiled_or_eager(function: Callable[..., Any]) -> Callable[..., Any]:
     """``function`` under ``torch.compile(fullgraph=True, dynamic=False)``, compiled at its first call;
     if that fails, ``function`` itself from then on (a helper is never worth an error)."""
@@ -130,6 +147,7 @@ def compiled_or_eager(function: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any) -> Any:
         if chosen:
             return chosen[0](*args)
+        allow_recompiles()
         try:
             compiled = torch.compile(function, fullgraph=True, dynamic=False)
             result = compiled(*args)
@@ -209,6 +227,7 @@ class CompiledEnergy:
 
             hits_before = counters["inductor"].get("fxgraph_cache_hit", 0)
             start = time.perf_counter()
+            allow_recompiles()
             try:
                 compiled = torch.compile(eager, fullgraph=True, dynamic=False)
                 result = compiled(*inputs)

@@ -46,7 +46,12 @@ PRIOR_CARRIERS = ("auto", "openmm", "model", "none")
 # against 6.01 ms. The prior's small ops cost more in TorchScript than in OpenMM's kernels.
 # (prior_carrier_cpu.json had the two level: wall-clock blocks on a loaded machine.) Native forces
 # are also what multiple time stepping needs (their own force group). CUDA: not measured.
+# The compiled PythonForce engine is the exception: inside its graph the prior fuses into the
+# network's kernels, while OpenMM's CPU platform spends ~0.3 ms per step on the excluded-volume
+# CustomNonbondedForce alone (bench_md.py, quick network, 1 thread: python/model against
+# python/openmm 2.4 against 3.2 ms at 160 beads, 6.7 against 7.4 ms at 500; results/md_cpu.json).
 DEFAULT_PRIOR_CARRIER = "openmm"
+DEFAULT_PRIOR_CARRIER_BY_ENGINE = {"python": "model"}
 MASS_TOLERANCE_AMU = 1e-3
 TEMPERATURE_TOLERANCE_K = 1e-6
 REQUIRED_METADATA = ("n_beads", "bead_names", "bead_type", "bead_type_names", "masses", "includes_prior")
@@ -74,7 +79,8 @@ class CGNNForce:
     inside it comes from the ``prior.json`` beside it). ``topology`` is a :class:`CGConfiguration` or an
     ``openmm.app.Topology`` whose atoms are the beads, named as in the mapping.
 
-    ``prior``: "auto" (model directory: ``DEFAULT_PRIOR_CARRIER``; model.pt: as it was scripted),
+    ``prior``: "auto" (model directory: ``DEFAULT_PRIOR_CARRIER``, or the engine's own default when
+    ``engine`` names one, ``DEFAULT_PRIOR_CARRIER_BY_ENGINE``; model.pt: as it was scripted),
     "openmm" (native forces), "model" (inside the TorchScript module) or "none" (network only).
 
     ``network=False`` is the ablation: the prior alone, as native forces, and no TorchForce (the
@@ -209,7 +215,7 @@ class CGNNForce:
                 raise ModelMismatchError(f"{model_dir}: prior={prior!r} asked for, but the model has no prior")
             carrier = "none"
         else:
-            carrier = DEFAULT_PRIOR_CARRIER if prior == "auto" else prior
+            carrier = self.default_prior_carrier() if prior == "auto" else prior
         include = carrier == "model"
         self.prior_carrier = carrier
         self.prior = model.prior if carrier == "openmm" else None
@@ -235,6 +241,12 @@ class CGNNForce:
                                         **self._constraint_metadata())
         self.cg = cg
         self.bead_type, self.molecule_index = cg.bead_type, cg.molecule_index
+
+    def default_prior_carrier(self) -> str:
+        """Where "auto" puts a model directory's prior: the engine's measured choice when the engine is
+        known now (asked for by name), else ``DEFAULT_PRIOR_CARRIER``."""
+        engine = self.engine.name if self.engine is not None else self.engine_request
+        return DEFAULT_PRIOR_CARRIER_BY_ENGINE.get(str(engine), DEFAULT_PRIOR_CARRIER)
 
     def _from_model_file(self, prior: str) -> None:
         from ..model import read_metadata
