@@ -147,14 +147,15 @@ DEFAULT_TORCH_THREADS = 1
 
 
 def pin_torch_threads(platform: Any, properties: dict[str, str] | None = None) -> int | None:
-    """On the CPU platform, set torch's intra-op pool to the OpenMM CPU thread count the user asked
-    for (the ``Threads`` property, else ``OPENMM_CPU_THREADS``), else to ``DEFAULT_TORCH_THREADS``.
-    The one place the CG runner sets torch's threads: ``OPENMM_CPU_THREADS=N`` sets both. Returns
-    the count, or None where nothing was changed (other platforms)."""
+    """On the host platforms (CPU, and Reference, where the network runs on the CPU too), set torch's
+    intra-op pool to the OpenMM CPU thread count the user asked for (the ``Threads`` property, else
+    ``OPENMM_CPU_THREADS``), else to ``DEFAULT_TORCH_THREADS``. The one place the CG runner sets
+    torch's threads: ``OPENMM_CPU_THREADS=N`` sets both. Returns the count, or None where nothing was
+    changed (GPU platforms)."""
     import os
 
     name = platform if isinstance(platform, str) else platform.getName()
-    if name != "CPU":
+    if name not in ("CPU", "Reference"):
         return None
     value = (properties or {}).get("Threads") or os.environ.get("OPENMM_CPU_THREADS")
     try:

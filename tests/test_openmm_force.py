@@ -305,6 +305,26 @@ def test_compiled_python_engine_agrees_with_torchforce(cg, tmp_path, monkeypatch
         np.testing.assert_allclose(forces, f_ref, atol=50 * eps * float(np.abs(f_ref).max()))
 
 
+def test_ahead_of_time_backend_agrees_with_torch_compile(cg, tmp_path, monkeypatch):
+    """OPENMM_CGNN_COMPILE_BACKEND=aoti: the same energy and forces through AOTInductor's package as
+    through torch.compile (the same traced graph), and an unknown backend is refused by name."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    folder = make_model_dir(tmp_path / "m32", use_temperature=True)
+    compiled = _repeated_energy_forces(CGNNForce(folder, cg, 300.0, engine="python"), cg, 2)[1]
+    monkeypatch.setenv("OPENMM_CGNN_COMPILE_BACKEND", "aoti")
+    force = CGNNForce(folder, cg, 300.0, engine="python")
+    ahead = _repeated_energy_forces(force, cg, 3)
+    report = force.engine_report()
+    assert report["compile_backend"] == "aoti" and report["compiled"] is True
+    eps = float(np.finfo(np.float32).eps)
+    for energy, forces in ahead[1:]:
+        assert energy == pytest.approx(compiled[0], rel=20 * eps)
+        np.testing.assert_allclose(forces, compiled[1], atol=50 * eps * float(np.abs(compiled[1]).max()))
+    monkeypatch.setenv("OPENMM_CGNN_COMPILE_BACKEND", "triton")
+    with pytest.raises(ValueError, match="OPENMM_CGNN_COMPILE_BACKEND.*inductor"):
+        PythonForceEngine()
+
+
 def test_python_engine_falls_back_to_eager_when_compiling_fails(cg, model64, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")

@@ -16,7 +16,7 @@ from openmm_cgnn.cli import main as cli_main
 from openmm_cgnn.frames import FrameWriter, TopologyInfo, read_frames
 from openmm_cgnn.openmm.engines import ENGINES, PythonForceEngine
 from openmm_cgnn.openmm.force import CGNNForce
-from openmm_cgnn.openmm.simulation import CGRun, RunConfig, SimulationError, SimulationUnstable
+from openmm_cgnn.openmm.simulation import CGRun, RunConfig, SimulationError, SimulationUnstable, choose_platform
 from openmm_cgnn.units import kT_kj_mol
 
 
@@ -454,15 +454,12 @@ def test_prior_only_twin_of_an_mts_run_steps_its_prior_as_the_run_did(cg, model_
 
 
 def test_default_engine_follows_the_platform_and_the_run_length():
-    from openmm_cgnn.openmm.engines import COMPILE_MAX_BEADS, COMPILE_PAYBACK_STEPS, default_engine
+    from openmm_cgnn.openmm.engines import COMPILE_PAYBACK_STEPS, default_engine
 
     assert default_engine("CPU") == "python"  # length unknown (a user's own Simulation): the faster per step
     assert default_engine("CPU", COMPILE_PAYBACK_STEPS) == "python"
     assert default_engine("CPU", COMPILE_PAYBACK_STEPS - 1) == "torch"
-    # a large system: TorchForce's reused pair list beats the compiled module's full search
-    assert default_engine("CPU", COMPILE_PAYBACK_STEPS, COMPILE_MAX_BEADS) == "python"
-    assert default_engine("CPU", COMPILE_PAYBACK_STEPS, COMPILE_MAX_BEADS + 1) == "torch"
-    assert default_engine("CUDA", None, 10) == "torch"
+    assert default_engine("CUDA", None) == "torch"
     assert default_engine("CUDA", 10 ** 7) == "torch" and default_engine("Reference") == "torch"
     assert default_engine(None) == "torch"  # export: the exportable engine
 
@@ -476,11 +473,20 @@ def test_simulate_resolves_the_engine_before_the_prior(tmp_path):
     from openmm_cgnn.cli.simulate import resolve_engine_and_prior
     from openmm_cgnn.openmm.engines import COMPILE_PAYBACK_STEPS
 
-    args = Namespace(carrier="auto", prior="auto", resume=False, out=tmp_path / "x", network="on")
+    args = Namespace(carrier="auto", prior="auto", resume=False, out=tmp_path / "x", network="on", platform="CPU")
     short = RunConfig(temperature_K=300.0, steps=100, platform="CPU")
     long = RunConfig(temperature_K=300.0, steps=COMPILE_PAYBACK_STEPS, platform="CPU")
-    assert resolve_engine_and_prior(args, short, 80) == ("torch", "auto")
-    assert resolve_engine_and_prior(args, long, 80) == ("python", "auto")
-    assert resolve_engine_and_prior(args, replace(long, mts_inner_steps=2), 80) == ("python", "openmm")
-    assert resolve_engine_and_prior(Namespace(**{**vars(args), "network": "off"}), long, 80)[1] == "openmm"
-    assert resolve_engine_and_prior(Namespace(**{**vars(args), "carrier": "torch"}), long, 80) == ("torch", "auto")
+    assert resolve_engine_and_prior(args, short) == ("torch", "auto", "CPU")
+    assert resolve_engine_and_prior(args, long) == ("python", "auto", "CPU")
+    assert resolve_engine_and_prior(args, replace(long, mts_inner_steps=2)) == ("python", "openmm", "CPU")
+    assert resolve_engine_and_prior(Namespace(**{**vars(args), "network": "off"}), long)[1] == "openmm"
+    assert resolve_engine_and_prior(Namespace(**{**vars(args), "carrier": "torch"}), long) == ("torch", "auto", "CPU")
+    # no --platform on a machine without a GPU: every force in the compiled graph, so OpenMM only
+    # integrates, on the platform with the least fixed cost per step (engines.COMPILED_ENGINE_PLATFORM)
+    unnamed = Namespace(**{**vars(args), "platform": None})
+    default = choose_platform(None).getName()
+    expected = "Reference" if default == "CPU" else default
+    assert resolve_engine_and_prior(unnamed, replace(long, platform=None))[2] == expected
+    assert resolve_engine_and_prior(unnamed, replace(short, platform=None))[2] == default
+    assert resolve_engine_and_prior(Namespace(**{**vars(unnamed), "prior": "openmm"}),
+                                    replace(long, platform=None))[2] == default

@@ -160,22 +160,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="CG run directory")
 
 
-def resolve_engine_and_prior(args: argparse.Namespace, config: Any, n_beads: int) -> tuple[str, str]:
-    """``--carrier`` and ``--prior`` as the run will use them: "auto" takes the platform's engine for a
-    run of this length and size (``engines.default_engine``), so that the prior can follow the engine
-    (``CGNNForce.default_prior_carrier``); multiple time stepping, and a resumed run (its System is
-    the one it started with), keep the prior as native forces."""
-    from ..openmm.engines import default_engine
+def resolve_engine_and_prior(args: argparse.Namespace, config: Any, model_dir: bool = True) -> tuple[str, str, str]:
+    """(engine, prior, platform) of the run: ``--carrier`` "auto" takes the platform's engine for a run
+    of this length (``engines.default_engine``), so that ``--prior`` "auto" can follow the engine
+    (``CGNNForce.default_prior_carrier``); multiple time stepping, a resumed run (its System is the one
+    it started with) and the prior-only ablation keep the prior as native forces. Without
+    ``--platform``, a run with every force in the compiled graph integrates on
+    ``engines.default_integration_platform`` (``model_dir``: a model directory, whose "auto" prior
+    follows the engine; a model.pt keeps the prior it was scripted with)."""
+    from ..openmm.engines import default_engine, default_integration_platform
+    from ..openmm.force import DEFAULT_PRIOR_CARRIER, DEFAULT_PRIOR_CARRIER_BY_ENGINE
     from ..openmm.simulation import choose_platform
 
+    platform = choose_platform(config.platform).getName()
     engine = args.carrier
     if engine == "auto":
-        engine = default_engine(choose_platform(config.platform).getName(), config.steps_estimate(), n_beads)
+        engine = default_engine(platform, config.steps_estimate())
     prior = args.prior
     resuming = args.resume and (args.out / CHECKPOINT_CHK).exists()
     if prior == "auto" and (resuming or (config.mts_inner_steps or 1) > 1 or args.network != "on"):
         prior = "openmm"
-    return engine, prior
+    auto = DEFAULT_PRIOR_CARRIER_BY_ENGINE.get(engine, DEFAULT_PRIOR_CARRIER) if model_dir else "openmm"
+    inside = (auto if prior == "auto" else prior) != "openmm"
+    if args.platform is None:
+        platform = default_integration_platform(platform, engine, inside and args.network == "on")
+    return engine, prior, platform
 
 
 def run(args: argparse.Namespace) -> int:
@@ -214,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         mapping = Mapping.load(mapping_path)
         check_model_mapping(source, mapping.sha256(), mapping_path)
         cg = cg_system_from_args(args, mapping, source)
-        engine, prior = resolve_engine_and_prior(args, config, cg.n_beads)
+        engine, prior, config.platform = resolve_engine_and_prior(args, config, source.is_dir())
         force = CGNNForce(source, cg, args.temperature, prior=prior, network=args.network == "on",
                           engine=engine, constrain_bonds=args.constrain_bonds)
         result = CGRun(force, cg, args.out, config, resume=args.resume, overwrite=args.overwrite,

@@ -36,41 +36,55 @@ from ..model.neighbors import SkinPairList
 from ..units import in_nm
 
 ENGINES = ("torch", "python")
-# benchmarks/results/md_cpu.json (quick network, 1 thread, both engines side by side): PythonForce +
-# torch.compile took 2.5/4.1/17.9 ms per CG step against TorchForce's 4.5/6.8/19.1 at 80/160/500
-# beads (benchmarks/README.md; re-measured at load 9-13 after issue 17's op reductions:
-# 3.7/4.9/33.6 against 5.9/7.3/35.3), so the CPU platform takes it. CUDA stays on TorchForce: its CUDA graphs keep
-# the whole step on the device, which a Python callback per step cannot. Reference (the checking
-# platform) and an unknown platform (export) take TorchForce, the exportable one.
+# benchmarks/results/md_cpu.json (quick network, 8 fs, 1 thread, idle, engines side by side with AA in
+# one run): PythonForce + torch.compile (its own pair list, prior inside its graph) took 1.6 / 2.4 /
+# 6.0 / 19.4 ms per CG step against TorchForce's 3.1 / 6.0 / 13.3 / 38.6 at 80 / 160 / 500 / 1500
+# beads, so the CPU platform takes it at every size measured. CUDA stays on TorchForce: its CUDA
+# graphs keep the whole step on the device, which a Python callback per step cannot. Reference (the
+# checking platform) and an unknown platform (export) take TorchForce, the exportable one.
 DEFAULT_ENGINE = {"CPU": "python"}
 DEFAULT_ENGINE_OTHER = "torch"
-# The compilation is paid once per process: 129 s with an empty inductor cache, 34 s from a filled
-# one (benchmarks/results/compile_cpu.json), against a saving of about 2-2.7 ms per step at 80-160
-# beads. A run shorter than this many steps would not earn a cold compilation back (129 s / 2.7 ms),
-# so it takes TorchForce, which starts at once (the quick example's 2000-step runs, the tests).
-COMPILE_PAYBACK_STEPS = 50_000
-# Above this many beads TorchForce is the faster per step on CPU: the graph-safe module PythonForce
-# compiles searches every pair at full capacity each call, where TorchForce reuses its pair list.
-# bench_md.py, quick network, 1 thread, idle (results/md_cpu.json): PythonForce 3.0 / 7.7 / 21.7 ms
-# against TorchForce 4.1 / 9.4 / 17.7 ms at 80 / 160 / 500 beads; the crossover lies between the last two.
-COMPILE_MAX_BEADS = 300
+# The compilation is paid once per process: 26 s with an empty inductor cache, 10 s from a filled one
+# (160 beads, idle; benchmarks/results/compile_cpu.json), against a saving of 1.5-3.6 ms per step at
+# 80-160 beads (more on larger systems). A run shorter than this many steps would not earn a cold
+# compilation back (26 s / 1.5 ms, rounded down), so it takes TorchForce, which starts at once (the
+# quick example's 2000-step runs, the tests).
+COMPILE_PAYBACK_STEPS = 15_000
+# Where a run whose forces all live in the compiled graph (PythonForce, prior inside) integrates when
+# no platform is asked for and the CPU is the device: OpenMM's CPU platform costs 0.24 ms of fixed
+# work per step even for an empty 160-particle System, its Reference platform 0.007 ms; with native
+# forces left (the excluded-volume CustomNonbondedForce: 0.67 ms on Reference) the CPU platform stays.
+# bench_md.py (above): 1.1 / 1.9 / 5.5 / 19.1 ms against 1.6 / 2.4 / 6.0 / 19.4 ms per step.
+COMPILED_ENGINE_PLATFORM = "Reference"
 # Skin of the PythonForce engine's pair list (SkinPairList): the compiled graph computes every pair
 # in the list, so a thinner skin than the TorchScript module's (model/neighbors.DEFAULT_SKIN_NM)
 # pays: the list holds ((rc + skin) / rc)^3 of the pairs and is rebuilt after a bead moved skin / 2.
 COMPILED_SKIN_NM = 0.05
+# How the PythonForce engine compiles: "inductor" (torch.compile) or "aoti" (AheadOfTimeForces);
+# OPENMM_CGNN_COMPILE_BACKEND overrides the default.
+COMPILE_BACKENDS = ("inductor", "aoti")
+DEFAULT_COMPILE_BACKEND = "inductor"
+BACKEND_ENV = "OPENMM_CGNN_COMPILE_BACKEND"
 FORCE_NAME = "CGNNForce"
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
-def default_engine(platform_name: str | None, steps: int | None = None, beads: int | None = None) -> str:
+def default_engine(platform_name: str | None, steps: int | None = None) -> str:
     """The engine ``simulate`` uses on this platform when none is asked for; ``steps`` (the run's
-    length, None: unknown) keeps short runs off the compiled engine (``COMPILE_PAYBACK_STEPS``), and
-    ``beads`` (None: unknown) large systems (``COMPILE_MAX_BEADS``)."""
+    length, None: unknown) keeps short runs off the compiled engine (``COMPILE_PAYBACK_STEPS``)."""
     engine = DEFAULT_ENGINE.get(platform_name or "", DEFAULT_ENGINE_OTHER)
-    if engine == "python" and ((steps is not None and steps < COMPILE_PAYBACK_STEPS)
-                               or (beads is not None and beads > COMPILE_MAX_BEADS)):
+    if engine == "python" and steps is not None and steps < COMPILE_PAYBACK_STEPS:
         return DEFAULT_ENGINE_OTHER
     return engine
+
+
+def default_integration_platform(platform_name: str, engine: str, prior_inside: bool) -> str:
+    """The platform a CG run integrates on when none was asked for and ``platform_name`` is the
+    default: ``COMPILED_ENGINE_PLATFORM`` for the PythonForce engine with every force in its graph
+    on the CPU, else ``platform_name``."""
+    if platform_name == "CPU" and engine == "python" and prior_inside:
+        return COMPILED_ENGINE_PLATFORM
+    return platform_name
 
 
 class ForceEngine(Protocol):
@@ -176,6 +190,42 @@ def functional_forces(grad_and_value: Callable[..., Any], positions: torch.Tenso
     return value, -gradient
 
 
+class AheadOfTimeForces:
+    """``function`` (positions, box, *pairs) -> (energy, forces) compiled ahead of time by AOTInductor,
+    once per set of input shapes (a longer pair list is one more compilation).
+
+    The function (``torch.func.grad_and_value`` of a frozen module) is traced to one graph of
+    forward and backward ops (``make_fx``), exported and compiled into a package whose C++ runner is
+    called without dynamo's guards or inductor's Python wrapper: measured 18-24 % less time per call
+    than the same function under ``torch.compile`` at 160 beads. Its compiled kernels come from
+    inductor's on-disk cache like ``torch.compile``'s.
+    """
+
+    def __init__(self, function: Callable[..., tuple[torch.Tensor, torch.Tensor]], folder: Path):
+        self.function = function
+        self.folder = folder
+        self.runners: dict[tuple, Callable[..., Any]] = {}
+
+    def compile(self, inputs: tuple[torch.Tensor, ...]) -> Callable[..., Any]:
+        import tempfile
+
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        graph = make_fx(self.function)(*inputs)
+        program = torch.export.export(graph, inputs, strict=False)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.folder, prefix="aoti_") as folder:
+            package = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(folder) / "forces.pt2"))
+            return torch._inductor.aoti_load_package(package)
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        runner = self.runners.get(key)
+        if runner is None:
+            runner = self.runners[key] = self.compile(inputs)
+        return runner(*inputs)
+
+
 class CompiledEnergy:
     """``PythonForce`` callback: energy and -dE/dx of ``module`` for one OpenMM State.
 
@@ -190,8 +240,9 @@ class CompiledEnergy:
     """
 
     def __init__(self, module: torch.nn.Module, compile: bool, log: Callable[[str], None], report: dict[str, Any],
-                 skin_nm: float = 0.0):
+                 skin_nm: float = 0.0, backend: str = "inductor"):
         self.module = module
+        self.backend = backend  # "inductor": torch.compile; "aoti": AheadOfTimeForces
         scripted = isinstance(module, torch.jit.ScriptModule)
         self.compile = compile and not scripted
         self.log = log
@@ -229,7 +280,10 @@ class CompiledEnergy:
             start = time.perf_counter()
             allow_recompiles()
             try:
-                compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+                if self.backend == "aoti" and not isinstance(self.module, torch.jit.ScriptModule):
+                    compiled = AheadOfTimeForces(eager, cache / "aoti")
+                else:
+                    compiled = torch.compile(eager, fullgraph=True, dynamic=False)
                 result = compiled(*inputs)
             except Exception as exc:  # noqa: BLE001  (any compiler failure: run on eager)
                 self.compile = False
@@ -296,8 +350,11 @@ class PythonForceEngine:
     host_checks = False
 
     def __init__(self, compile: bool = True, log: Callable[[str], None] | None = None,
-                 skin_nm: float | None = None) -> None:
+                 skin_nm: float | None = None, backend: str | None = None) -> None:
         self.compile = compile
+        self.backend = backend or os.environ.get(BACKEND_ENV) or DEFAULT_COMPILE_BACKEND
+        if self.backend not in COMPILE_BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}: the compile backend must be one of {COMPILE_BACKENDS}, got {self.backend!r}")
         self.skin_nm = COMPILED_SKIN_NM if skin_nm is None else float(skin_nm)
         if not (math.isfinite(self.skin_nm) and self.skin_nm >= 0):
             raise ValueError(f"neighbor_skin_nm must be >= 0, got {skin_nm!r}")
@@ -314,7 +371,7 @@ class PythonForceEngine:
         callback = self._callbacks.get(id(module))
         if callback is None or callback.module is not module:
             callback = self._callbacks[id(module)] = CompiledEnergy(module, self.compile, self.log, self.info,
-                                                                    self.skin_nm)
+                                                                    self.skin_nm, self.backend)
         force = openmm.PythonForce(callback)
         force.setName(FORCE_NAME)
         force.setUsesPeriodicBoundaryConditions(periodic)
@@ -323,7 +380,8 @@ class PythonForceEngine:
 
     def report(self) -> dict[str, Any]:
         lists = [callback.report() for callback in self._callbacks.values()]
-        return {"engine": self.name, "force": "PythonForce (OpenMM) + torch.compile", **self.info,
+        return {"engine": self.name, "force": "PythonForce (OpenMM) + torch.compile", "compile_backend": self.backend,
+                **self.info,
                 **({"pair_list": lists[-1]} if lists and lists[-1] else {})}
 
 

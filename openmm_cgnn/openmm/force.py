@@ -392,8 +392,7 @@ class CGNNForce:
         if self.engine is None:
             name = platform if isinstance(platform, str) or platform is None else platform.getName()
             request = self.engine_request
-            beads = None if self.cg is None else self.cg.n_beads
-            chosen = default_engine(name, steps, beads) if request == "auto" else str(request)
+            chosen = default_engine(name, steps) if request == "auto" else str(request)
             # the skin applies to whichever pair list the engine keeps (PythonForce: its own)
             self.engine = make_engine(chosen, **({"skin_nm": self.neighbor_skin_nm} if chosen == "python" else {}))
         return self.engine

@@ -781,6 +781,7 @@ class CGRun:
             wall_seconds_this_session=wall,
             ns_per_day=(done * dt_fs * 1e-6) / (wall / 86400.0) if wall > 0 and done else None,
             ms_per_step=1e3 * wall / done if done else None,
+            force_engine=self.cgnn.engine_report(),  # again at the end: its pair list's calls and rebuilds
         )
         if simulation.currentStep % save_every:
             summary["note"] = f"the last {simulation.currentStep % save_every} steps end between saves and are not in frames.h5"
