@@ -48,8 +48,8 @@ PRIOR_CARRIERS = ("auto", "openmm", "model", "none")
 # are also what multiple time stepping needs (their own force group). CUDA: not measured.
 # The compiled PythonForce engine is the exception: inside its graph the prior fuses into the
 # network's kernels, while OpenMM's CPU platform spends ~0.3 ms per step on the excluded-volume
-# CustomNonbondedForce alone (bench_md.py, quick network, 1 thread: python/model against
-# python/openmm 2.4 against 3.2 ms at 160 beads, 6.7 against 7.4 ms at 500; results/md_cpu.json).
+# CustomNonbondedForce alone (bench_md.py, quick network, 8 fs, 1 thread, results/md_cpu.json: prior
+# inside against native 1.60 / 2.36 / 5.96 / 19.4 against 1.95 / 2.55 / 7.23 / 22.0 ms at 80-1500 beads).
 DEFAULT_PRIOR_CARRIER = "openmm"
 DEFAULT_PRIOR_CARRIER_BY_ENGINE = {"python": "model"}
 MASS_TOLERANCE_AMU = 1e-3
