@@ -10,8 +10,11 @@ into one OpenMM force. The word "carrier" in code is taken by the prior's placem
   CUDA graphs.
 - ``"python"``: OpenMM's ``PythonForce`` (OpenMM >= 8.4) calling the graph-safe module (no host
   reads, static shapes, NaN on bad input) under ``torch.compile(fullgraph=True, dynamic=False)``,
-  as openmm-ml >= 1.6 runs its models. The first call runs eager (it checks that the module runs
-  at all), later calls run compiled; a failed compilation falls back to eager with a message.
+  as openmm-ml >= 1.6 runs its models: its energy and forces as one function
+  (``torch.func.grad_and_value``), on a pair list this engine keeps outside the graph
+  (:class:`~openmm_cgnn.model.neighbors.SkinPairList`, see :class:`CompiledEnergy`). The first call
+  runs eager (it checks that the module runs at all), later calls run compiled; a failed
+  compilation falls back to eager with a message.
   Inductor's on-disk caches (FX graph and AOTAutograd) live in ``TORCHINDUCTOR_CACHE_DIR``
   (default ``~/.cache/openmm_cgnn/torchinductor``), so a second run with the same model and
   system size does not pay the compile again. A TorchScript ``model.pt`` cannot be compiled: it
