@@ -9,7 +9,7 @@ import torch
 
 from openmm_cgnn.model import export_for_frames, read_metadata, script_for_system
 from openmm_cgnn.model.export import build_system_module
-from openmm_cgnn.model.geometry import FLAG_BOX_TOO_SMALL
+from openmm_cgnn.model.geometry import FLAG_BOX_TOO_SMALL, FLAG_NONFINITE
 from openmm_cgnn.model.neighbors import DenseNeighborSearch, SkinPairList, VerletNeighborSearch
 from openmm_cgnn.testing.cg_models import ionic_liquid, synthetic_model
 
@@ -186,8 +186,11 @@ def test_skin_pair_list_flags_a_box_too_small_and_nan_positions(liquid, model):
     positions = torch.as_tensor(liquid.positions[0], dtype=torch.float32).unsqueeze(0)
     assert pairs(positions, box)[3] == 0
     assert pairs(positions, box * 0.3)[3] & FLAG_BOX_TOO_SMALL  # a shrunken box is searched again and refused
+    assert pairs(positions, box)[3] == 0
     bad = positions.clone()
-    bad[0, 3, 1] = float("nan")  # NaN counts as moved: a fresh search, and the module answers NaN
-    index_i, index_j, valid, flags = pairs(bad, box)
-    energy = module.energy_of_pairs(bad[0].double(), box[0].double(), index_i, index_j, valid)
-    assert flags == 0 and torch.isnan(energy)
+    bad[0, 3, 1] = float("nan")  # NaN counts as moved, and is flagged before any search (a NaN cell index)
+    assert pairs(bad, box)[3] & FLAG_NONFINITE
+    assert pairs(positions, box)[3] == 0 and pairs.pairs is not None  # finite again: a list again
+    # the module on its own still answers NaN for NaN positions on any list
+    index_i, index_j, valid, _ = pairs(positions, box)
+    assert torch.isnan(module.energy_of_pairs(bad[0].double(), box[0].double(), index_i, index_j, valid))

@@ -490,3 +490,62 @@ def test_simulate_resolves_the_engine_before_the_prior(tmp_path):
     assert resolve_engine_and_prior(unnamed, replace(short, platform=None))[2] == default
     assert resolve_engine_and_prior(Namespace(**{**vars(unnamed), "prior": "openmm"}),
                                     replace(long, platform=None))[2] == default
+    # --resume keeps the prior carrier and the platform of the run it continues (its checkpoint is
+    # that platform's), whatever the defaults would pick now
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.chk").write_bytes(b"")
+    (run / "checkpoint.json").write_text(json.dumps({"prior_carrier": "model", "platform": "Reference"}))
+    resumed = Namespace(**{**vars(unnamed), "resume": True, "out": run})
+    assert resolve_engine_and_prior(resumed, replace(long, platform=None)) == ("python", "model", "Reference")
+    (run / "checkpoint.json").write_text(json.dumps({"prior_carrier": "openmm", "platform": "CPU"}))
+    assert resolve_engine_and_prior(resumed, replace(long, platform=None)) == ("python", "openmm", "CPU")
+
+
+PYTHONFORCE_RESUME = """
+import sys
+import numpy as np
+import torch  # noqa: F401  (before openmm)
+import openmm
+from openmm import app
+from openmm_cgnn.openmm.simulation import load_checkpoint
+
+def forces(state):
+    return 0.0, np.zeros((4, 3))
+
+system = openmm.System()
+for _ in range(4):
+    system.addParticle(10.0)
+system.setDefaultPeriodicBoxVectors(openmm.Vec3(3, 0, 0), openmm.Vec3(0, 3, 0), openmm.Vec3(0, 0, 3))
+system.addForce(openmm.PythonForce(forces))
+topology = app.Topology()
+chain = topology.addChain()
+for _ in range(4):
+    topology.addAtom("X", None, topology.addResidue("X", chain))
+simulation = app.Simulation(topology, system, openmm.LangevinMiddleIntegrator(300, 1, 0.002),
+                            openmm.Platform.getPlatformByName("CPU"))
+positions = np.random.default_rng(0).random((4, 3))
+if sys.argv[1] == "save":
+    simulation.context.setPositions(positions)
+    simulation.step(10)
+    simulation.saveCheckpoint(sys.argv[2])
+else:
+    load_checkpoint(simulation, sys.argv[2], positions)
+    simulation.step(10)
+print("stepped")
+"""
+
+
+def test_a_pythonforce_run_resumes_in_a_fresh_process(tmp_path):
+    """A System whose only force is a PythonForce (the compiled engine with the prior inside) resumed
+    in a new process: plain ``loadCheckpoint`` then ``step`` crashes OpenMM 8.5.2 with a segmentation
+    fault; the runner's ``load_checkpoint`` evaluates the forces once first."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "resume.py"
+    script.write_text(PYTHONFORCE_RESUME)
+    checkpoint = str(tmp_path / "run.chk")
+    for stage in ("save", "load"):
+        done = subprocess.run([sys.executable, str(script), stage, checkpoint], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "stepped" in done.stdout, done.stderr[-2000:]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import CLIError
-from ..layout import CHECKPOINT_CHK, CHECKPOINT_PT, MAPPING_JSON, MODEL_PT, PRIOR_JSON, SUMMARY_JSON
+from ..layout import CHECKPOINT_CHK, CHECKPOINT_JSON, CHECKPOINT_PT, MAPPING_JSON, MODEL_PT, PRIOR_JSON, SUMMARY_JSON
 
 # Errors that mean "the inputs are wrong" and print as one line.
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -163,8 +163,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_engine_and_prior(args: argparse.Namespace, config: Any, model_dir: bool = True) -> tuple[str, str, str]:
     """(engine, prior, platform) of the run: ``--carrier`` "auto" takes the platform's engine for a run
     of this length (``engines.default_engine``), so that ``--prior`` "auto" can follow the engine
-    (``CGNNForce.default_prior_carrier``); multiple time stepping, a resumed run (its System is the one
-    it started with) and the prior-only ablation keep the prior as native forces. Without
+    (``CGNNForce.default_prior_carrier``); multiple time stepping and the prior-only ablation keep the
+    prior as native forces, and a resumed run keeps the prior carrier and platform it started with
+    (its checkpoint.json: OpenMM loads a checkpoint only on the platform that wrote it). Without
     ``--platform``, a run with every force in the compiled graph integrates on
     ``engines.default_integration_platform`` (``model_dir``: a model directory, whose "auto" prior
     follows the engine; a model.pt keeps the prior it was scripted with)."""
@@ -178,7 +179,16 @@ def resolve_engine_and_prior(args: argparse.Namespace, config: Any, model_dir: b
         engine = default_engine(platform, config.steps_estimate())
     prior = args.prior
     resuming = args.resume and (args.out / CHECKPOINT_CHK).exists()
-    if prior == "auto" and (resuming or (config.mts_inner_steps or 1) > 1 or args.network != "on"):
+    if resuming:  # the System and platform the checkpoint was written with (OpenMM checks the platform)
+        import json
+
+        settings = args.out / CHECKPOINT_JSON  # beside the checkpoint, whatever became of summary.json
+        previous = json.loads(settings.read_text()) if settings.exists() else {}
+        if prior == "auto":
+            prior = str(previous.get("prior_carrier") or "openmm")
+        if args.platform is None and previous.get("platform"):
+            return engine, prior, str(previous["platform"])
+    if prior == "auto" and ((config.mts_inner_steps or 1) > 1 or args.network != "on"):
         prior = "openmm"
     auto = DEFAULT_PRIOR_CARRIER_BY_ENGINE.get(engine, DEFAULT_PRIOR_CARRIER) if model_dir else "openmm"
     inside = (auto if prior == "auto" else prior) != "openmm"

@@ -418,6 +418,10 @@ class SkinPairList:
             assert self.pairs is not None
             return (*self.pairs, 0)
         self.rebuilds += 1
+        if not bool(torch.isfinite(positions).all()):  # before the finder: a NaN cell index cannot be searched
+            self.pairs = None
+            empty = torch.zeros(1, 0, dtype=torch.long, device=positions.device)
+            return empty, empty, empty > 0, Flag.NONFINITE.value
         with torch.no_grad():
             found_i, found_j, flags = self.finder(positions, box)
         if flags:

@@ -289,16 +289,23 @@ class CompiledEnergy:
                     compiled = torch.compile(eager, fullgraph=True, dynamic=False)
                 result = compiled(*inputs)
             except Exception as exc:  # noqa: BLE001  (any compiler failure: run on eager)
-                self.compile = False
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                self.info.update(compiled=False, reason=f"torch.compile failed: {first[:300]}")
-                self.log(f"torch.compile of the model failed ({first[:200]}); the PythonForce runs it eager")
-                return eager(*inputs)
+                return self.fall_back(exc, eager, inputs)
             self.compiled = compiled
             self.info.update(compiled=True, compile_s=time.perf_counter() - start, cache_dir=str(cache),
                              fx_graph_cache_hits=counters["inductor"].get("fxgraph_cache_hit", 0) - hits_before)
             return result
-        return self.compiled(*inputs)
+        try:
+            return self.compiled(*inputs)
+        except Exception as exc:  # noqa: BLE001  (a recompilation for a longer pair list failed)
+            return self.fall_back(exc, eager, inputs)
+
+    def fall_back(self, exc: Exception, eager: Callable[..., Any], inputs: tuple[torch.Tensor, ...]) -> Any:
+        """Run eager from now on, with a message: a compiler failure is never a failed run."""
+        self.compile = False
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self.info.update(compiled=False, reason=f"torch.compile failed: {first[:300]}")
+        self.log(f"torch.compile of the model failed ({first[:200]}); the PythonForce runs it eager")
+        return eager(*inputs)
 
     def pairs(self, positions: torch.Tensor, box: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The pair list's (index_i, index_j, valid), () without one, None when the search flags the

@@ -155,6 +155,16 @@ def openmm_seed(seed: int) -> int:
     return int(seed) + 1
 
 
+def load_checkpoint(simulation: Any, path: Path, positions: Any) -> None:
+    """``simulation.loadCheckpoint(path)``, after one force evaluation at ``positions``: OpenMM 8.5.2's
+    PythonForce crashes (a segmentation fault in its first step) when a checkpoint is loaded into a
+    Context that has never computed its forces, as a resumed run's fresh process does
+    (tests/test_openmm_simulation.py reproduces it with a System holding only a PythonForce)."""
+    simulation.context.setPositions(positions)
+    simulation.context.getState(getEnergy=True)
+    simulation.loadCheckpoint(str(path))
+
+
 def choose_platform(name: str | None) -> Any:
     """``--platform`` of a CG run: the one named, else the fastest of CUDA and CPU that starts here."""
     try:
@@ -660,7 +670,7 @@ class CGRun:
             r for r in self.regrows if r not in (previous.get("pair_list_regrown") or [])]
         summary["max_pairs_per_bead"] = self._max_pairs_per_bead()
         try:
-            simulation.loadCheckpoint(str(self.out / CHECKPOINT_CHK))
+            load_checkpoint(simulation, self.out / CHECKPOINT_CHK, self.cg.positions)
         except openmm.OpenMMException as exc:
             raise SimulationError(
                 f"{self.out / CHECKPOINT_CHK}: cannot be loaded on platform {simulation.context.getPlatform().getName()} "
@@ -889,7 +899,7 @@ class CGRun:
 
         def start() -> tuple[Any, Any]:
             if checkpoint.exists():
-                simulation.loadCheckpoint(str(checkpoint))
+                load_checkpoint(simulation, checkpoint, self.cg.positions)
             return simulation.context, simulation.integrator
 
         begin = int(json.loads((self.out / CHECKPOINT_JSON).read_text())["steps_done"]) if checkpoint.exists() else step
