@@ -144,6 +144,9 @@ def test_exported_modules_tabulate_float32_hybridgraph_only():
     exact = build_system_module(hybrid, bead_type, molecules, filter_intervals=0, box=box[0])
     tabulated = build_system_module(hybrid, bead_type, molecules, box=box[0])
     assert stacks(exact) == [InteractionStack] * 2 and stacks(tabulated) == [TabulatedInteractionStack] * 2
+    # what the module computes is written with it (model.pt metadata: filter_intervals)
+    assert (exact.filter_intervals, tabulated.filter_intervals) == (0, DEFAULT_FILTER_INTERVALS)
+    assert torch.jit.script(tabulated).filter_intervals == DEFAULT_FILTER_INTERVALS
     # bit for bit: the eager model's network through the same exact stacks
     assert torch.equal(energy(exact), hybrid(positions[:1], box[:1], bead_type, molecules, terms="network")[0])
     assert not torch.equal(energy(exact), energy(tabulated))

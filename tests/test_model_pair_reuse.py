@@ -9,6 +9,7 @@ import torch
 
 from openmm_cgnn.model import export_for_frames, read_metadata, script_for_system
 from openmm_cgnn.model.export import build_system_module
+from openmm_cgnn.model.filter_table import DEFAULT_FILTER_INTERVALS
 from openmm_cgnn.model.geometry import FLAG_BOX_TOO_SMALL, FLAG_NONFINITE
 from openmm_cgnn.model.neighbors import DenseNeighborSearch, SkinPairList, VerletNeighborSearch
 from openmm_cgnn.testing.cg_models import ionic_liquid, synthetic_model
@@ -107,6 +108,9 @@ def test_cut_pair_list_equals_full_capacity(liquid, model):
 def test_export_metadata_names_the_skin(liquid, model, tmp_path):
     path = export_for_frames(model, liquid, tmp_path / "model.pt")
     assert read_metadata(path)["neighbor_skin_nm"] == pytest.approx(0.1)
+    # and the filters' table (model/filter_table.py): the model's dtype decides whether there is one
+    tabulated = model.dtype == torch.float32 and model.config.architecture == "hybridgraph"
+    assert read_metadata(path)["filter_intervals"] == (DEFAULT_FILTER_INTERVALS if tabulated else 0)
     loaded = torch.jit.load(str(path))
     positions = torch.as_tensor(liquid.positions[0], dtype=torch.float64)
     box = torch.as_tensor(liquid.box[0], dtype=torch.float64)

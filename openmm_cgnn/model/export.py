@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ..io import atomic_path
 from .geometry import FLAG_BOX_TOO_SMALL, FLAG_CELL_OVERFLOW, FLAG_NONFINITE, FLAG_PAIR_OVERFLOW, Flag, box_too_small
-from .filter_table import DEFAULT_FILTER_INTERVALS, tabulate_filters
+from .filter_table import DEFAULT_FILTER_INTERVALS, TabulatedInteractionStack, tabulate_filters
 from .hybridgraph import CGEnergy, CGModel, describe_flags
 from .neighbors import (
     DEFAULT_SKIN_NM,
@@ -82,6 +82,9 @@ class SystemForce(nn.Module):
         if isinstance(search, VerletNeighborSearch):
             search = search.fallback
         self.neighbor_backend = "cell" if isinstance(search, CellNeighborSearch) else "dense"
+        # intervals of the tabulated filters (model/filter_table.py); 0: the exact filters
+        self.filter_intervals = max([int(m.intervals) for m in energy.modules() if isinstance(m, TabulatedInteractionStack)],
+                                    default=0)
 
     def system(self) -> SystemTensors:
         return SystemTensors(self.bead_type, self.molecule_index, self.intra_i, self.intra_j,
@@ -372,6 +375,7 @@ def export_for_frames(
                                temperature_K, include_prior)
     metadata["neighbor_backend"] = module.neighbor_backend
     metadata["neighbor_skin_nm"] = module.neighbor_skin_nm
+    metadata["filter_intervals"] = module.filter_intervals
     metadata["max_pairs_per_bead"] = float(script_kw.get("max_pairs_per_bead") or model.config.max_pairs_per_bead)
     metadata["host_checks"] = bool(script_kw.get("host_checks", True))
     metadata["graph_safe"] = not metadata["host_checks"]

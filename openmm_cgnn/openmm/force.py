@@ -237,6 +237,7 @@ class CGNNForce:
                                         self.temperature, include, host_checks=self.host_checks,
                                         graph_safe=not self.host_checks,
                                         neighbor_skin_nm=self.module.neighbor_skin_nm,
+                                        filter_intervals=self.module.filter_intervals,
                                         max_pairs_per_bead=self.module.max_pairs_per_bead,
                                         **self._constraint_metadata())
         self.cg = cg
