@@ -160,6 +160,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="CG run directory")
 
 
+def resuming(args: argparse.Namespace) -> bool:
+    """``--resume`` of a run that has a checkpoint to resume from."""
+    return bool(args.resume) and (args.out / CHECKPOINT_CHK).exists()
+
+
 def resolve_engine_and_prior(args: argparse.Namespace, config: Any, model_dir: bool = True) -> tuple[str, str, str]:
     """(engine, prior, platform) of the run: ``--carrier`` "auto" takes the platform's engine for a run
     of this length (``engines.default_engine``), so that ``--prior`` "auto" can follow the engine
@@ -170,7 +175,7 @@ def resolve_engine_and_prior(args: argparse.Namespace, config: Any, model_dir: b
     ``engines.default_integration_platform`` (``model_dir``: a model directory, whose "auto" prior
     follows the engine; a model.pt keeps the prior it was scripted with)."""
     from ..openmm.engines import default_engine, default_integration_platform
-    from ..openmm.force import DEFAULT_PRIOR_CARRIER, DEFAULT_PRIOR_CARRIER_BY_ENGINE
+    from ..openmm.force import auto_prior_carrier
     from ..openmm.simulation import choose_platform
 
     platform = choose_platform(config.platform).getName()
@@ -178,8 +183,7 @@ def resolve_engine_and_prior(args: argparse.Namespace, config: Any, model_dir: b
     if engine == "auto":
         engine = default_engine(platform, config.steps_estimate())
     prior = args.prior
-    resuming = args.resume and (args.out / CHECKPOINT_CHK).exists()
-    if resuming:  # the System and platform the checkpoint was written with (OpenMM checks the platform)
+    if resuming(args):  # the System and platform the checkpoint was written with (OpenMM checks the platform)
         import json
 
         settings = args.out / CHECKPOINT_JSON  # beside the checkpoint, whatever became of summary.json
@@ -190,7 +194,7 @@ def resolve_engine_and_prior(args: argparse.Namespace, config: Any, model_dir: b
             return engine, prior, str(previous["platform"])
     if prior == "auto" and ((config.mts_inner_steps or 1) > 1 or args.network != "on"):
         prior = "openmm"
-    auto = DEFAULT_PRIOR_CARRIER_BY_ENGINE.get(engine, DEFAULT_PRIOR_CARRIER) if model_dir else "openmm"
+    auto = auto_prior_carrier(engine) if model_dir else "openmm"
     inside = (auto if prior == "auto" else prior) != "openmm"
     if args.platform is None:
         platform = default_integration_platform(platform, engine, inside and args.network == "on")
@@ -212,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dt_fs is not None:
             raise CLIError("give --dt-fs or --dt-from, not both")
         args.dt_fs, inner = time_stepping_of_run(args.dt_from)
-        if args.mts_inner_steps is None and not (args.resume and (args.out / CHECKPOINT_CHK).exists()):
+        if args.mts_inner_steps is None and not resuming(args):
             args.mts_inner_steps = inner  # a resumed run keeps its own (auto)
     check_writable(args.out)  # before any compute; CGRun checks what --out holds
     config = RunConfig(

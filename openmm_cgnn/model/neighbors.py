@@ -212,6 +212,13 @@ class CellNeighborSearch(nn.Module):
         return index_i, index_j, valid, count, flags
 
 
+def all_within(positions: Tensor, reference: Tensor, box: Tensor, limit: float) -> Tensor:
+    """Whether no bead moved more than ``limit`` (minimum image) from ``reference``; NaN compares false,
+    so non-finite positions count as moved."""
+    moved = minimum_image(positions - reference, box)
+    return ((moved * moved).sum(-1) <= limit * limit).all()
+
+
 class VerletNeighborSearch(nn.Module):
     """A pair list with a skin, rebuilt only when a bead has moved more than half the skin.
 
@@ -254,11 +261,8 @@ class VerletNeighborSearch(nn.Module):
         positions = positions.detach()  # indices only: no graph needed
         self.calls.add_(1)
         rebuild = not bool(self.has_list[0]) or not torch.equal(box, self.reference_box.to(box.dtype))
-        if not rebuild:
-            moved = minimum_image(positions - self.reference_positions.to(positions.dtype), box)
-            limit = 0.5 * self.skin
-            # NaN compares false: non-finite positions count as moved and force a fresh search.
-            rebuild = not bool(((moved * moved).sum(-1) <= limit * limit).all())
+        if not rebuild:  # non-finite positions count as moved and force a fresh search
+            rebuild = not bool(all_within(positions, self.reference_positions.to(positions.dtype), box, 0.5 * self.skin))
         use_list = True
         if rebuild:
             self.rebuilds.add_(1)
@@ -282,13 +286,6 @@ class VerletNeighborSearch(nn.Module):
         # No box check: the box is the one the skin search accepted (torch.equal above), wider still.
         flags = torch.where(count > capacity, Flag.PAIR_OVERFLOW.value, 0)
         return index_i, index_j, valid, count, flags
-
-
-def all_within(positions: Tensor, reference: Tensor, box: Tensor, limit: float) -> Tensor:
-    """Whether no bead moved more than ``limit`` (minimum image) from ``reference``; NaN compares false,
-    so non-finite positions count as moved."""
-    moved = minimum_image(positions - reference, box)
-    return ((moved * moved).sum(-1) <= limit * limit).all()
 
 
 # A host-side finder: positions (1, N, 3), box (1, 3, 3) -> (index_i (P,), index_j (P,), flags) of exactly
@@ -330,10 +327,11 @@ class SearchFinder:
     """A static-capacity search (the cell list of large systems) cut to the pairs it found; its
     capacity doubles when it overflows."""
 
-    def __init__(self, make_search: Callable[[float], nn.Module], max_pairs_per_bead: float, molecule_index: Tensor):
+    def __init__(self, make_search: Callable[[float], nn.Module], max_pairs_per_bead: float, molecule_index: Tensor,
+                 search: nn.Module):
         self.make_search = make_search  # max_pairs_per_bead (at the cutoff) -> the search with the reach
         self.max_pairs_per_bead = float(max_pairs_per_bead)
-        self.search = make_search(self.max_pairs_per_bead)
+        self.search = search  # make_search(max_pairs_per_bead), already built
         self.run: Callable[..., PairList] = self.search
         self.molecule_index = molecule_index
         self.compiler: Compiler | None = None
@@ -396,7 +394,7 @@ class SkinPairList:
         else:
             finder = SearchFinder(
                 lambda per_bead: skin_search(backend, cutoff, per_bead, skin, box, n_beads, cell_capacity_factor),
-                max_pairs_per_bead, molecule_index)
+                max_pairs_per_bead, molecule_index, search)
         return cls(finder, skin, n_beads, **options)
 
     def compile(self, compiler: Compiler) -> None:
@@ -418,15 +416,15 @@ class SkinPairList:
             assert self.pairs is not None
             return (*self.pairs, 0)
         self.rebuilds += 1
-        if not bool(torch.isfinite(positions).all()):  # before the finder: a NaN cell index cannot be searched
+        if bool(torch.isfinite(positions).all()):
+            with torch.no_grad():
+                found_i, found_j, flags = self.finder(positions, box)
+        else:  # flagged before the finder: a NaN cell index cannot be searched
+            flags = Flag.NONFINITE.value
+        if flags:  # no list: the caller answers the flags
             self.pairs = None
             empty = torch.zeros(1, 0, dtype=torch.long, device=positions.device)
-            return empty, empty, empty > 0, Flag.NONFINITE.value
-        with torch.no_grad():
-            found_i, found_j, flags = self.finder(positions, box)
-        if flags:
-            self.pairs = None
-            return found_i.unsqueeze(0), found_j.unsqueeze(0), found_i.unsqueeze(0) >= 0, flags
+            return empty, empty, empty > 0, flags
         found = int(found_i.shape[0])
         if found > self.capacity:
             self.capacity = max(self.granularity,

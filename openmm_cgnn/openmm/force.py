@@ -57,6 +57,11 @@ TEMPERATURE_TOLERANCE_K = 1e-6
 REQUIRED_METADATA = ("n_beads", "bead_names", "bead_type", "bead_type_names", "masses", "includes_prior")
 
 
+def auto_prior_carrier(engine: str) -> str:
+    """Where ``prior="auto"`` puts a model directory's prior for ``engine`` ("auto": not known yet)."""
+    return DEFAULT_PRIOR_CARRIER_BY_ENGINE.get(engine, DEFAULT_PRIOR_CARRIER)
+
+
 class ModelMismatchError(ValueError):
     """The model does not fit the System or Topology it is being added to."""
 
@@ -245,9 +250,8 @@ class CGNNForce:
 
     def default_prior_carrier(self) -> str:
         """Where "auto" puts a model directory's prior: the engine's measured choice when the engine is
-        known now (asked for by name), else ``DEFAULT_PRIOR_CARRIER``."""
-        engine = self.engine.name if self.engine is not None else self.engine_request
-        return DEFAULT_PRIOR_CARRIER_BY_ENGINE.get(str(engine), DEFAULT_PRIOR_CARRIER)
+        known now (asked for by name), else ``DEFAULT_PRIOR_CARRIER`` (:func:`auto_prior_carrier`)."""
+        return auto_prior_carrier(str(self.engine.name if self.engine is not None else self.engine_request))
 
     def _from_model_file(self, prior: str) -> None:
         from ..model import read_metadata
